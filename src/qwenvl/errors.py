@@ -1,0 +1,27 @@
+"""The exceptions qwenvl raises on bad input.
+
+Every user-facing failure is one of these, so callers (the CLI, the server) can turn them into a clear
+message without catching library tracebacks. All subclass ``ValueError`` where the cause is bad input.
+"""
+
+from __future__ import annotations
+
+
+class QwenVLError(Exception):
+    """Base class of every error qwenvl raises on purpose."""
+
+
+class ConfigError(QwenVLError, ValueError):
+    """A checkpoint's config.json (or another config file) is missing, malformed or unsupported."""
+
+
+class CheckpointError(QwenVLError, ValueError):
+    """A checkpoint folder cannot be loaded: missing files, missing or unexpected tensors, bad shapes."""
+
+
+class MediaError(QwenVLError, ValueError):
+    """An image or video cannot be used: unreadable, unsupported, too large, unreachable."""
+
+
+class PromptError(QwenVLError, ValueError):
+    """Messages, tools or sampling options that cannot be turned into a prompt."""

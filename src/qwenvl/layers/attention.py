@@ -1,0 +1,60 @@
+"""Attention kernels: variable-length non-causal attention for the ViT, causal attention for the LLM.
+
+The reference path is PyTorch SDPA on CPU. Segments of equal length are stacked and run as one batched
+call, so window attention over many same-sized windows costs one kernel launch, not one per window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]
+) -> torch.Tensor:
+    """Block-diagonal (per segment) non-causal attention.
+
+    Args:
+        q, k, v: ``[N, heads, head_dim]``.
+        cu_seqlens: segment boundaries ``[0, ..., N]`` (a Python list: the bookkeeping is host-side).
+
+    Returns:
+        ``[N, heads, head_dim]``.
+    """
+    n = q.shape[0]
+    if len(cu_seqlens) == 2:
+        return _sdpa_segments(q, k, v, torch.arange(n, device=q.device).view(1, n))
+    by_len: dict[int, list[int]] = {}
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end > start:
+            by_len.setdefault(end - start, []).append(start)
+    out = torch.empty_like(q)
+    for length, starts in by_len.items():
+        idx = torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+        out[idx.flatten()] = _sdpa_segments(q, k, v, idx).flatten(0, 1)
+    return out
+
+
+def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Attention within each row of ``idx`` ([segments, length]); returns [segments, length, H, D]."""
+    qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # [S, H, len, D]
+    return F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Grouped-query attention of ``q [B, H, Lq, D]`` over ``k, v [B, Hkv, Lk, D]``.
+
+    ``mask`` is a boolean ``[B, 1, Lq, Lk]`` (True = may attend) or None for a plain causal square.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        if q.shape[2] > 1 and q.shape[2] != k.shape[2]:
+            raise ValueError("a mask is required when queries do not cover all keys")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,0 +1,106 @@
+"""Qwen2-VL: the vision tower, the Qwen2 decoder and the glue that puts image features into the prompt.
+
+The model API the rest of qwenvl uses:
+  * ``encode_vision(pixel_values, grid_thw)`` -> merged vision embeddings ``[tokens, hidden]``;
+  * ``embed(input_ids, image_embeds, video_embeds)`` scatters them into the placeholder rows;
+  * ``forward(...)`` -> logits, with positions ``[3, B, L]`` computed outside (``positions.py``),
+    an optional boolean attention mask and an optional KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwenvl.errors import PromptError
+from qwenvl.layers.rotary import mrope_cos_sin, text_inv_freq
+from qwenvl.models.qwen2_vl.config import ModelConfig
+from qwenvl.models.qwen2_vl.text import KVCache, TextModel
+from qwenvl.models.qwen2_vl.vision import Grid, VisionTransformer
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    vision_class: type[VisionTransformer] = VisionTransformer
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = self.vision_class(config.vision)
+        self.model = TextModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq = text_inv_freq(config.text.head_dim, config.text.rope_theta)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: list[Grid]) -> torch.Tensor:
+        """Run the ViT + merger over all items at once: ``[sum(t*h*w/4), hidden]``."""
+        return self.visual(pixel_values.to(self.device), grid_thw)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with vision features scattered, in order, into the placeholder rows."""
+        x = self.model.embed_tokens(input_ids)
+        for token_id, feats, kind in (
+            (self.config.image_token_id, image_embeds, "image"),
+            (self.config.video_token_id, video_embeds, "video"),
+        ):
+            slots = input_ids == token_id
+            count = int(slots.sum())
+            given = 0 if feats is None else feats.shape[0]
+            if count != given:
+                raise PromptError(f"{count} {kind} placeholder tokens but {given} {kind} features")
+            if count:
+                x = x.masked_scatter(slots.unsqueeze(-1), feats.to(x.dtype))
+        return x
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions [3, B, L]`` -> cos/sin ``[B, 1, L, head_dim]`` in the activation dtype."""
+        cos, sin = mrope_cos_sin(
+            positions.to(self.device), self.inv_freq, self.config.text.mrope_section, self.dtype
+        )
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: list[Grid] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: list[Grid] | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits ``[B, L, vocab]`` (or ``[B, 1, vocab]`` with ``last_only``).
+
+        ``mask`` is boolean ``[B, 1, L, start + L]`` (True = may attend); None means plain causal.
+        """
+        image_embeds = video_embeds = None
+        if pixel_values is not None:
+            image_embeds = self.encode_vision(pixel_values, image_grid_thw or [])
+        if pixel_values_videos is not None:
+            video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw or [])
+        x = self.embed(input_ids.to(self.device), image_embeds, video_embeds)
+        cos, sin = self.rope(positions)
+        if mask is not None:
+            mask = mask.to(self.device)
+        hidden = self.model(x, cos, sin, mask, cache, start)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)
