@@ -36,7 +36,9 @@ def varlen_attention(
     return out
 
 
-def _sdpa_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _sdpa_segments(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
     """Attention within each row of ``idx`` ([segments, length]); returns [segments, length, H, D]."""
     qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # [S, H, len, D]
     return F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)

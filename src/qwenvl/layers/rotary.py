@@ -19,11 +19,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def text_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+    return 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim)
+    )
 
 
 def mrope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section: tuple[int, ...], dtype: torch.dtype
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section: tuple[int, ...],
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multimodal rope tables from three position streams.
 
@@ -53,7 +58,9 @@ def vision_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float, device="cpu") / half))
 
 
-def vision_cos_sin(hw_positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vision_cos_sin(
+    hw_positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D rope tables for the ViT, in float32.
 
     Args:

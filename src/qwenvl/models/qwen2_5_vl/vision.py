@@ -27,7 +27,9 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def window_plan(grid_thw: list[Grid], merge: int, window_units: int) -> tuple[torch.Tensor, list[int]]:
+def window_plan(
+    grid_thw: list[Grid], merge: int, window_units: int
+) -> tuple[torch.Tensor, list[int]]:
     """Merge-unit permutation that groups windows, and the window segment boundaries in patches.
 
     Windows are ``window_units`` merged tokens on a side, tiled row-major per frame; edge windows are

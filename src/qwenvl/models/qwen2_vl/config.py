@@ -24,7 +24,9 @@ FAMILIES = (QWEN2_VL, QWEN2_5_VL)
 _MISSING = object()
 
 
-def _get(d: dict[str, Any], key: str, source: str, default: Any = _MISSING, kind: type | tuple = ()):
+def _get(
+    d: dict[str, Any], key: str, source: str, default: Any = _MISSING, kind: type | tuple = ()
+):
     """Fetch a field with an error that names the file and the field."""
     if key not in d or d[key] is None:
         if default is _MISSING:
@@ -61,14 +63,18 @@ class TextConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("text config: hidden_size must be divisible by num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError("text config: num_attention_heads must be a multiple of num_key_value_heads")
+            raise ConfigError(
+                "text config: num_attention_heads must be a multiple of num_key_value_heads"
+            )
         if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
             raise ConfigError(
                 f"text config: mrope_section {list(self.mrope_section)} must have 3 entries summing to "
                 f"head_dim/2 = {self.head_dim // 2}"
             )
         if self.hidden_act != "silu":
-            raise ConfigError(f"text config: hidden_act '{self.hidden_act}' is not supported (silu)")
+            raise ConfigError(
+                f"text config: hidden_act '{self.hidden_act}' is not supported (silu)"
+            )
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str) -> TextConfig:

@@ -86,17 +86,21 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         last_only: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, vocab]`` (or ``[B, 1, vocab]`` with ``last_only``).
 
         ``mask`` is boolean ``[B, 1, L, start + L]`` (True = may attend); None means plain causal.
+        ``inputs_embeds`` (from ``embed``) replaces ``input_ids`` and the pixel inputs.
         """
-        image_embeds = video_embeds = None
-        if pixel_values is not None:
-            image_embeds = self.encode_vision(pixel_values, image_grid_thw or [])
-        if pixel_values_videos is not None:
-            video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw or [])
-        x = self.embed(input_ids.to(self.device), image_embeds, video_embeds)
+        if inputs_embeds is None:
+            image_embeds = video_embeds = None
+            if pixel_values is not None:
+                image_embeds = self.encode_vision(pixel_values, image_grid_thw or [])
+            if pixel_values_videos is not None:
+                video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw or [])
+            inputs_embeds = self.embed(input_ids.to(self.device), image_embeds, video_embeds)
+        x = inputs_embeds
         cos, sin = self.rope(positions)
         if mask is not None:
             mask = mask.to(self.device)

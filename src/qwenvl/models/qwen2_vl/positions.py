@@ -59,7 +59,9 @@ def get_mrope_positions(
             t, h, w = next(videos if is_video else images)
         except StopIteration:
             kind = "video" if is_video else "image"
-            raise PromptError(f"more {kind} placeholders in the prompt than {kind}s given") from None
+            raise PromptError(
+                f"more {kind} placeholders in the prompt than {kind}s given"
+            ) from None
         lt, lh, lw = t, h // spatial_merge_size, w // spatial_merge_size
         count = lt * lh * lw
         if i + count > n or not bool((ids[i : i + count] == ids[i]).all()):

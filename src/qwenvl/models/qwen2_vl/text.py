@@ -23,8 +23,12 @@ class KVCache:
         self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.k = [
+            torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
+        ]
+        self.v = [
+            torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
+        ]
         self.max_len = max_len
 
     def update(

@@ -97,7 +97,9 @@ class PatchMerger(nn.Module):
         self.hidden = cfg.embed_dim * cfg.merge_unit
         self.ln_q = norm(cfg.embed_dim, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size)
+            nn.Linear(self.hidden, self.hidden),
+            nn.GELU(),
+            nn.Linear(self.hidden, cfg.out_hidden_size),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,9 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         norm = self.norm_class()
-        self.blocks = nn.ModuleList(VisionBlock(cfg, norm, self.make_mlp()) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            VisionBlock(cfg, norm, self.make_mlp()) for _ in range(cfg.depth)
+        )
         self.merger = PatchMerger(cfg, norm)
         self.register_buffer(
             "inv_freq", vision_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False
@@ -146,9 +150,7 @@ class VisionTransformer(nn.Module):
     def make_mlp(self) -> nn.Module:
         return VisionMlp(self.cfg)
 
-    def attention_plan(
-        self, grid_thw: list[Grid]
-    ) -> tuple[torch.Tensor | None, list[list[int]]]:
+    def attention_plan(self, grid_thw: list[Grid]) -> tuple[torch.Tensor | None, list[list[int]]]:
         """Return (merge-unit permutation or None, cu_seqlens for each block)."""
         cu = frame_cu_seqlens(grid_thw)
         return None, [cu] * self.cfg.depth
@@ -157,7 +159,9 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[Grid]) -> torch.Tensor:
         grid_thw = [tuple(int(v) for v in g) for g in grid_thw]
         x = self.patch_embed(pixel_values)
-        cos, sin = vision_cos_sin(patch_hw_positions(grid_thw, self.cfg.spatial_merge_size), self.inv_freq)
+        cos, sin = vision_cos_sin(
+            patch_hw_positions(grid_thw, self.cfg.spatial_merge_size), self.inv_freq
+        )
         perm, plan = self.attention_plan(grid_thw)
         if perm is not None:
             x, cos, sin = (_permute_units(t, perm, self.cfg.merge_unit) for t in (x, cos, sin))

@@ -1,0 +1,180 @@
+"""The offline Python API: ``LLM(path).chat(messages, SamplingParams(...))``, in vLLM's shape."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenvl.checkpoint import load_model, read_json, resolve_checkpoint
+from qwenvl.errors import PromptError
+from qwenvl.generation import BatchGenerator
+from qwenvl.outputs import RequestOutput, StreamEvent
+from qwenvl.processing.media import MediaPolicy
+from qwenvl.processing.prompt import Processor, PromptInputs
+from qwenvl.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """A loaded checkpoint with its tokenizer, chat template and image processor.
+
+    Args:
+        model: a checkpoint folder or a Hugging Face model id.
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
+        device: where the weights live (``cpu``, ``cuda``...).
+        min_pixels, max_pixels: default image pixel limits (per-item options still override them).
+        media_policy: limits and permissions for loading images (timeouts, sizes, URL schemes).
+        progress: called with (bytes loaded, total bytes) while the weights load.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        media_policy: MediaPolicy | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.path = resolve_checkpoint(model)
+        self.model, self.config = load_model(
+            self.path, dtype=dtype, device=device, progress=progress
+        )
+        self.processor = Processor.from_pretrained(
+            self.path,
+            self.config,
+            media_policy=media_policy,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+        self.tokenizer = self.processor.tokenizer
+        gen_path = self.path / "generation_config.json"
+        self.generation_config = read_json(gen_path) if gen_path.exists() else {}
+        self.default_sampling = SamplingParams.from_generation_config(self.generation_config)
+        self.eos_token_ids = self._eos_ids()
+        self.max_model_len = self.config.text.max_position_embeddings
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_ids))
+        ids = set(eos if isinstance(eos, list) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    # --- public API --------------------------------------------------------------------------
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        add_vision_id: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate a reply for one conversation or a list of them (batched)."""
+        prompts = self._prepare_chats(messages, tools, add_generation_prompt, add_vision_id)
+        return self._run(prompts, sampling_params)
+
+    def generate(
+        self,
+        prompts: str | dict[str, Any] | Sequence[str | dict[str, Any]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Continue raw prompts. A prompt is a string, or ``{"prompt": str, "multi_modal_data":
+        {"image": [...], "video": [...]}}`` with one ``<|image_pad|>`` per image in the text."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        return self._run([self._prepare_raw(p) for p in prompts], sampling_params)
+
+    def stream_chat(
+        self,
+        messages: Messages,
+        sampling_params: SamplingParams | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_vision_id: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """Yield text deltas of one conversation's reply as they are generated."""
+        prompts = self._prepare_chats(messages, tools, True, add_vision_id)
+        yield from self._generator(prompts, sampling_params)
+
+    # --- internals ---------------------------------------------------------------------------
+    def _prepare_chats(
+        self, messages: Any, tools: Any, add_generation_prompt: bool, add_vision_id: bool
+    ) -> list[PromptInputs]:
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise PromptError("messages must be a non-empty list of messages (or of conversations)")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        return [
+            self.processor.prepare_chat(
+                conv,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                add_vision_id=add_vision_id,
+            )
+            for conv in conversations
+        ]
+
+    def _prepare_raw(self, prompt: str | dict[str, Any]) -> PromptInputs:
+        if isinstance(prompt, str):
+            return self.processor.prepare_text(prompt)
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str):
+            raise PromptError("a prompt must be a string or a dict with a 'prompt' string")
+        data = prompt.get("multi_modal_data") or {}
+        images = data.get("image", [])
+        videos = data.get("video", [])
+        images = images if isinstance(images, list) else [images]
+        videos = (
+            videos
+            if isinstance(videos, list) and videos and isinstance(videos[0], list)
+            else ([videos] if videos else [])
+        )
+        return self.processor.prepare_text(
+            prompt["prompt"],
+            [self.processor.process_image(im) for im in images],
+            [self.processor.process_video(v) for v in videos],
+        )
+
+    def _params(
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            p = (sampling_params or SamplingParams()).merged_with_defaults(self.default_sampling)
+            return [p] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise PromptError(f"{len(params)} SamplingParams for {n} prompts")
+        return [p.merged_with_defaults(self.default_sampling) for p in params]
+
+    def _generator(self, prompts: list[PromptInputs], sampling_params: Any) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            self.tokenizer,
+            prompts,
+            self._params(sampling_params, len(prompts)),
+            self.eos_token_ids,
+            self.max_model_len,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+        )
+
+    def _run(self, prompts: list[PromptInputs], sampling_params: Any) -> list[RequestOutput]:
+        results = self._generator(prompts, sampling_params).run()
+        return [
+            RequestOutput(
+                request_id=str(i),
+                prompt=p.text,
+                prompt_token_ids=p.token_ids,
+                outputs=outs,
+                images=p.image_geometries,
+            )
+            for i, (p, outs) in enumerate(zip(prompts, results))
+        ]

@@ -1,0 +1,51 @@
+"""What generation returns, in the vLLM shape users know: RequestOutput with CompletionOutputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qwenvl.processing.image import ImageGeometry
+
+
+@dataclass
+class CompletionOutput:
+    """One sampled continuation of a prompt."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (eos, stop string or stop token) or "length"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it, if any
+    logprobs: list[dict[int, float]] | None = None  # per token: chosen + top-k ids -> logprob
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """All completions of one request, plus what the model saw of the prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    images: list[ImageGeometry] = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class StreamEvent:
+    """A streamed piece of one completion: new text and token ids since the last event."""
+
+    request_index: int
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None

@@ -1,0 +1,267 @@
+"""From chat messages (or a raw prompt plus media) to model inputs.
+
+The chat template emits one ``<|image_pad|>`` / ``<|video_pad|>`` per item; after tokenising, each is
+expanded to the item's number of merged tokens, and the M-RoPE positions are computed once, here, on
+the CPU. Content items are accepted in the qwen-vl-utils form (``{"type": "image", "image": ...}``)
+and in the OpenAI form (``{"type": "image_url", "image_url": {"url": ...}}``), with per-item
+``min_pixels``, ``max_pixels``, ``resized_height`` and ``resized_width``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenvl.errors import MediaError, PromptError
+from qwenvl.models.qwen2_vl.config import ModelConfig
+from qwenvl.models.qwen2_vl.positions import get_mrope_positions
+from qwenvl.processing.chat_template import load_chat_template, render_chat
+from qwenvl.processing.image import (
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    ImageGeometry,
+    ProcessedImage,
+    ProcessedVideo,
+    VisionPreprocessConfig,
+    preprocess_image,
+    preprocess_video_frames,
+)
+from qwenvl.processing.media import MediaPolicy, load_image
+from qwenvl.tokenizer import Tokenizer
+
+IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps",)
+
+
+@dataclass
+class PromptInputs:
+    """One prompt, ready for the model: token ids with expanded placeholders, pixels, positions."""
+
+    token_ids: list[int]
+    images: list[ProcessedImage] = field(default_factory=list)
+    videos: list[ProcessedVideo] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # [3, L] int64
+    rope_delta: int = 0
+    text: str | None = None
+
+    @property
+    def image_geometries(self) -> list[ImageGeometry]:
+        return [im.geometry for im in self.images]
+
+
+def _is_image_item(item: dict[str, Any]) -> bool:
+    return item.get("type") in ("image", "image_url") or "image" in item or "image_url" in item
+
+
+def _is_video_item(item: dict[str, Any]) -> bool:
+    return item.get("type") in ("video", "video_url") or "video" in item or "video_url" in item
+
+
+def _source_and_options(item: dict[str, Any], kind: str, names: Sequence[str]) -> tuple[Any, dict]:
+    """The media payload of a content item and its per-item options (top level or in the url dict)."""
+    options = {k: item[k] for k in names if item.get(k) is not None}
+    payload = item.get(kind)
+    if payload is None:
+        url_part = item.get(f"{kind}_url")
+        if isinstance(url_part, dict):
+            options.update({k: url_part[k] for k in names if url_part.get(k) is not None})
+            payload = url_part.get("url")
+        else:
+            payload = url_part
+    if payload is None:
+        raise PromptError(f"{kind} item has no {kind} data: {sorted(item)}")
+    return payload, options
+
+
+class Processor:
+    """Tokenizer + chat template + image preprocessing for one checkpoint."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: str | None,
+        vision: VisionPreprocessConfig,
+        config: ModelConfig,
+        media_policy: MediaPolicy | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.vision = vision
+        self.config = config
+        self.media_policy = media_policy or MediaPolicy()
+        # "reference" (as the models were trained); "transformers5" only to compare with HF >= 5.3
+        self.position_rule = "reference"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        config: ModelConfig,
+        *,
+        media_policy: MediaPolicy | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> Processor:
+        folder = Path(folder)
+        from qwenvl.checkpoint import read_json
+
+        pre = folder / "preprocessor_config.json"
+        vision = (
+            VisionPreprocessConfig.from_dict(read_json(pre), str(pre)) if pre.exists() else None
+        )
+        vision = vision or VisionPreprocessConfig()
+        if min_pixels is not None or max_pixels is not None:
+            from dataclasses import replace
+
+            vision = replace(
+                vision,
+                min_pixels=min_pixels if min_pixels is not None else vision.min_pixels,
+                max_pixels=max_pixels if max_pixels is not None else vision.max_pixels,
+            )
+        try:
+            template = load_chat_template(folder)
+        except Exception:  # a base checkpoint may have no template; chat() then explains
+            template = None
+        return cls(Tokenizer.from_dir(folder), template, vision, config, media_policy)
+
+    # --- media -----------------------------------------------------------------------------
+    def process_image(self, source: Any, **options: Any) -> ProcessedImage:
+        image = load_image(source, self.media_policy)
+        return preprocess_image(image, self.vision, **options)
+
+    def process_video(self, source: Any, **options: Any) -> ProcessedVideo:
+        if isinstance(source, (str, bytes, Path)):
+            raise MediaError(
+                "video files are not decoded yet; pass the video as a list of frames (images)"
+            )
+        try:
+            frames = [load_image(f, self.media_policy) for f in source]
+        except TypeError:
+            raise MediaError(f"unsupported video input of type {type(source).__name__}") from None
+        if not frames:
+            raise MediaError("video has no frames")
+        options.setdefault("min_pixels", VIDEO_MIN_PIXELS)
+        options.setdefault("max_pixels", VIDEO_MAX_PIXELS)
+        return preprocess_video_frames(frames, self.vision, **options)
+
+    # --- prompts -----------------------------------------------------------------------------
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        add_vision_id: bool = False,
+    ) -> str:
+        if self.chat_template is None:
+            raise PromptError(
+                "this checkpoint has no chat template; use generate() with a raw prompt"
+            )
+        return render_chat(
+            self.chat_template,
+            _strip_payloads(messages),
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            add_vision_id=add_vision_id,
+        )
+
+    def prepare_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        add_vision_id: bool = False,
+    ) -> PromptInputs:
+        """Messages -> PromptInputs. Media are loaded and preprocessed in message order."""
+        text = self.render(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            add_vision_id=add_vision_id,
+        )
+        images, videos = [], []
+        for mi, message in enumerate(messages):
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for ci, item in enumerate(content):
+                where = f"messages[{mi}].content[{ci}]"
+                try:
+                    if _is_image_item(item):
+                        source, opts = _source_and_options(item, "image", IMAGE_OPTIONS)
+                        images.append(self.process_image(source, **opts))
+                    elif _is_video_item(item):
+                        source, opts = _source_and_options(item, "video", VIDEO_OPTIONS)
+                        videos.append(self.process_video(source, **opts))
+                except (MediaError, PromptError) as e:
+                    raise type(e)(f"{where}: {e}") from e
+        return self.prepare_text(text, images, videos)
+
+    def prepare_text(
+        self,
+        text: str,
+        images: Sequence[ProcessedImage] = (),
+        videos: Sequence[ProcessedVideo] = (),
+    ) -> PromptInputs:
+        """A raw prompt with one ``<|image_pad|>``/``<|video_pad|>`` per item -> PromptInputs."""
+        ids = self.tokenizer.encode(text)
+        cfg = self.config
+        token_ids = _expand(ids, cfg.image_token_id, [im.num_tokens for im in images], "image")
+        token_ids = _expand(token_ids, cfg.video_token_id, [v.num_tokens for v in videos], "video")
+        positions, delta = get_mrope_positions(
+            token_ids,
+            image_token_id=cfg.image_token_id,
+            video_token_id=cfg.video_token_id,
+            image_grids=[im.grid_thw for im in images],
+            video_grids=[v.grid_thw for v in videos],
+            second_per_grid_ts=[v.second_per_grid_t for v in videos] if cfg.is_qwen2_5 else None,
+            tokens_per_second=cfg.vision.tokens_per_second,
+            spatial_merge_size=cfg.vision.spatial_merge_size,
+            rule=self.position_rule,
+        )
+        return PromptInputs(token_ids, list(images), list(videos), positions, delta, text)
+
+
+def _expand(ids: list[int], token_id: int, counts: list[int], kind: str) -> list[int]:
+    """Replace the k-th placeholder by ``counts[k]`` copies of it."""
+    found = ids.count(token_id)
+    if found != len(counts):
+        raise PromptError(
+            f"the prompt has {found} {kind} placeholder(s) but {len(counts)} {kind}(s)"
+        )
+    if not counts:
+        return ids
+    out: list[int] = []
+    k = 0
+    for t in ids:
+        if t == token_id:
+            out.extend([t] * counts[k])
+            k += 1
+        else:
+            out.append(t)
+    return out
+
+
+def _strip_payloads(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the messages whose media items carry no pixels (the template only needs the kind)."""
+    if not isinstance(messages, list):
+        raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            items = []
+            for item in m["content"]:
+                if isinstance(item, dict) and _is_image_item(item):
+                    items.append({"type": "image", "image": "<image>"})
+                elif isinstance(item, dict) and _is_video_item(item):
+                    items.append({"type": "video", "video": "<video>"})
+                else:
+                    items.append(item)
+            m = {**m, "content": items}
+        out.append(m)
+    return out
