@@ -1,0 +1,396 @@
+"""The only I/O of the preprocessing package: fetch image bytes and decode them safely.
+
+Sources are untrusted (they arrive in chat requests and training data), so every path is bounded:
+a byte limit (checked while streaming), a pixel limit checked from the header before any pixel is
+decoded, a network timeout and a redirect limit. Every failure becomes a ``MediaError`` whose
+message says what was being loaded and why it failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import http.client
+import io
+import logging
+import os
+import re
+import stat
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from qwenvl.errors import ConfigError, MediaError
+from qwenvl.processing.image import to_rgb
+
+logger = logging.getLogger(__name__)
+
+ImageSource = Image.Image | bytes | bytearray | str | os.PathLike[str]
+
+_MiB = 1024 * 1024
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_CHUNK = 64 * 1024
+# Plain strings up to this length that are not files are reported as "file not found" rather
+# than as bad base64: a real base64 image is longer.
+_PATHLIKE_MAX_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """Limits applied while loading media.
+
+    ``max_image_pixels`` defaults to 64 Mpx (8192*8192, 192 MiB as decoded RGB). That is 5x the
+    largest input Qwen2-VL keeps (12.8 Mpx, beyond which it downscales) and below Pillow's own
+    ``Image.MAX_IMAGE_PIXELS`` warning threshold (~89.5 Mpx), so under the defaults our check,
+    made from the header before decoding, is the one that decides.
+    """
+
+    timeout_s: float = 10.0  # per socket operation, and the whole download
+    max_bytes: int = 64 * _MiB  # encoded size: file, download, or decoded base64
+    max_image_pixels: int = 8192 * 8192
+    allow_http: bool = True
+    allow_local_files: bool = True
+    max_redirects: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ConfigError(f"MediaPolicy.timeout_s must be > 0, got {self.timeout_s!r}")
+        for name in ("max_bytes", "max_image_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"MediaPolicy.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.max_redirects, int) or self.max_redirects < 0:
+            raise ConfigError(
+                f"MediaPolicy.max_redirects must be a non-negative int, got {self.max_redirects!r}"
+            )
+
+
+DEFAULT_POLICY = MediaPolicy()
+
+
+def _short(text: str, limit: int = 120) -> str:
+    # Keep error messages readable when the source is a multi-megabyte base64 string.
+    return text if len(text) <= limit else f"{text[:100]}...({len(text)} chars)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching bytes
+
+
+class _RedirectLimit(urllib.request.HTTPRedirectHandler):
+    """Counts hops itself (urllib never checks the first redirect) and stays on http(s)."""
+
+    # urllib's own loop detection would otherwise fire before our count.
+    max_repeats = max_redirections = 1_000_000
+
+    def __init__(self, max_redirects: int, url: str) -> None:
+        super().__init__()
+        self._max_redirects = max_redirects
+        self._url = url
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        hops = getattr(req, "_qwenvl_hops", 0) + 1
+        if hops > self._max_redirects:
+            fp.close()
+            raise MediaError(
+                f"too many redirects (more than {self._max_redirects}) fetching {_short(self._url)}"
+            )
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            fp.close()
+            raise MediaError(
+                f"{_short(self._url)} redirects to a {scheme!r} URL; only http(s) is followed"
+            )
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new._qwenvl_hops = hops  # type: ignore[attr-defined]
+        return new
+
+
+def fetch_url(url: str, policy: MediaPolicy = DEFAULT_POLICY) -> bytes:
+    """Download an http(s) URL into memory under ``policy``'s limits.
+
+    Raises:
+        MediaError: scheme other than http(s), http disabled, unreachable host, HTTP error status,
+            timeout, too many redirects, or a body larger than ``policy.max_bytes``.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise MediaError(f"unsupported URL scheme {scheme!r} for download: {_short(url)}")
+    if not policy.allow_http:
+        raise MediaError(f"http(s) URLs are disabled by the media policy: {_short(url)}")
+    opener = urllib.request.build_opener(_RedirectLimit(policy.max_redirects, url))
+    request = urllib.request.Request(url, headers={"User-Agent": "qwenvl", "Accept": "*/*"})
+    deadline = time.monotonic() + policy.timeout_s
+    timed_out = MediaError(f"timed out after {policy.timeout_s:g} s fetching {_short(url)}")
+    try:
+        with opener.open(request, timeout=policy.timeout_s) as response:
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > policy.max_bytes:
+                raise MediaError(
+                    f"{_short(url)} is {int(length)} bytes, over the limit of "
+                    f"{policy.max_bytes} bytes (MediaPolicy.max_bytes)"
+                )
+            chunks: list[bytes] = []
+            total = 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise timed_out
+                chunk = response.read(min(_CHUNK, policy.max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > policy.max_bytes:
+                    raise MediaError(
+                        f"{_short(url)} sent more than {policy.max_bytes} bytes "
+                        "(MediaPolicy.max_bytes)"
+                    )
+    except MediaError:
+        raise
+    except urllib.error.HTTPError as e:
+        e.close()
+        raise MediaError(f"HTTP {e.code} {e.reason} fetching {_short(url)}") from e
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise timed_out from e
+        raise MediaError(f"cannot reach {_short(url)}: {e.reason}") from e
+    except TimeoutError as e:
+        raise timed_out from e
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        raise MediaError(f"error fetching {_short(url)}: {type(e).__name__}: {e}") from e
+    return b"".join(chunks)
+
+
+def _read_file(path: Path, policy: MediaPolicy) -> bytes:
+    if not policy.allow_local_files:
+        raise MediaError(f"local files are disabled by the media policy: {_short(str(path))}")
+    try:
+        st = path.stat()
+    except FileNotFoundError as e:
+        raise MediaError(f"image file not found: {_short(str(path))}") from e
+    except (OSError, ValueError) as e:
+        raise MediaError(f"cannot access image file {_short(str(path))}: {e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise MediaError(f"{_short(str(path))} is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise MediaError(f"{_short(str(path))} is not a regular file")
+    if st.st_size > policy.max_bytes:
+        raise MediaError(
+            f"image file {_short(str(path))} is {st.st_size} bytes, over the limit of "
+            f"{policy.max_bytes} bytes (MediaPolicy.max_bytes)"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = f.read(policy.max_bytes + 1)
+    except OSError as e:
+        raise MediaError(f"cannot read image file {_short(str(path))}: {e}") from e
+    if len(data) > policy.max_bytes:  # the file grew after stat()
+        raise MediaError(f"image file {_short(str(path))} is over {policy.max_bytes} bytes")
+    return data
+
+
+def _file_url_to_path(url: str) -> Path:
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parts.path))
+    # qwen-vl-utils reads "file://dir/x.jpg" as the relative path "dir/x.jpg"; keep that working.
+    return Path(urllib.request.url2pathname(parts.netloc + parts.path))
+
+
+def _b64decode(text: str, policy: MediaPolicy) -> tuple[bytes | None, str]:
+    """Strict base64 (standard or url-safe, padding optional) -> (bytes, "") or (None, why)."""
+    compact = "".join(text.split())
+    if len(compact) // 4 * 3 > policy.max_bytes:
+        raise MediaError(
+            f"base64 data decodes to about {len(compact) // 4 * 3} bytes, over the limit of "
+            f"{policy.max_bytes} bytes (MediaPolicy.max_bytes)"
+        )
+    if len(compact) % 4 == 1:
+        return None, f"length {len(compact)} is not a valid base64 length"
+    compact += "=" * (-len(compact) % 4)
+    altchars = b"-_" if ("-" in compact or "_" in compact) else None
+    try:
+        return base64.b64decode(compact, altchars=altchars, validate=True), ""
+    except (binascii.Error, ValueError) as e:
+        return None, str(e)
+
+
+def _parse_data_uri(uri: str, policy: MediaPolicy) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep:
+        raise MediaError(f"malformed data URI (no ',' before the data): {_short(uri)}")
+    params = [p.strip().lower() for p in header[len("data:") :].split(";")]
+    media_type = params[0]
+    if (
+        media_type
+        and not media_type.startswith("image")
+        and media_type != "application/octet-stream"
+    ):
+        raise MediaError(f"data URI has media type {media_type!r}, expected image/*")
+    if "base64" in params[1:]:
+        data, why = _b64decode(payload, policy)
+        if data is None:
+            raise MediaError(f"data URI holds invalid base64 ({why}): {_short(uri)}")
+        return data
+    if len(payload) > 3 * policy.max_bytes:
+        raise MediaError(f"data URI is over the limit of {policy.max_bytes} bytes")
+    return urllib.parse.unquote_to_bytes(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _check_pixels(image: Image.Image, what: str, policy: MediaPolicy) -> None:
+    width, height = image.size
+    if width * height > policy.max_image_pixels:
+        raise MediaError(
+            f"{what}: image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{policy.max_image_pixels} pixels (MediaPolicy.max_image_pixels; possible "
+            "decompression bomb)"
+        )
+
+
+def _finish(image: Image.Image, what: str, policy: MediaPolicy, *, owned: bool) -> Image.Image:
+    """Pixel-limit check, full decode, EXIF orientation, RGB. ``owned``: may modify ``image``."""
+    _check_pixels(image, what, policy)  # header size only: nothing decoded yet
+    try:
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"{what}: image too large (decompression bomb check): {e}") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error...
+        raise MediaError(
+            f"{what}: cannot decode image, the file is truncated or corrupt "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    _check_pixels(image, what, policy)  # a few formats only know their size after load()
+    try:
+        transposed = ImageOps.exif_transpose(image, in_place=owned)
+        if transposed is not None:
+            image = transposed
+    except Exception as e:
+        # A malformed EXIF block should not make an otherwise valid picture unusable.
+        logger.warning("%s: ignoring unreadable EXIF orientation: %s", what, e)
+    return to_rgb(image)
+
+
+def _decode(data: bytes, what: str, policy: MediaPolicy) -> Image.Image:
+    if len(data) > policy.max_bytes:
+        raise MediaError(
+            f"{what} is {len(data)} bytes, over the limit of {policy.max_bytes} bytes "
+            "(MediaPolicy.max_bytes)"
+        )
+    if not data:
+        raise MediaError(f"{what} is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise MediaError(
+            f"{what} is not an image in a format Pillow can read ({len(data)} bytes, "
+            f"starting {data[:12]!r})"
+        ) from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"{what}: image too large (decompression bomb check): {e}") from e
+    except Exception as e:
+        raise MediaError(f"{what}: cannot open image ({type(e).__name__}: {e})") from e
+    return _finish(image, what, policy, owned=True)
+
+
+def _load_string(source: str, policy: MediaPolicy) -> Image.Image:
+    text = source.strip()
+    if not text:
+        raise MediaError("empty image source string")
+    if text[:5].lower() == "data:":
+        return _decode(_parse_data_uri(text, policy), "data URI image", policy)
+    match = _URL_SCHEME.match(text)
+    if match:
+        scheme = match.group(1).lower()
+        if scheme in ("http", "https"):
+            return _decode(fetch_url(text, policy), f"image at {_short(text)}", policy)
+        if scheme == "file":
+            path = _file_url_to_path(text)
+            return _decode(_read_file(path, policy), f"image file {_short(str(path))}", policy)
+        raise MediaError(
+            f"unsupported URL scheme {scheme!r} in {_short(text)}; use http(s)://, file://, "
+            "data:, a local path or base64"
+        )
+    if policy.allow_local_files and os.path.exists(source):
+        return _decode(_read_file(Path(source), policy), f"image file {_short(source)}", policy)
+    data, why = _b64decode(text, policy)
+    if data is None:
+        if len(text) > _PATHLIKE_MAX_CHARS:
+            raise MediaError(f"invalid base64 image data ({why}): {_short(text)}")
+        if not policy.allow_local_files:
+            raise MediaError(
+                f"{_short(text)!r} is not base64 image data, and local file paths are disabled "
+                "by the media policy"
+            )
+        raise MediaError(
+            f"image file not found: {_short(source)} (nor is it a URL or base64 image data)"
+        )
+    try:
+        return _decode(data, "base64 image data", policy)
+    except MediaError as e:
+        if len(text) > _PATHLIKE_MAX_CHARS:
+            raise
+        raise MediaError(
+            f"{_short(text)!r} is neither an existing image file nor base64 image data ({e})"
+        ) from e
+
+
+def load_image(source: ImageSource, policy: MediaPolicy = DEFAULT_POLICY) -> Image.Image:
+    """Load an image from any supported source as a fully decoded RGB ``PIL.Image``.
+
+    EXIF orientation is applied, then the image is converted to RGB exactly as the transformers
+    processor does (transparency composited onto white). Truncated files are errors as long as
+    Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default (False).
+
+    Args:
+        source: a ``PIL.Image.Image``; encoded ``bytes``/``bytearray``; a ``pathlib.Path``; or a
+            ``str`` holding a local path, a ``file://`` or ``http(s)://`` URL, a
+            ``data:image/...;base64,...`` URI, or raw base64.
+        policy: byte, pixel, network and source-kind limits.
+
+    Raises:
+        MediaError: for every failure (missing or unreadable file, unknown format, truncated data,
+            invalid base64, byte or pixel limits, network errors, unsupported scheme or type).
+    """
+    if isinstance(source, Image.Image):
+        return _finish(source, "PIL image", policy, owned=False)
+    if isinstance(source, (bytes, bytearray)):
+        return _decode(bytes(source), "image bytes", policy)
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        return _decode(_read_file(path, policy), f"image file {_short(str(path))}", policy)
+    if isinstance(source, str):
+        return _load_string(source, policy)
+    raise MediaError(
+        f"unsupported image source of type {type(source).__name__}; expected a PIL image, bytes, "
+        "a path, a URL, a data URI or base64"
+    )
+
+
+def image_content_hash(image: Image.Image) -> str:
+    """Hex sha256 of an image's mode, size and pixels (and palette), for content-keyed caches."""
+    digest = hashlib.sha256()
+    digest.update(f"{image.mode}\0{image.width}x{image.height}\0".encode())
+    if image.mode in ("P", "PA"):
+        digest.update(bytes(image.getpalette() or []))
+    digest.update(image.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,360 @@
+"""Tests for qwenvl.processing.media: every source kind, limits and error messages (no internet)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import struct
+import threading
+import time
+import warnings
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl.errors import ConfigError, MediaError
+from qwenvl.processing.media import MediaPolicy, fetch_url, image_content_hash, load_image
+
+
+def noise(height: int = 24, width: int = 32, seed: int = 0, channels: int = 3) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, channels), dtype=np.uint8))
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+IMAGE = noise()
+PNG = encode(IMAGE)
+
+
+def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A valid tiny PNG whose IHDR claims another size (what a decompression bomb looks like)."""
+    data = bytearray(encode(Image.new("L", (8, 8))))
+    # signature(8) + length(4) + b"IHDR"(4) + width(4) + height(4) ... + crc over type+13 bytes
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# a local HTTP server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def _send(self, code: int, body: bytes, length: bool = True, **headers: str) -> None:
+        self.send_response(code)
+        for key, value in headers.items():
+            self.send_header(key.replace("_", "-"), value)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        path = self.path
+        if path == "/img.png":
+            self._send(200, PNG, Content_Type="image/png")
+        elif path == "/big":
+            self._send(200, b"x" * 5000)
+        elif path == "/stream":  # HTTP/1.0, no Content-Length: the body ends when we close
+            self._send(200, b"x" * 5000, length=False)
+        elif path == "/sleep":
+            time.sleep(1.5)
+            self._send(200, PNG)
+        elif path.startswith("/redirect/"):
+            n = int(path.rsplit("/", 1)[1])
+            target = "/img.png" if n == 0 else f"/redirect/{n - 1}"
+            self._send(302, b"", Location=target)
+        elif path == "/to-file":
+            self._send(302, b"", Location="file:///etc/hostname")
+        elif path == "/not-image":
+            self._send(200, b"<html>hello</html>", Content_Type="text/html")
+        else:
+            self._send(404, b"not found")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients that time out on purpose leave broken pipes behind
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = _Server(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# every source kind
+
+
+def test_pil_source_is_converted_and_copied():
+    rgba = noise(channels=4)
+    out = load_image(rgba)
+    assert out.mode == "RGB" and out.size == rgba.size
+    rgb = noise()
+    out = load_image(rgb)
+    assert out is not rgb and same_pixels(out, rgb)
+
+
+def test_bytes_and_bytearray():
+    assert same_pixels(load_image(PNG), IMAGE)
+    assert same_pixels(load_image(bytearray(PNG)), IMAGE)
+
+
+def test_local_paths_and_file_urls(tmp_path: Path):
+    path = tmp_path / "a b.png"  # a space: file URLs percent-encode it
+    path.write_bytes(PNG)
+    for source in (path, str(path), path.as_uri(), f"  {path.as_uri()}  "):
+        out = load_image(source)
+        assert out.mode == "RGB" and same_pixels(out, IMAGE), source
+
+
+def test_data_uri_and_raw_base64():
+    b64 = base64.b64encode(PNG).decode()
+    assert same_pixels(load_image(f"data:image/png;base64,{b64}"), IMAGE)
+    assert same_pixels(load_image(f"data:image;base64,{b64}"), IMAGE)  # qwen-vl-utils' form
+    assert same_pixels(load_image(b64), IMAGE)
+    assert same_pixels(load_image(base64.urlsafe_b64encode(PNG).decode().rstrip("=")), IMAGE)
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
+    assert same_pixels(load_image(wrapped), IMAGE)
+
+
+def test_http_url(server):
+    assert same_pixels(load_image(f"{server}/img.png"), IMAGE)
+    assert fetch_url(f"{server}/img.png", MediaPolicy()) == PNG
+
+
+def test_http_redirects(server):
+    # /redirect/n answers with n + 1 redirects before the image
+    assert same_pixels(load_image(f"{server}/redirect/4"), IMAGE)
+    with pytest.raises(MediaError, match="too many redirects"):
+        load_image(f"{server}/redirect/5")
+    assert same_pixels(load_image(f"{server}/redirect/0", MediaPolicy(max_redirects=1)), IMAGE)
+    with pytest.raises(MediaError, match="too many redirects"):
+        load_image(f"{server}/redirect/0", MediaPolicy(max_redirects=0))
+    with pytest.raises(MediaError, match="file:///etc/hostname"):
+        load_image(f"{server}/to-file")
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    image.paste((10, 10, 200), (0, 0, 10, 20))  # a blue band on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(image, "JPEG", exif=exif, quality=95)
+    out = load_image(data)
+    assert out.size == (20, 40)
+    # after a clockwise turn the left edge is on top
+    top, bottom = np.asarray(out)[1, 10], np.asarray(out)[-2, 10]
+    assert top[2] > 150 and bottom[0] > 150
+    assert load_image(Image.open(io.BytesIO(data))).size == (20, 40)
+
+
+def test_modes_become_rgb():
+    for image in (noise(channels=4), Image.new("L", (5, 5)), Image.new("I;16", (5, 5), 300)):
+        assert load_image(encode(image)).mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_missing_file_and_directory(tmp_path: Path):
+    with pytest.raises(MediaError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(MediaError, match="not found"):
+        load_image(str(tmp_path / "missing.png"))
+    with pytest.raises(MediaError, match="not found"):
+        load_image((tmp_path / "missing.png").as_uri())
+    with pytest.raises(MediaError, match="directory"):
+        load_image(tmp_path)
+    with pytest.raises(MediaError, match="directory"):
+        load_image(str(tmp_path))
+
+
+def test_truncated_jpeg_is_an_error(tmp_path: Path):
+    data = encode(noise(64, 64), "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match="truncated") as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(MediaError, match="truncated"):
+        load_image(Image.open(io.BytesIO(data[: len(data) // 2])))
+
+
+def test_truncated_png_is_an_error():
+    data = encode(noise(64, 64))
+    with pytest.raises(MediaError):
+        load_image(data[: len(data) - 200])
+
+
+def test_not_an_image():
+    with pytest.raises(MediaError, match="not an image"):
+        load_image(b"%PDF-1.4 definitely not a picture")
+    with pytest.raises(MediaError, match="empty"):
+        load_image(b"")
+
+
+def test_invalid_base64():
+    with pytest.raises(MediaError, match="invalid base64"):
+        load_image("!!not*base64!!" * 200)
+    with pytest.raises(MediaError, match="invalid base64"):
+        load_image("data:image/png;base64,@@@@")
+    with pytest.raises(MediaError, match="media type"):
+        load_image("data:text/plain;base64,aGVsbG8=")
+    with pytest.raises(MediaError, match="malformed"):
+        load_image("data:image/png;base64")
+    # short strings that are neither files nor base64 images get a clear "not found"
+    with pytest.raises(MediaError, match="not found|neither"):
+        load_image("photos/cat.jpg")
+    with pytest.raises(MediaError, match="neither"):
+        load_image("abcd")
+
+
+def test_pixel_limit_checked_from_header():
+    with pytest.raises(MediaError, match="pixels") as info:
+        load_image(PNG, MediaPolicy(max_image_pixels=100))
+    assert "max_image_pixels" in str(info.value)
+    # header claims 9000x9000 (81 Mpx): rejected by our default limit before decoding
+    with pytest.raises(MediaError, match="81000000 pixels"):
+        load_image(png_with_header_size(9000, 9000))
+    with pytest.raises(MediaError, match="pixels"):
+        load_image(Image.new("1", (9000, 9000)))
+
+
+def test_pil_decompression_bomb_error_becomes_media_error():
+    # 400 Mpx: over 2x PIL's MAX_IMAGE_PIXELS, so Image.open itself raises
+    with pytest.raises(MediaError, match="decompression bomb") as info:
+        load_image(png_with_header_size(20000, 20000), MediaPolicy(max_image_pixels=10**9))
+    assert isinstance(info.value.__cause__, Image.DecompressionBombError)
+
+
+def test_pil_decompression_bomb_warning_as_error_becomes_media_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(MediaError, match="decompression bomb"):
+            load_image(png_with_header_size(10000, 10000))
+
+
+def test_byte_limits(tmp_path: Path, server):
+    policy = MediaPolicy(max_bytes=1000)
+    with pytest.raises(MediaError, match="max_bytes"):
+        load_image(PNG, policy)
+    path = tmp_path / "x.png"
+    path.write_bytes(PNG)
+    with pytest.raises(MediaError, match="max_bytes"):
+        load_image(path, policy)
+    with pytest.raises(MediaError, match="max_bytes"):
+        load_image(base64.b64encode(PNG).decode(), policy)
+    with pytest.raises(MediaError, match="max_bytes"):
+        fetch_url(f"{server}/big", policy)  # rejected from Content-Length
+    with pytest.raises(MediaError, match="max_bytes"):
+        fetch_url(f"{server}/stream", policy)  # counted while streaming
+    assert len(fetch_url(f"{server}/stream", MediaPolicy(max_bytes=5000))) == 5000
+
+
+def test_http_errors(server):
+    with pytest.raises(MediaError, match="HTTP 404"):
+        load_image(f"{server}/nope.png")
+    with pytest.raises(MediaError, match="not an image"):
+        load_image(f"{server}/not-image")
+
+
+def test_unreachable_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(MediaError, match="cannot reach"):
+        load_image(f"http://127.0.0.1:{port}/x.png", MediaPolicy(timeout_s=2))
+
+
+def test_timeout(server):
+    start = time.monotonic()
+    with pytest.raises(MediaError, match="timed out"):
+        load_image(f"{server}/sleep", MediaPolicy(timeout_s=0.3))
+    assert time.monotonic() - start < 1.4
+
+
+def test_unsupported_schemes_and_types():
+    for url in ("ftp://example.com/x.png", "s3://bucket/key.png", "gopher://x"):
+        with pytest.raises(MediaError, match="unsupported URL scheme"):
+            load_image(url)
+    with pytest.raises(MediaError, match="unsupported URL scheme"):
+        fetch_url("file:///etc/hostname", MediaPolicy())
+    with pytest.raises(MediaError, match="unsupported image source"):
+        load_image(123)  # type: ignore[arg-type]
+    with pytest.raises(MediaError, match="empty"):
+        load_image("   ")
+
+
+def test_policy_switches(tmp_path: Path, server):
+    path = tmp_path / "x.png"
+    path.write_bytes(PNG)
+    no_files = MediaPolicy(allow_local_files=False)
+    for source in (path, str(path), path.as_uri()):
+        with pytest.raises(MediaError, match="disabled"):
+            load_image(source, no_files)
+    assert same_pixels(load_image(PNG, no_files), IMAGE)  # bytes need no file access
+    with pytest.raises(MediaError, match="disabled"):
+        load_image(f"{server}/img.png", MediaPolicy(allow_http=False))
+
+
+def test_policy_validation():
+    with pytest.raises(ConfigError):
+        MediaPolicy(timeout_s=0)
+    with pytest.raises(ConfigError):
+        MediaPolicy(max_bytes=-1)
+    with pytest.raises(ConfigError):
+        MediaPolicy(max_redirects=-1)
+
+
+def test_errors_are_media_errors_with_causes(tmp_path: Path):
+    # Callers catch MediaError (a ValueError) only; library exceptions stay as the __cause__.
+    with pytest.raises(MediaError) as info:
+        load_image(b"\x89PNG\r\n\x1a\n garbage")
+    assert isinstance(info.value, ValueError)
+    assert info.value.__cause__ is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# content hash
+
+
+def test_image_content_hash():
+    a = noise(seed=1)
+    assert image_content_hash(a) == image_content_hash(a.copy())
+    assert image_content_hash(a) == image_content_hash(load_image(encode(a)))
+    assert image_content_hash(a) != image_content_hash(noise(seed=2))
+    assert image_content_hash(a) != image_content_hash(a.convert("RGBA"))
+    flat = Image.new("RGB", (4, 6))
+    assert image_content_hash(flat) != image_content_hash(Image.new("RGB", (6, 4)))
+    p1 = Image.new("P", (4, 4))
+    p2 = p1.copy()
+    p2.putpalette([255, 0, 0] * 256)
+    assert image_content_hash(p1) != image_content_hash(p2)
+    assert len(image_content_hash(a)) == 64
