@@ -38,6 +38,7 @@ class _Row:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of text already streamed
+    pending: list[int] = field(default_factory=list)  # token ids not yet streamed
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] | None = None
@@ -224,6 +225,7 @@ class BatchGenerator:
         """Add a token to a row, apply the stop rules, and return the text to stream (if any)."""
         p = r.params
         r.token_ids.append(token)
+        r.pending.append(token)
         if token in self.eos and not p.ignore_eos:
             r.finish_reason, r.stop_reason = "stop", None
         elif token in p.stop_token_ids:
@@ -246,7 +248,9 @@ class BatchGenerator:
         r.emitted = upto
         if not delta and r.finish_reason is None:
             return None
-        return StreamEvent(r.request, r.index, delta, [token], r.finish_reason)
+        event = StreamEvent(r.request, r.index, delta, r.pending, r.finish_reason)
+        r.pending = []
+        return event
 
     @staticmethod
     def _check_stop_strings(r: _Row) -> None:

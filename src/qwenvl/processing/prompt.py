@@ -144,8 +144,9 @@ class Processor:
             raise MediaError(f"unsupported video input of type {type(source).__name__}") from None
         if not frames:
             raise MediaError("video has no frames")
-        options.setdefault("min_pixels", VIDEO_MIN_PIXELS)
         options.setdefault("max_pixels", VIDEO_MAX_PIXELS)
+        # a caller who only lowers max_pixels means "smaller frames", not a contradiction
+        options.setdefault("min_pixels", min(VIDEO_MIN_PIXELS, options["max_pixels"]))
         return preprocess_video_frames(frames, self.vision, **options)
 
     # --- prompts -----------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""The Python API on tiny checkpoints: batching, streaming, stop rules, seeds, defaults, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwenvl import SamplingParams
+from qwenvl.errors import MediaError, PromptError
+from qwenvl.generation import prompt_logits
+
+GREEDY = dict(temperature=0, repetition_penalty=1.0)
+
+
+def image(seed: int, w: int = 70, h: int = 100) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def convs():
+    return [
+        [{"role": "user", "content": "hello there"}],
+        [{"role": "user", "content": [{"type": "image", "image": image(1)}, {"type": "text", "text": "Describe."}]}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": image(2, 200, 150)},
+                    {"type": "image_url", "image_url": {"url": image(3)}},
+                    {"type": "text", "text": "Compare."},
+                ],
+            },
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": [image(i, 84, 56) for i in range(4)], "max_pixels": 56 * 84},
+                    {"type": "text", "text": "What happens?"},
+                ],
+            }
+        ],
+    ]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_batch_equals_single(family, llms):
+    llm = llms(family)
+    params = SamplingParams(max_tokens=12, min_tokens=12, **GREEDY)
+    batched = llm.chat(convs(), params)
+    for conv, out in zip(convs(), batched):
+        alone = llm.chat(conv, params)[0]
+        assert alone.outputs[0].token_ids == out.outputs[0].token_ids
+        assert alone.prompt_token_ids == out.prompt_token_ids
+
+
+def test_kv_cache_matches_full_recompute(llms):
+    """Greedy decoding with the cache equals argmax of a full forward over prompt + output."""
+    llm = llms("qwen2_5_vl")
+    conv = convs()[1]
+    out = llm.chat(conv, SamplingParams(max_tokens=8, min_tokens=8, **GREEDY))[0].outputs[0]
+    prompt = llm.processor.prepare_chat(conv)
+    for k in range(len(out.token_ids)):
+        p = llm.processor.prepare_chat(conv)
+        p.token_ids = prompt.token_ids + out.token_ids[:k]
+        extra = torch.arange(k) + len(prompt.token_ids) + prompt.rope_delta
+        p.positions = torch.cat([prompt.positions, extra.expand(3, k)], dim=1)
+        logits, _ = prompt_logits(llm.model, [p])
+        assert int(logits[0, -1].argmax()) == out.token_ids[k]
+
+
+def test_streaming_equals_non_streamed(llms):
+    llm = llms("qwen2_vl")
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    full = llm.chat(convs()[1], params)[0].outputs[0]
+    events = list(llm.stream_chat(convs()[1], params))
+    assert "".join(e.text for e in events) == full.text
+    assert [t for e in events for t in e.token_ids] == full.token_ids
+    assert events[-1].finish_reason == full.finish_reason
+
+
+def test_stop_strings_and_tokens(llms):
+    llm = llms("qwen2_vl")
+    base = llm.chat(convs()[0], SamplingParams(max_tokens=24, min_tokens=24, **GREEDY))[0].outputs[0]
+    text = base.text
+    stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if text[i : i + 2].strip())
+    cut = text.index(stop)
+    out = llm.chat(convs()[0], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))[0].outputs[0]
+    assert out.text == text[:cut]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    keep = llm.chat(
+        convs()[0],
+        SamplingParams(max_tokens=24, stop=stop, include_stop_str_in_output=True, **GREEDY),
+    )[0].outputs[0]
+    assert keep.text == text[: cut + len(stop)]
+    streamed = "".join(
+        e.text for e in llm.stream_chat(convs()[0], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))
+    )
+    assert streamed == out.text  # the stop string never leaks into the stream
+
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    out = llm.chat(convs()[0], SamplingParams(max_tokens=24, stop_token_ids=[stop_id], **GREEDY))[0]
+    assert out.outputs[0].token_ids == base.token_ids[: first + 1]
+    assert out.outputs[0].stop_reason == stop_id
+
+
+def test_max_tokens_and_eos(llms):
+    llm = llms("qwen2_vl")
+    out = llm.chat(convs()[0], SamplingParams(max_tokens=5, min_tokens=5, **GREEDY))[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    eos = llm.eos_token_ids
+    long = llm.chat(convs()[0], SamplingParams(max_tokens=60, **GREEDY))[0].outputs[0]
+    assert all(t not in eos for t in long.token_ids[:-1])
+    if long.finish_reason == "stop":
+        assert long.token_ids[-1] in eos
+
+
+def test_seeds_and_n(llms):
+    llm = llms("qwen2_5_vl")
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=7, n=3)
+    a = llm.chat(convs()[1], params)[0]
+    b = llm.chat(convs()[1], params)[0]
+    assert len(a.outputs) == 3 and [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1
+    # the seeded request is reproducible inside a batch of other (unseeded) requests
+    mixed = llm.chat(
+        [convs()[0], convs()[1]],
+        [SamplingParams(temperature=1.0, max_tokens=10), params],
+    )
+    assert [o.token_ids for o in mixed[1].outputs] == [o.token_ids for o in a.outputs]
+
+
+def test_defaults_come_from_generation_config(llms):
+    llm = llms("qwen2_vl")  # the tiny generation_config says do_sample=false
+    assert llm.default_sampling.temperature == 0
+    default = llm.chat(convs()[0])[0].outputs[0]
+    greedy = llm.chat(convs()[0], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0]
+    assert default.token_ids == greedy.token_ids
+
+
+def test_logprobs(llms):
+    llm = llms("qwen2_vl")
+    out = llm.chat(convs()[0], SamplingParams(max_tokens=4, logprobs=3, **GREEDY))[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    for tok, entry in zip(out.token_ids, out.logprobs):
+        assert len(entry) == 3 and tok in entry
+        assert entry[tok] == max(entry.values())  # greedy picks the most likely token
+    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
+
+
+def test_generate_raw_prompt_equals_chat(llms):
+    llm = llms("qwen2_vl")
+    conv = convs()[1]
+    text = llm.processor.render(conv)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    raw = llm.generate({"prompt": text, "multi_modal_data": {"image": [image(1)]}}, params)[0]
+    chat = llm.chat(conv, params)[0]
+    assert raw.prompt_token_ids == chat.prompt_token_ids
+    assert raw.outputs[0].token_ids == chat.outputs[0].token_ids
+    assert raw.images[0].original_width == 70 and raw.images[0].resized_width == 56
+
+
+def test_tools_reach_the_prompt(llms):
+    llm = llms("qwen2_vl")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    out = llm.chat(convs()[0], SamplingParams(max_tokens=2, **GREEDY), tools=tools)[0]
+    assert '"name": "get_weather"' in out.prompt and "<tools>" in out.prompt
+
+
+def test_context_overflow_is_a_clear_error(llms):
+    llm = llms("qwen2_vl")
+    with pytest.raises(PromptError, match=r"context holds 4096"):
+        llm.chat(convs()[0], SamplingParams(max_tokens=5000))
+
+
+def test_bad_media_names_the_item(llms, tmp_path):
+    llm = llms("qwen2_vl")
+    conv = [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image", "image": str(tmp_path / "no.png")}]}]
+    with pytest.raises(MediaError, match=r"messages\[0\].content\[1\]"):
+        llm.chat(conv)
+    with pytest.raises(PromptError):
+        llm.chat([{"role": "user"}])
