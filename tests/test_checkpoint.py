@@ -1,4 +1,6 @@
-"""Checkpoint loading: every layout gives the same model, bad folders give our errors, RSS stays low."""
+"""Checkpoint loading: every layout gives the same model, bad folders give our errors, RSS stays
+low.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ def logits_of(folder: Path) -> torch.Tensor:
     pos = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
     pixels = torch.randn(16, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return torch.cat([model(ids, pos).flatten(), model.encode_vision(pixels, [(1, 4, 4)]).flatten()])
+        return torch.cat(
+            [model(ids, pos).flatten(), model.encode_vision(pixels, [(1, 4, 4)]).flatten()]
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,11 +142,15 @@ def test_config_errors_name_file_and_field(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match=r"config.json: model_type 'llava' is not supported"):
         load_model(folder)
     edit_config(folder, lambda c: (c.update(model_type="qwen2_vl"), c.pop("num_hidden_layers")))
-    with pytest.raises(ConfigError, match=r"config.json: missing required field 'num_hidden_layers'"):
+    with pytest.raises(
+        ConfigError, match=r"config.json: missing required field 'num_hidden_layers'"
+    ):
         load_model(folder)
     folder2 = copy_ckpt(checkpoints("qwen2_5_vl", layout="nested"), tmp_path / "d")
     edit_config(folder2, lambda c: c["vision_config"].pop("out_hidden_size"))
-    with pytest.raises(ConfigError, match=r"vision_config\): missing required field 'out_hidden_size'"):
+    with pytest.raises(
+        ConfigError, match=r"vision_config\): missing required field 'out_hidden_size'"
+    ):
         load_model(folder2)
     edit_config(folder2, lambda c: c["vision_config"].update(out_hidden_size="64"))
     with pytest.raises(ConfigError, match="out_hidden_size' must be"):
@@ -199,8 +207,14 @@ def test_peak_rss_during_load(dtype, tmp_path):
         "num_key_value_heads": 2,
         "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
         "torch_dtype": dtype,
-        "vision_config": {"depth": 2, "embed_dim": 256, "num_heads": 4, "hidden_size": 512,
-                          "hidden_act": "quick_gelu", "mlp_ratio": 4},
+        "vision_config": {
+            "depth": 2,
+            "embed_dim": 256,
+            "num_heads": 4,
+            "hidden_size": 512,
+            "hidden_act": "quick_gelu",
+            "mlp_ratio": 4,
+        },
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg_dict))
     cfg = ModelConfig.from_hf(cfg_dict)

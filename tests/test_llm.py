@@ -22,7 +22,15 @@ def image(seed: int, w: int = 70, h: int = 100) -> Image.Image:
 def convs():
     return [
         [{"role": "user", "content": "hello there"}],
-        [{"role": "user", "content": [{"type": "image", "image": image(1)}, {"type": "text", "text": "Describe."}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": image(1)},
+                    {"type": "text", "text": "Describe."},
+                ],
+            }
+        ],
         [
             {"role": "system", "content": "You are terse."},
             {
@@ -38,7 +46,11 @@ def convs():
             {
                 "role": "user",
                 "content": [
-                    {"type": "video", "video": [image(i, 84, 56) for i in range(4)], "max_pixels": 56 * 84},
+                    {
+                        "type": "video",
+                        "video": [image(i, 84, 56) for i in range(4)],
+                        "max_pixels": 56 * 84,
+                    },
                     {"type": "text", "text": "What happens?"},
                 ],
             }
@@ -84,7 +96,9 @@ def test_streaming_equals_non_streamed(llms):
 
 def test_stop_strings_and_tokens(llms):
     llm = llms("qwen2_vl")
-    base = llm.chat(convs()[0], SamplingParams(max_tokens=24, min_tokens=24, **GREEDY))[0].outputs[0]
+    base = llm.chat(convs()[0], SamplingParams(max_tokens=24, min_tokens=24, **GREEDY))[0].outputs[
+        0
+    ]
     text = base.text
     stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if text[i : i + 2].strip())
     cut = text.index(stop)
@@ -97,7 +111,8 @@ def test_stop_strings_and_tokens(llms):
     )[0].outputs[0]
     assert keep.text == text[: cut + len(stop)]
     streamed = "".join(
-        e.text for e in llm.stream_chat(convs()[0], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))
+        e.text
+        for e in llm.stream_chat(convs()[0], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))
     )
     assert streamed == out.text  # the stop string never leaks into the stream
 
@@ -150,7 +165,9 @@ def test_logprobs(llms):
     for tok, entry in zip(out.token_ids, out.logprobs):
         assert len(entry) == 3 and tok in entry
         assert entry[tok] == max(entry.values())  # greedy picks the most likely token
-    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
+    assert out.cumulative_logprob == pytest.approx(
+        sum(e[t] for t, e in zip(out.token_ids, out.logprobs))
+    )
 
 
 def test_generate_raw_prompt_equals_chat(llms):
@@ -167,7 +184,9 @@ def test_generate_raw_prompt_equals_chat(llms):
 
 def test_tools_reach_the_prompt(llms):
     llm = llms("qwen2_vl")
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ]
     out = llm.chat(convs()[0], SamplingParams(max_tokens=2, **GREEDY), tools=tools)[0]
     assert '"name": "get_weather"' in out.prompt and "<tools>" in out.prompt
 
@@ -180,7 +199,15 @@ def test_context_overflow_is_a_clear_error(llms):
 
 def test_bad_media_names_the_item(llms, tmp_path):
     llm = llms("qwen2_vl")
-    conv = [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image", "image": str(tmp_path / "no.png")}]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "x"},
+                {"type": "image", "image": str(tmp_path / "no.png")},
+            ],
+        }
+    ]
     with pytest.raises(MediaError, match=r"messages\[0\].content\[1\]"):
         llm.chat(conv)
     with pytest.raises(PromptError):

@@ -50,7 +50,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     except ImportError:
         raise CheckpointError(
             f"{name!r} is not a local folder and huggingface_hub is not installed. Download the "
-            f"checkpoint first (e.g. `huggingface-cli download {name} --local-dir DIR`) and pass DIR."
+            f"checkpoint first (`huggingface-cli download {name} --local-dir DIR`) and pass DIR."
         ) from None
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))

@@ -1,7 +1,8 @@
 """The exceptions qwenvl raises on bad input.
 
-Every user-facing failure is one of these, so callers (the CLI, the server) can turn them into a clear
-message without catching library tracebacks. All subclass ``ValueError`` where the cause is bad input.
+Every user-facing failure is one of these, so callers (the CLI, the server) can turn them into a
+clear message without catching library tracebacks. All subclass ``ValueError`` where the cause is
+bad input.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ class ConfigError(QwenVLError, ValueError):
 
 
 class CheckpointError(QwenVLError, ValueError):
-    """A checkpoint folder cannot be loaded: missing files, missing or unexpected tensors, bad shapes."""
+    """A checkpoint folder cannot be loaded: missing files, missing or unexpected tensors, bad
+    shapes.
+    """
 
 
 class MediaError(QwenVLError, ValueError):

@@ -1,9 +1,9 @@
 """A KV-cached generation loop over one static batch of prompts.
 
-Prompts of different lengths are left-padded into one batch; the vision encoder runs once per request
-(not once per sampled completion), prefill fills a preallocated cache, and decode steps append one
-token per row. Finished rows leave the batch. Each prompt carries its own M-RoPE delta: the k-th new
-token of a row sits at position ``prompt_len + k + delta`` on all three streams.
+Prompts of different lengths are left-padded into one batch; the vision encoder runs once per
+request (not once per sampled completion), prefill fills a preallocated cache, and decode steps
+append one token per row. Finished rows leave the batch. Each prompt carries its own M-RoPE delta:
+the k-th new token of a row sits at position ``prompt_len + k + delta`` on all three streams.
 
 The engine issue replaces this loop with continuous batching over a paged cache.
 """
@@ -57,7 +57,9 @@ class _Row:
 
 
 class BatchGenerator:
-    """Iterate to stream ``StreamEvent``s; ``results`` holds the completions per request at the end."""
+    """Iterate to stream ``StreamEvent``s; ``results`` holds the completions per request at the
+    end.
+    """
 
     def __init__(
         self,
@@ -83,7 +85,7 @@ class BatchGenerator:
             room = max_model_len - n_prompt
             if room < 1:
                 raise PromptError(
-                    f"prompt {i} has {n_prompt} tokens, which leaves no room in the model's context "
+                    f"prompt {i} has {n_prompt} tokens: no room is left in the model's context "
                     f"of {max_model_len} tokens"
                 )
             max_new = room if p.max_tokens is None else p.max_tokens
@@ -283,7 +285,8 @@ def pad_batch(
 
 def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     """Causal mask over a left-padded batch, ``[B, 1, L, L]``; pads attend to themselves only so
-    that no row is fully masked (which would turn into NaNs)."""
+    that no row is fully masked (which would turn into NaNs).
+    """
     width = valid.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     return ((causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool))[:, None]

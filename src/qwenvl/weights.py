@@ -1,9 +1,9 @@
 """Reading safetensors checkpoints tensor by tensor, straight into their final buffers.
 
-We parse the safetensors header ourselves and ``readinto`` each tensor's bytes: no memory map, so the
-file's pages never count toward the process's RSS, and each tensor is materialised once (in the target
-dtype) — loading peaks at about the model's size plus its largest single tensor. Writing uses the
-safetensors library.
+We parse the safetensors header ourselves and ``readinto`` each tensor's bytes: no memory map, so
+the file's pages never count toward the process's RSS, and each tensor is materialised once (in the
+target dtype) — loading peaks at about the model's size plus its largest single tensor. Writing uses
+the safetensors library.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def weight_files(folder: Path) -> list[Path]:
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
         raise CheckpointError(
             f"{folder} holds only pickled PyTorch weights (*.bin); qwenvl loads safetensors only, "
-            "because unpickling can run arbitrary code. Convert the checkpoint to safetensors first."
+            "because unpickling can run arbitrary code. Convert the checkpoint to safetensors."
         )
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
@@ -92,7 +92,9 @@ def iter_tensor_specs(files: list[Path]) -> Iterator[tuple[str, Path, dict, int]
 
 
 def read_tensor(path: Path, spec: dict, base: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor from disk; if ``out`` is given (same shape), fill it, converting the dtype."""
+    """Read one tensor from disk; if ``out`` is given (same shape), fill it, converting the
+    dtype.
+    """
     try:
         dtype = SAFE_DTYPES[spec["dtype"]]
         shape = tuple(spec["shape"])
@@ -132,7 +134,8 @@ def load_into(
 ) -> None:
     """Fill ``params`` (preallocated, by native name) from the files; strict about names and shapes.
 
-    ``optional`` names may be absent from the files; ``ignored`` names may be present and are skipped.
+    ``optional`` names may be absent from the files; ``ignored`` names may be present and are
+    skipped.
     """
     specs = list(iter_tensor_specs(files))
     total = sum(s["data_offsets"][1] - s["data_offsets"][0] for _, _, s, _ in specs)

@@ -1,10 +1,10 @@
 """Numerical parity with transformers 5.23 (the reference implementation) on tiny checkpoints, fp32.
 
 Independent truth for every number: the transformers model loaded from the same folder, fed pixels
-from transformers' own ``Qwen2VLImageProcessorPil``. Videos: transformers >= 5.3 continues text after a
-video at a different position than the released models were trained with (notes §7.4); the logits
-tests hand transformers our reference positions explicitly, and the generation tests switch our
-position rule to ``transformers5`` — never a looser tolerance.
+from transformers' own ``Qwen2VLImageProcessorPil``. Videos: transformers >= 5.3 continues text
+after a video at a different position than the released models were trained with (notes §7.4); the
+logits tests hand transformers our reference positions explicitly, and the generation tests switch
+our position rule to ``transformers5`` — never a looser tolerance.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def text_msg(text: str) -> list[dict]:
 
 
 def image_msg(*sizes: tuple[int, int], seed: int = 1) -> list[dict]:
-    items = [{"type": "image", "image": noise_image(w, h, seed + i)} for i, (w, h) in enumerate(sizes)]
+    items = [
+        {"type": "image", "image": noise_image(w, h, seed + i)} for i, (w, h) in enumerate(sizes)
+    ]
     return [{"role": "user", "content": [*items, {"type": "text", "text": "Describe this image."}]}]
 
 
@@ -60,6 +62,8 @@ CASES = {
     "one_image": lambda: [image_msg((70, 100))],
     "two_images": lambda: [image_msg((70, 100), (200, 150), seed=3)],
     "video": lambda: [video_msg()],
+    "video_0.5s": lambda: [video_msg(fps=4.0)],  # second_per_grid_t 0.5
+    "video_1.7s": lambda: [video_msg(fps=2 / 1.7)],  # second_per_grid_t 1.7
     "batch": lambda: [
         text_msg("hi"),
         image_msg((70, 100)),
@@ -159,7 +163,7 @@ def test_logits_match(family, case, llms, hf_models):
 def test_greedy_generation_matches(family, case, llms, hf_models, rule):
     llm, hf = llms(family), hf_models(family)
     conversations = CASES[case]()
-    if case in ("video", "batch"):
+    if case.startswith("video") or case == "batch":
         llm.processor.position_rule = "transformers5"  # what transformers.generate computes
     prompts = [llm.processor.prepare_chat(c) for c in conversations]
     inputs = hf_inputs(llm, prompts, conversations)
@@ -167,7 +171,8 @@ def test_greedy_generation_matches(family, case, llms, hf_models, rule):
         ref = hf.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     ref = ref[:, inputs["input_ids"].shape[1] :]
     outs = llm.chat(
-        conversations, SamplingParams(temperature=0, max_tokens=16, min_tokens=16, repetition_penalty=1.0)
+        conversations,
+        SamplingParams(temperature=0, max_tokens=16, min_tokens=16, repetition_penalty=1.0),
     )
     for b, out in enumerate(outs):
         assert out.outputs[0].token_ids == ref[b].tolist()

@@ -78,7 +78,11 @@ def test_qwen2_vl_video_has_unit_interval():
 def test_transformers5_rule_for_comparison_only():
     ids = [TXT] * 3 + [VID] * 16 + [TXT]
     pos, _ = positions(
-        ids, video_grids=[(4, 4, 4)], second_per_grid_ts=[1.0], tokens_per_second=2, rule="transformers5"
+        ids,
+        video_grids=[(4, 4, 4)],
+        second_per_grid_ts=[1.0],
+        tokens_per_second=2,
+        rule="transformers5",
     )
     assert pos[:, 19].tolist() == [3 + 2] * 3  # start + max(lh, lw)
 

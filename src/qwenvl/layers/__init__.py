@@ -1,1 +1,3 @@
-"""Model-agnostic building blocks shared by the model families (norms, rotary embeddings, attention)."""
+"""Model-agnostic building blocks shared by the model families (norms, rotary embeddings,
+attention).
+"""

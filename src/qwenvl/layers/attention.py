@@ -1,7 +1,9 @@
-"""Attention kernels: variable-length non-causal attention for the ViT, causal attention for the LLM.
+"""Attention kernels: variable-length non-causal attention for the ViT, causal attention for the
+LLM.
 
-The reference path is PyTorch SDPA on CPU. Segments of equal length are stacked and run as one batched
-call, so window attention over many same-sized windows costs one kernel launch, not one per window.
+The reference path is PyTorch SDPA on CPU. Segments of equal length are stacked and run as one
+batched call, so window attention over many same-sized windows costs one kernel launch, not one per
+window.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ def varlen_attention(
     """Block-diagonal (per segment) non-causal attention.
 
     Args:
-        q, k, v: ``[N, heads, head_dim]``.
-        cu_seqlens: segment boundaries ``[0, ..., N]`` (a Python list: the bookkeeping is host-side).
+        q, k, v: ``[N, heads, head_dim]``. cu_seqlens: segment boundaries ``[0, ..., N]`` (a Python
+        list: the bookkeeping is host-side).
 
     Returns:
         ``[N, heads, head_dim]``.
@@ -39,7 +41,9 @@ def varlen_attention(
 def _sdpa_segments(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor
 ) -> torch.Tensor:
-    """Attention within each row of ``idx`` ([segments, length]); returns [segments, length, H, D]."""
+    """Attention within each row of ``idx`` ([segments, length]); returns [segments, length, H,
+    D].
+    """
     qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # [S, H, len, D]
     return F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
 

@@ -1,4 +1,6 @@
-"""RMSNorm as the reference computes it: statistics in float32, the weight applied in the input dtype."""
+"""RMSNorm as the reference computes it: statistics in float32, the weight applied in the input
+dtype.
+"""
 
 from __future__ import annotations
 

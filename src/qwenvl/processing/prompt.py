@@ -1,9 +1,9 @@
 """From chat messages (or a raw prompt plus media) to model inputs.
 
-The chat template emits one ``<|image_pad|>`` / ``<|video_pad|>`` per item; after tokenising, each is
-expanded to the item's number of merged tokens, and the M-RoPE positions are computed once, here, on
-the CPU. Content items are accepted in the qwen-vl-utils form (``{"type": "image", "image": ...}``)
-and in the OpenAI form (``{"type": "image_url", "image_url": {"url": ...}}``), with per-item
+The chat template emits one ``<|image_pad|>`` / ``<|video_pad|>`` per item; after tokenising, each
+is expanded to the item's number of merged tokens, and the M-RoPE positions are computed once, here,
+on the CPU. Content items are accepted in the qwen-vl-utils form (``{"type": "image", "image":
+...}``) and in the OpenAI form (``{"type": "image_url", "image_url": {"url": ...}}``), with per-item
 ``min_pixels``, ``max_pixels``, ``resized_height`` and ``resized_width``.
 """
 
@@ -62,7 +62,9 @@ def _is_video_item(item: dict[str, Any]) -> bool:
 
 
 def _source_and_options(item: dict[str, Any], kind: str, names: Sequence[str]) -> tuple[Any, dict]:
-    """The media payload of a content item and its per-item options (top level or in the url dict)."""
+    """The media payload of a content item and its per-item options (top level or in the url
+    dict).
+    """
     options = {k: item[k] for k in names if item.get(k) is not None}
     payload = item.get(kind)
     if payload is None:
@@ -249,7 +251,9 @@ def _expand(ids: list[int], token_id: int, counts: list[int], kind: str) -> list
 
 
 def _strip_payloads(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of the messages whose media items carry no pixels (the template only needs the kind)."""
+    """Copies of the messages whose media items carry no pixels (the template only needs the
+    kind).
+    """
     if not isinstance(messages, list):
         raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts")
     out = []

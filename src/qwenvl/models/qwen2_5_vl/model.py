@@ -1,7 +1,7 @@
 """Qwen2.5-VL: Qwen2-VL with the windowed ViT; the decoder and the glue are shared.
 
-The time-aligned video positions are a property of the config (``tokens_per_second``) and are handled
-by the shared position code.
+The time-aligned video positions are a property of the config (``tokens_per_second``) and are
+handled by the shared position code.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The Qwen2.5-VL vision encoder: Qwen2-VL's ViT with RMSNorm, SwiGLU and window attention.
 
 Most blocks attend inside windows of ``window_size`` pixels (8x8 patches); the blocks listed in
-``fullatt_block_indexes`` attend over the whole frame. Tokens are reordered window by window (in whole
-merge units) before the blocks and restored after the merger.
+``fullatt_block_indexes`` attend over the whole frame. Tokens are reordered window by window (in
+whole merge units) before the blocks and restored after the merger.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def window_plan(
 ) -> tuple[torch.Tensor, list[int]]:
     """Merge-unit permutation that groups windows, and the window segment boundaries in patches.
 
-    Windows are ``window_units`` merged tokens on a side, tiled row-major per frame; edge windows are
-    partial. Units inside a window stay row-major.
+    Windows are ``window_units`` merged tokens on a side, tiled row-major per frame; edge windows
+    are partial. Units inside a window stay row-major.
     """
     perm, cu, offset = [], [0], 0
     for t, h, w in grid_thw:

@@ -1,11 +1,12 @@
-"""Frozen configs of the Qwen2-VL family (and Qwen2.5-VL, which shares them), parsed from config.json.
+"""Frozen configs of the Qwen2-VL family (and Qwen2.5-VL, which shares them), parsed from
+config.json.
 
 Two on-disk layouts exist: the flat one of the released checkpoints (LLM fields at the top level,
-``rope_scaling: {type: mrope, ...}``) and the nested one transformers 5.x writes (``text_config`` with
-``rope_parameters``). Both parse to the same dataclasses. The vision field names differ between the
-families (notes §1.2): in Qwen2-VL ``vision_config.hidden_size`` is the *merger output* and ``embed_dim``
-the ViT width; in Qwen2.5-VL ``hidden_size`` is the ViT width and ``out_hidden_size`` the merger output.
-Our dataclasses use one unambiguous vocabulary for both.
+``rope_scaling: {type: mrope, ...}``) and the nested one transformers 5.x writes (``text_config``
+with ``rope_parameters``). Both parse to the same dataclasses. The vision field names differ between
+the families (notes §1.2): in Qwen2-VL ``vision_config.hidden_size`` is the *merger output* and
+``embed_dim`` the ViT width; in Qwen2.5-VL ``hidden_size`` is the ViT width and ``out_hidden_size``
+the merger output. Our dataclasses use one unambiguous vocabulary for both.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class TextConfig:
             )
         if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
             raise ConfigError(
-                f"text config: mrope_section {list(self.mrope_section)} must have 3 entries summing to "
+                f"text config: mrope_section {list(self.mrope_section)} needs 3 entries summing to "
                 f"head_dim/2 = {self.head_dim // 2}"
             )
         if self.hidden_act != "silu":
@@ -81,7 +82,7 @@ class TextConfig:
         """Parse from a nested ``text_config`` dict or the flat top level of a released config."""
         if d.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported")
-        # 5.x: rope_parameters; released 4.x: rope_theta + rope_scaling {type: mrope, mrope_section}.
+        # 5.x: rope_parameters; released 4.x: rope_theta + rope_scaling {type: mrope, ...}.
         rope = d.get("rope_parameters") or {}
         scaling = d.get("rope_scaling") or {}
         if not isinstance(rope, dict) or not isinstance(scaling, dict):
@@ -201,7 +202,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise ConfigError(
-                f"vision merger output ({self.vision.out_hidden_size}) must equal the language model "
+                f"vision merger output ({self.vision.out_hidden_size}) must equal the LLM "
                 f"hidden_size ({self.text.hidden_size})"
             )
 
@@ -212,7 +213,7 @@ class ModelConfig:
         family = d.get("model_type")
         if family not in FAMILIES:
             raise ConfigError(
-                f"{source}: model_type {family!r} is not supported (expected one of {list(FAMILIES)})"
+                f"{source}: model_type {family!r} is not supported (expected {list(FAMILIES)})"
             )
         nested = isinstance(d.get("text_config"), dict)
         text_dict = d["text_config"] if nested else d

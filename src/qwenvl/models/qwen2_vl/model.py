@@ -1,4 +1,5 @@
-"""Qwen2-VL: the vision tower, the Qwen2 decoder and the glue that puts image features into the prompt.
+"""Qwen2-VL: the vision tower, the Qwen2 decoder and the glue that puts image features into the
+prompt.
 
 The model API the rest of qwenvl uses:
   * ``encode_vision(pixel_values, grid_thw)`` -> merged vision embeddings ``[tokens, hidden]``;

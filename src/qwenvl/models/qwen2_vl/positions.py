@@ -1,11 +1,11 @@
 """M-RoPE position ids (streams T, H, W) for one unpadded token sequence. Pure; runs on the CPU.
 
 Text tokens advance all three streams together. A vision item of merged grid ``(lt, lh, lw)`` placed
-at ``cur`` gets ``T = cur + trunc(ti * interval)``, ``H = cur + hi``, ``W = cur + wi``; ``interval`` is
-1 except for Qwen2.5-VL videos, where it is ``second_per_grid_t * tokens_per_second`` so the time axis
-counts absolute seconds. Text after an item continues at the item's largest position + 1: the rule
-the released models were trained with (and vLLM's). transformers >= 5.3 continues at
-``cur + max(lh, lw)`` instead; ``rule="transformers5"`` reproduces that for comparisons only.
+at ``cur`` gets ``T = cur + trunc(ti * interval)``, ``H = cur + hi``, ``W = cur + wi``; ``interval``
+is 1 except for Qwen2.5-VL videos, where it is ``second_per_grid_t * tokens_per_second`` so the time
+axis counts absolute seconds. Text after an item continues at the item's largest position + 1: the
+rule the released models were trained with (and vLLM's). transformers >= 5.3 continues at ``cur +
+max(lh, lw)`` instead; ``rule="transformers5"`` reproduces that for comparisons only.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ def get_mrope_positions(
     spatial_merge_size: int = 2,
     rule: str = "reference",
 ) -> tuple[torch.Tensor, int]:
-    """Positions ``[3, L]`` (int64) and ``delta`` such that decode step ``k`` sits at ``L + k + delta``.
+    """Positions ``[3, L]`` (int64) and ``delta`` such that decode step ``k`` sits at ``L + k +
+    delta``.
 
-    ``second_per_grid_ts``/``tokens_per_second`` are given for Qwen2.5-VL only (time-aligned videos).
-    Placeholder runs must match the grids exactly; a mismatch is a PromptError.
+    ``second_per_grid_ts``/``tokens_per_second`` are given for Qwen2.5-VL only (time-aligned
+    videos). Placeholder runs must match the grids exactly; a mismatch is a PromptError.
     """
     if rule not in ("reference", "transformers5"):
         raise ValueError(f"unknown position rule {rule!r}")

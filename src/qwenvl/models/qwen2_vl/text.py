@@ -128,7 +128,9 @@ class TextModel(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
     ) -> torch.Tensor:
-        """``inputs_embeds [B, L, H]``, rope tables ``[B, 1, L, hd]`` -> final hidden ``[B, L, H]``."""
+        """``inputs_embeds [B, L, H]``, rope tables ``[B, 1, L, hd]`` -> final hidden ``[B, L,
+        H]``.
+        """
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start)

@@ -1,8 +1,9 @@
-"""The Qwen2-VL vision encoder: patch embedding, 2-D rope, per-frame attention blocks, 2x2 patch merger.
+"""The Qwen2-VL vision encoder: patch embedding, 2-D rope, per-frame attention blocks, 2x2 patch
+merger.
 
-Input rows are patches in merge-window order (the processor's layout, notes §3.4), so the 4 patches of
-one merged token are consecutive rows and the merger is a plain reshape. Attention never crosses a
-temporal patch group (one frame pair) or an item: ``cu_seqlens`` has one segment per (item, t).
+Input rows are patches in merge-window order (the processor's layout, notes §3.4), so the 4 patches
+of one merged token are consecutive rows and the merger is a plain reshape. Attention never crosses
+a temporal patch group (one frame pair) or an item: ``cu_seqlens`` has one segment per (item, t).
 Qwen2.5-VL subclasses this and overrides the norm, the MLP and the attention plan (windows).
 """
 
@@ -20,8 +21,10 @@ Grid = tuple[int, int, int]
 
 
 class PatchEmbed(nn.Module):
-    """A Conv3d whose stride equals its kernel is a Linear over flattened patches; we keep the Conv3d
-    weight shape (so checkpoints load unchanged) and run it as a matmul, which is much faster."""
+    """A Conv3d whose stride equals its kernel is a Linear over flattened patches; we keep the
+    Conv3d weight shape (so checkpoints load unchanged) and run it as a matmul, which is much
+    faster.
+    """
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
