@@ -137,13 +137,11 @@ def load_into(
     ``optional`` names may be absent from the files; ``ignored`` names may be present and are
     skipped.
     """
-    specs = list(iter_tensor_specs(files))
+    specs = [s for s in iter_tensor_specs(files) if rename(s[0]) not in ignored]
     total = sum(s["data_offsets"][1] - s["data_offsets"][0] for _, _, s, _ in specs)
     done, loaded, unexpected = 0, set(), []
     for name, path, spec, base in specs:
         native = rename(name)
-        if native in ignored:
-            continue
         if native not in params:
             unexpected.append(name)
             continue
