@@ -212,3 +212,62 @@ def test_bad_media_names_the_item(llms, tmp_path):
         llm.chat(conv)
     with pytest.raises(PromptError):
         llm.chat([{"role": "user"}])
+
+
+def test_grounding_uses_the_recorded_geometry(llms):
+    """The processor's geometry reaches result.grounding(): a box in resized pixels (Qwen2.5-VL)
+    maps back to original pixels."""
+    llm = llms("qwen2_5_vl")
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image(4, 1001, 333)},
+                {"type": "text", "text": "x"},
+            ],
+        }
+    ]
+    out = llm.chat(conv, SamplingParams(max_tokens=1, **GREEDY))[0]
+    geo = out.images[0]
+    assert (geo.original_width, geo.original_height) == (1001, 333)
+    assert (geo.resized_width, geo.resized_height) == (1008, 336)
+    out.outputs[0].text = '```json\n[{"bbox_2d": [0, 0, 504, 168], "label": "left half"}]\n```'
+    (box,) = out.grounding()
+    assert (box.x1, box.y1, box.label) == (0, 0, "left half")
+    assert box.x2 == pytest.approx(500.5) and box.y2 == pytest.approx(166.5)
+
+
+def test_video_file_in_chat(llms, tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):  # 2 seconds
+            frame = av.VideoFrame.from_ndarray(
+                np.full((48, 64, 3), i * 12, np.uint8), format="rgb24"
+            )
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    llm = llms("qwen2_5_vl")
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": str(path), "max_pixels": 56 * 84},
+                {"type": "text", "text": "x"},
+            ],
+        }
+    ]
+    prompt = llm.processor.prepare_chat(conv)
+    (video,) = prompt.videos
+    assert video.metadata.frame_indices == [
+        0,
+        6,
+        13,
+        19,
+    ]  # 2 fps over 20 frames: linspace(0, 19, 4)
+    assert video.second_per_grid_t == pytest.approx(2 / (4 / 20 * 10))
+    assert prompt.token_ids.count(llm.config.video_token_id) == video.num_tokens
+    out = llm.chat(conv, SamplingParams(max_tokens=3, **GREEDY))[0]
+    assert len(out.outputs[0].token_ids) >= 1

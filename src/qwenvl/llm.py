@@ -175,6 +175,7 @@ class LLM:
                 prompt_token_ids=p.token_ids,
                 outputs=outs,
                 images=p.image_geometries,
+                family=self.config.family,
             )
             for i, (p, outs) in enumerate(zip(prompts, results))
         ]

@@ -34,10 +34,19 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     images: list[ImageGeometry] = field(default_factory=list)
+    family: str = "qwen2_vl"  # which model family wrote the outputs (their coordinate convention)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def grounding(self, completion: int = 0, image: int = 0) -> list:
+        """Boxes, points and quads of a completion, in pixels of the original ``image``."""
+        from qwenvl.grounding import ground
+
+        if not self.images:
+            raise ValueError("this request had no images to ground in")
+        return ground(self.outputs[completion].text, self.images[image], self.family)
 
 
 @dataclass

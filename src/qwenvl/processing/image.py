@@ -343,6 +343,7 @@ class ProcessedVideo:
     num_frames: int  # frames given, before padding to a multiple of temporal_patch_size
     second_per_grid_t: float  # temporal_patch_size / fps; Qwen2.5-VL's time axis
     num_tokens: int  # number of <|video_pad|> tokens
+    metadata: Any = None  # video.VideoMetadata when sampled from a file: indices, timestamps
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -10,7 +10,7 @@ on the CPU. Content items are accepted in the qwen-vl-utils form (``{"type": "im
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +21,19 @@ from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.models.qwen2_vl.positions import get_mrope_positions
 from qwenvl.processing.chat_template import load_chat_template, render_chat
 from qwenvl.processing.image import (
-    VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     ImageGeometry,
     ProcessedImage,
     ProcessedVideo,
     VisionPreprocessConfig,
     preprocess_image,
-    preprocess_video_frames,
 )
 from qwenvl.processing.media import MediaPolicy, load_image
+from qwenvl.processing.video import VideoSampling, load_video
 from qwenvl.tokenizer import Tokenizer
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-VIDEO_OPTIONS = IMAGE_OPTIONS + ("fps",)
+VIDEO_OPTIONS = tuple(f.name for f in fields(VideoSampling))
 
 
 @dataclass
@@ -136,20 +135,15 @@ class Processor:
         return preprocess_image(image, self.vision, **options)
 
     def process_video(self, source: Any, **options: Any) -> ProcessedVideo:
-        if isinstance(source, (str, bytes, Path)):
-            raise MediaError(
-                "video files are not decoded yet; pass the video as a list of frames (images)"
-            )
-        try:
-            frames = [load_image(f, self.media_policy) for f in source]
-        except TypeError:
-            raise MediaError(f"unsupported video input of type {type(source).__name__}") from None
-        if not frames:
-            raise MediaError("video has no frames")
-        options.setdefault("max_pixels", VIDEO_MAX_PIXELS)
-        # a caller who only lowers max_pixels means "smaller frames", not a contradiction
-        options.setdefault("min_pixels", min(VIDEO_MIN_PIXELS, options["max_pixels"]))
-        return preprocess_video_frames(frames, self.vision, **options)
+        """A video file, URL, data URI, bytes or list of frames, sampled as qwen-vl-utils does."""
+        if options.get("max_pixels") is not None and options.get("min_pixels") is None:
+            # a caller who only lowers max_pixels means "smaller frames", not a contradiction
+            options["min_pixels"] = min(VIDEO_MIN_PIXELS, options["max_pixels"])
+        video, meta = load_video(
+            source, VideoSampling.from_item(options), self.vision, self.media_policy
+        )
+        video.metadata = meta
+        return video
 
     # --- prompts -----------------------------------------------------------------------------
     def render(
