@@ -231,18 +231,15 @@ def _b64decode(text: str, policy: MediaPolicy) -> tuple[bytes | None, str]:
         return None, str(e)
 
 
-def _parse_data_uri(uri: str, policy: MediaPolicy) -> bytes:
+def parse_data_uri(uri: str, policy: MediaPolicy, kind: str = "image") -> bytes:
+    """The bytes of a ``data:`` URI whose media type is ``{kind}/*`` (or unspecified)."""
     header, sep, payload = uri.partition(",")
     if not sep:
         raise MediaError(f"malformed data URI (no ',' before the data): {_short(uri)}")
     params = [p.strip().lower() for p in header[len("data:") :].split(";")]
     media_type = params[0]
-    if (
-        media_type
-        and not media_type.startswith("image")
-        and media_type != "application/octet-stream"
-    ):
-        raise MediaError(f"data URI has media type {media_type!r}, expected image/*")
+    if media_type and not media_type.startswith(kind) and media_type != "application/octet-stream":
+        raise MediaError(f"data URI has media type {media_type!r}, expected {kind}/*")
     if "base64" in params[1:]:
         data, why = _b64decode(payload, policy)
         if data is None:
@@ -317,7 +314,7 @@ def _load_string(source: str, policy: MediaPolicy) -> Image.Image:
     if not text:
         raise MediaError("empty image source string")
     if text[:5].lower() == "data:":
-        return _decode(_parse_data_uri(text, policy), "data URI image", policy)
+        return _decode(parse_data_uri(text, policy), "data URI image", policy)
     match = _URL_SCHEME.match(text)
     if match:
         scheme = match.group(1).lower()

@@ -38,11 +38,11 @@ from qwenvl.processing.image import (
 from qwenvl.processing.media import (
     DEFAULT_POLICY,
     MediaPolicy,
-    _b64decode,
     _file_url_to_path,
     _short,
     fetch_url,
     load_image,
+    parse_data_uri,
 )
 
 logger = logging.getLogger(__name__)
@@ -277,26 +277,6 @@ def _import_av() -> Any:
     return av
 
 
-def _parse_video_data_uri(uri: str, policy: MediaPolicy) -> bytes:
-    header, sep, payload = uri.partition(",")
-    if not sep:
-        raise MediaError(f"malformed data URI (no ',' before the data): {_short(uri)}")
-    params = [p.strip().lower() for p in header[len("data:") :].split(";")]
-    media_type = params[0]
-    if (
-        media_type
-        and not media_type.startswith("video")
-        and media_type != ("application/octet-stream")
-    ):
-        raise MediaError(f"data URI has media type {media_type!r}, expected video/*")
-    if "base64" not in params[1:]:
-        raise MediaError(f"a video data URI must be base64 encoded: {_short(uri)}")
-    data, why = _b64decode(payload, policy)
-    if data is None:
-        raise MediaError(f"data URI holds invalid base64 ({why}): {_short(uri)}")
-    return data
-
-
 def _resolve(source: Any, policy: MediaPolicy) -> tuple[str | io.BytesIO, str]:
     """A path or an in-memory file for PyAV, and a description for messages.
 
@@ -318,7 +298,7 @@ def _resolve(source: Any, policy: MediaPolicy) -> tuple[str | io.BytesIO, str]:
         if not text:
             raise MediaError("empty video source string")
         if text[:5].lower() == "data:":
-            return io.BytesIO(_parse_video_data_uri(text, policy)), "data URI video"
+            return io.BytesIO(parse_data_uri(text, policy, "video")), "data URI video"
         match = _URL_SCHEME.match(text)
         if match:
             scheme = match.group(1).lower()
