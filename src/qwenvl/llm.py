@@ -10,12 +10,14 @@ from typing import Any
 import torch
 
 from qwenvl.checkpoint import load_model, read_json, resolve_checkpoint
+from qwenvl.engine.config import EngineConfig
+from qwenvl.engine.engine import LLMEngine
 from qwenvl.errors import PromptError
-from qwenvl.generation import BatchGenerator
 from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.media import MediaPolicy
 from qwenvl.processing.prompt import Processor, PromptInputs
 from qwenvl.sampling import SamplingParams
+from qwenvl.tool_calls import attach_tool_calls
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class LLM:
         min_pixels, max_pixels: default image pixel limits (per-item options still override them).
         media_policy: limits and permissions for loading images (timeouts, sizes, URL schemes).
         progress: called with (bytes loaded, total bytes) while the weights load.
+        engine_config: KV cache budget, batch limits and caches of the engine
+            (:class:`~qwenvl.engine.config.EngineConfig`).
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class LLM:
         max_pixels: int | None = None,
         media_policy: MediaPolicy | None = None,
         progress: Callable[[int, int], None] | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         self.path = resolve_checkpoint(model)
         self.model, self.config = load_model(
@@ -61,7 +66,8 @@ class LLM:
         self.generation_config = read_json(gen_path) if gen_path.exists() else {}
         self.default_sampling = SamplingParams.from_generation_config(self.generation_config)
         self.eos_token_ids = self._eos_ids()
-        self.max_model_len = self.config.text.max_position_embeddings
+        self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, engine_config)
+        self.max_model_len = self.engine.max_model_len
 
     def _eos_ids(self) -> list[int]:
         eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_ids))
@@ -82,7 +88,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate a reply for one conversation or a list of them (batched)."""
         prompts = self._prepare_chats(messages, tools, add_generation_prompt, add_vision_id)
-        return self._run(prompts, sampling_params)
+        return self._run(prompts, sampling_params, tools=tools)
 
     def generate(
         self,
@@ -155,27 +161,66 @@ class LLM:
             raise PromptError(f"{len(params)} SamplingParams for {n} prompts")
         return [p.merged_with_defaults(self.default_sampling) for p in params]
 
-    def _generator(self, prompts: list[PromptInputs], sampling_params: Any) -> BatchGenerator:
-        return BatchGenerator(
-            self.model,
-            self.tokenizer,
-            prompts,
-            self._params(sampling_params, len(prompts)),
-            self.eos_token_ids,
-            self.max_model_len,
-            pad_token_id=self.tokenizer.pad_token_id or 0,
-        )
+    def _add(self, prompts: list[PromptInputs], sampling_params: Any) -> list[str]:
+        """Queue every prompt or none: a request that cannot fit aborts those already added."""
+        params = self._params(sampling_params, len(prompts))
+        ids: list[str] = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                try:
+                    ids.append(self.engine.add_request(p, sp))
+                except PromptError as e:
+                    raise PromptError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e)) from e
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+                self.engine.pop_finished(rid)
+            raise
+        return ids
 
-    def _run(self, prompts: list[PromptInputs], sampling_params: Any) -> list[RequestOutput]:
-        results = self._generator(prompts, sampling_params).run()
-        return [
-            RequestOutput(
-                request_id=str(i),
-                prompt=p.text,
-                prompt_token_ids=p.token_ids,
-                outputs=outs,
-                images=p.image_geometries,
-                family=self.config.family,
+    def _events(self, ids: list[str]) -> Iterator[StreamEvent]:
+        """Step the engine until the given requests finish, yielding their events; closing the
+        iterator early aborts whatever is still running."""
+        waiting = set(ids)
+        try:
+            while waiting & self.engine.requests.keys():
+                for event in self.engine.step():
+                    if event.request_id in waiting:
+                        yield event
+        finally:
+            for rid in ids:
+                self.engine.abort(rid)
+
+    def _generator(
+        self, prompts: list[PromptInputs], sampling_params: Any
+    ) -> Iterator[StreamEvent]:
+        ids = self._add(prompts, sampling_params)
+        try:
+            yield from self._events(ids)
+        finally:
+            for rid in ids:
+                self.engine.pop_finished(rid)
+
+    def _run(
+        self, prompts: list[PromptInputs], sampling_params: Any, tools: Any = None
+    ) -> list[RequestOutput]:
+        ids = self._add(prompts, sampling_params)
+        for _ in self._events(ids):
+            pass
+        outputs = []
+        for rid, p in zip(ids, prompts):
+            req = self.engine.pop_finished(rid)
+            assert req is not None
+            completions = req.outputs()
+            attach_tool_calls(completions, tools)
+            outputs.append(
+                RequestOutput(
+                    request_id=rid,
+                    prompt=p.text,
+                    prompt_token_ids=p.token_ids,
+                    outputs=completions,
+                    images=p.image_geometries,
+                    family=self.config.family,
+                )
             )
-            for i, (p, outs) in enumerate(zip(prompts, results))
-        ]
+        return outputs

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qwenvl.processing.image import ImageGeometry
+from qwenvl.tool_calls import ToolCall
 
 
 @dataclass
@@ -18,6 +19,11 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it, if any
     logprobs: list[dict[int, float]] | None = None  # per token: chosen + top-k ids -> logprob
     cumulative_logprob: float | None = None
+    # Set when the request offered tools (``LLM.chat(..., tools=[...])``): the parsed
+    # ``<tool_call>`` blocks (None when there are none) and the text without them (None when
+    # nothing else is left). Without tools both stay None; read ``text``.
+    tool_calls: list[ToolCall] | None = None
+    content: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -53,7 +59,7 @@ class RequestOutput:
 class StreamEvent:
     """A streamed piece of one completion: new text and token ids since the last event."""
 
-    request_index: int
+    request_id: str
     index: int
     text: str
     token_ids: list[int]

@@ -6,6 +6,8 @@ state dicts load without renaming and LoRA adapters target the names users know.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,36 +17,8 @@ from qwenvl.layers.norm import RMSNorm
 from qwenvl.layers.rotary import apply_rotary
 from qwenvl.models.qwen2_vl.config import TextConfig
 
-
-class KVCache:
-    """A contiguous per-batch cache, preallocated once for ``max_len`` tokens (never grown)."""
-
-    def __init__(
-        self, cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [
-            torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
-        ]
-        self.v = [
-            torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
-        ]
-        self.max_len = max_len
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (finished sequences leave the batch)."""
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
+if TYPE_CHECKING:
+    from qwenvl.engine.kv_cache import PagedContext
 
 
 class Attention(nn.Module):
@@ -65,16 +39,18 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
-        start: int,
+        kv: PagedContext | None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, heads, L, hd]
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, start)
+        if kv is not None:  # paged: the step's tokens are one flat row of sequences
+            out = kv.attend(
+                self.layer_idx, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+            )
+            return self.o_proj(out.reshape(b, n, -1))
         out = causal_attention(q, k, v, mask)  # [B, heads, L, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -104,10 +80,9 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
-        start: int,
+        kv: PagedContext | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -125,13 +100,13 @@ class TextModel(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        start: int = 0,
+        kv: PagedContext | None = None,
     ) -> torch.Tensor:
         """``inputs_embeds [B, L, H]``, rope tables ``[B, 1, L, hd]`` -> final hidden ``[B, L,
-        H]``.
+        H]``. With ``kv`` (the engine's paged cache) the batch is ``[1, T, H]``: the step's tokens
+        of all sequences laid end to end.
         """
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+            x = layer(x, cos, sin, mask, kv)
         return self.norm(x)

@@ -1,0 +1,1 @@
+"""Serving engine internals: KV cache block management and scheduling."""

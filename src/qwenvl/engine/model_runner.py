@@ -1,0 +1,152 @@
+"""The hot path of one engine step: lay the scheduled tokens end to end, fill in vision
+embeddings (encoder cache first, the ViT for the rest), run the decoder over the paged cache,
+and sample the next token of every sequence whose chunk reached its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from qwenvl.engine.encoder_cache import EncoderCache
+from qwenvl.engine.kv_cache import AttentionMetadata, PagedContext, PagedKVCache
+from qwenvl.engine.request import Request, Sequence
+from qwenvl.engine.scheduler import ScheduledChunk
+from qwenvl.layers.sampler import apply_penalties, compute_logprobs, pad_token_ids, sample
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: PagedKVCache,
+        encoder_cache: EncoderCache,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.encoder_cache = encoder_cache
+        self.vit_items = 0  # items that went through the vision tower
+
+    @torch.inference_mode()
+    def run(self, chunks: Seq[ScheduledChunk], tables: Seq[list[int]]) -> torch.Tensor:
+        """Logits ``[S, vocab]`` (float32) for the chunks that sample, in chunk order."""
+        model = self.model
+        device = model.device
+        ids, positions, rows = [], [], []
+        offset = 0
+        for c in chunks:
+            end = c.start + c.length
+            ids.extend(c.seq.all_ids[c.start : end])
+            positions.append(c.seq.positions(c.start, end))
+            offset += c.length
+            if c.samples:
+                rows.append(offset - 1)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        embeds = model.model.embed_tokens(input_ids)
+        self._fill_vision(chunks, embeds)
+        meta = AttentionMetadata.build(
+            [(t, c.start, c.length) for c, t in zip(chunks, tables)], self.kv.block_size, device
+        )
+        logits = model(
+            input_ids[None],
+            torch.cat(positions, dim=1)[:, None],
+            kv=PagedContext(self.kv, meta),
+            logit_rows=torch.tensor(rows, dtype=torch.long),
+            inputs_embeds=embeds[None],
+        )
+        return logits[0].float()
+
+    # --- vision ------------------------------------------------------------------------------
+    def _fill_vision(self, chunks: Seq[ScheduledChunk], embeds: torch.Tensor) -> None:
+        """Overwrite placeholder rows with vision features, encoding what no cache holds."""
+        overlays = []
+        offset = 0
+        for c in chunks:
+            end = c.start + c.length
+            req = c.seq.request
+            for k, item in enumerate(req.items):
+                lo, hi = max(c.start, item.start), min(end, item.end)
+                if lo < hi:
+                    overlays.append((req, k, offset + lo - c.start, lo - item.start, hi - lo))
+            offset += c.length
+        if not overlays:
+            return
+        self._encode_missing({(id(r), k): (r, k) for r, k, *_ in overlays}.values())
+        for req, k, row, first, n in overlays:
+            embeds[row : row + n] = req.features[k][first : first + n].to(embeds.dtype)
+
+    def _encode_missing(self, wanted: Seq[tuple[Request, int]] | object) -> None:
+        todo: dict[str, list[tuple[Request, int]]] = {"image": [], "video": []}
+        for req, k in wanted:  # type: ignore[attr-defined]
+            if k in req.features:
+                continue
+            item = req.items[k]
+            cached = self.encoder_cache.get(item.key)
+            if cached is not None:
+                req.features[k] = cached
+            else:
+                todo[item.kind].append((req, k))
+        for group in todo.values():
+            unique: dict[str, tuple[Request, int]] = {}
+            for req, k in group:  # the same image twice in one step is encoded once
+                unique.setdefault(req.items[k].key, (req, k))
+            if not unique:
+                continue
+            items = [req.items[k] for req, k in unique.values()]
+            feats = self.model.encode_vision(
+                torch.cat([it.pixel_values for it in items]), [it.grid_thw for it in items]
+            )
+            self.vit_items += len(items)
+            by_key = dict(zip(unique, feats.split([it.length for it in items])))
+            for key, f in by_key.items():
+                self.encoder_cache.put(key, f)
+            for req, k in group:
+                req.features[k] = by_key[req.items[k].key]
+
+
+def sample_next(seqs: Seq[Sequence], logits: torch.Tensor, eos: set[int]) -> torch.Tensor:
+    """The next token of each sequence (row ``i`` of ``logits`` belongs to ``seqs[i]``);
+    records logprobs for sequences that asked for them."""
+    raw = logits
+    for k, s in enumerate(seqs):  # eos and stop ids may not end a completion before min_tokens
+        if len(s.token_ids) < s.params.min_tokens:
+            blocked = list(eos | set(s.params.stop_token_ids))
+            logits = logits.clone() if logits is raw else logits
+            logits[k, blocked] = float("-inf")
+    params = [s.params for s in seqs]
+    if any(
+        p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
+    ):
+        vocab = logits.shape[-1]
+        logits = apply_penalties(
+            logits,
+            pad_token_ids([s.prompt_ids for s in seqs], vocab, logits.device),
+            pad_token_ids([s.token_ids for s in seqs], vocab, logits.device),
+            torch.tensor([p.repetition_penalty for p in params]),
+            torch.tensor([p.presence_penalty for p in params]),
+            torch.tensor([p.frequency_penalty for p in params]),
+        )
+    next_ids = sample(
+        logits,
+        torch.tensor([p.temperature for p in params]),
+        torch.tensor([p.top_p for p in params]),
+        torch.tensor([p.top_k for p in params]),
+        torch.tensor([p.min_p for p in params]),
+        [s.generator for s in seqs],
+        all_greedy=all(p.is_greedy for p in params),
+    )
+    want = [k for k, s in enumerate(seqs) if s.logprobs is not None]
+    if want:
+        k_top = max(seqs[k].params.logprobs for k in want)
+        lp = compute_logprobs(raw[want], next_ids[want], k_top)
+        for j, k in enumerate(want):
+            s = seqs[k]
+            top = s.params.logprobs
+            entry = {
+                int(t): float(v) for t, v in zip(lp.top_ids[j, :top], lp.top_logprobs[j, :top])
+            }
+            entry[int(next_ids[k])] = float(lp.token_logprobs[j])
+            s.logprobs.append(entry)
+            s.cumulative_logprob += float(lp.token_logprobs[j])
+    return next_ids
