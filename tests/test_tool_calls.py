@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from qwenvl.tool_calls import format_tool_call, parse_tool_calls
+from qwenvl.outputs import CompletionOutput
+from qwenvl.tool_calls import (
+    ToolCall,
+    attach_tool_calls,
+    extract_tool_calls,
+    format_tool_call,
+    parse_tool_calls,
+)
 
 CALL = '<tool_call>\n{"name": "click", "arguments": {"x": 1, "y": 2}}\n</tool_call>'
 
@@ -94,3 +103,51 @@ def test_format_round_trip() -> None:
         "",
         [{"name": "search", "arguments": {"query": "東京 weather", "n": 3}}],
     )
+
+
+# --- structured results: ToolCall, extract_tool_calls, attach_tool_calls ----------------------
+
+
+def test_final_block_missing_only_its_closing_tag_is_a_call() -> None:
+    text = 'Clicking.\n<tool_call>\n{"name": "click", "arguments": {"x": 1}}\n'
+    assert parse_tool_calls(text) == ("Clicking.", [{"name": "click", "arguments": {"x": 1}}])
+    # Followed by a closed block it is not the last one: it stays text.
+    both = '<tool_call>\n{"name": "a", "arguments": {}}\n' + CALL
+    assert parse_tool_calls(both)[0].startswith("<tool_call>")
+
+
+def test_tool_call_to_openai() -> None:
+    call = ToolCall("search", {"query": "東京", "n": 2})
+    assert call.id.startswith("call_") and len(call.id) == 29
+    assert ToolCall("x").id != call.id and ToolCall("x").arguments == {}
+    wire = call.to_openai()
+    assert wire == {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": "search", "arguments": '{"query": "東京", "n": 2}'},
+    }
+    assert json.loads(wire["function"]["arguments"]) == call.arguments
+
+
+def test_extract_tool_calls_content_none_when_only_calls() -> None:
+    content, calls = extract_tool_calls(CALL)
+    assert content is None
+    assert [(c.name, c.arguments) for c in calls] == [("click", {"x": 1, "y": 2})]
+    assert extract_tool_calls("just text") == ("just text", [])
+    assert extract_tool_calls("  \n") == (None, [])
+
+
+def test_attach_tool_calls_fills_outputs() -> None:
+    outs = [
+        CompletionOutput(0, f"Sure.\n{CALL}\n{CALL}", [1]),
+        CompletionOutput(1, "No tool needed.", [2]),
+        CompletionOutput(2, "<tool_call>\n{broken}\n</tool_call>", [3]),
+    ]
+    attach_tool_calls(outs, [{"name": "click"}])
+    assert outs[0].content == "Sure." and [c.name for c in outs[0].tool_calls] == ["click"] * 2
+    assert outs[0].tool_calls[0].id != outs[0].tool_calls[1].id
+    assert outs[1].content == "No tool needed." and outs[1].tool_calls is None
+    assert outs[2].content == outs[2].text and outs[2].tool_calls is None
+    fresh = [CompletionOutput(0, CALL, [1])]
+    attach_tool_calls(fresh, None)  # no tools offered: nothing parsed
+    assert fresh[0].tool_calls is None and fresh[0].content is None

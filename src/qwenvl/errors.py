@@ -28,3 +28,8 @@ class MediaError(QwenVLError, ValueError):
 
 class PromptError(QwenVLError, ValueError):
     """Messages, tools or sampling options that cannot be turned into a prompt."""
+
+
+class ActionError(QwenVLError, ValueError):
+    """A visual agent's tool call cannot be turned into an action: no call, an unknown tool or
+    action, or a missing or malformed argument (see :mod:`qwenvl.agents`)."""
