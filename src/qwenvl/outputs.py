@@ -64,3 +64,4 @@ class StreamEvent:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None  # of ``token_ids``, when requested

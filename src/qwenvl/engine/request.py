@@ -220,8 +220,11 @@ class Sequence:
         self.emitted = upto
         if not delta and self.finish_reason is None:
             return None
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self.logprobs[len(self.logprobs) - len(self.pending) :]
         event = StreamEvent(
-            self.request.request_id, self.index, delta, self.pending, self.finish_reason
+            self.request.request_id, self.index, delta, self.pending, self.finish_reason, logprobs
         )
         self.pending = []
         return event
