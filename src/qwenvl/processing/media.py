@@ -264,6 +264,29 @@ def _check_pixels(image: Image.Image, what: str, policy: MediaPolicy) -> None:
         )
 
 
+@dataclass
+class OpenedImage:
+    """An image whose header is read and whose pixels are not decoded yet."""
+
+    image: Image.Image
+    what: str
+    owned: bool  # may be modified in place (we opened it ourselves)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as the model will see it, after EXIF orientation."""
+        width, height = self.image.size
+        try:
+            orientation = self.image.getexif().get(0x0112, 1)
+        except Exception:  # unreadable EXIF is ignored when loading too
+            orientation = 1
+        return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+    def load(self, policy: MediaPolicy) -> Image.Image:
+        """Decode the pixels: EXIF orientation applied, RGB."""
+        return _finish(self.image, self.what, policy, owned=self.owned)
+
+
 def _finish(image: Image.Image, what: str, policy: MediaPolicy, *, owned: bool) -> Image.Image:
     """Pixel-limit check, full decode, EXIF orientation, RGB. ``owned``: may modify ``image``."""
     _check_pixels(image, what, policy)  # header size only: nothing decoded yet
@@ -287,7 +310,7 @@ def _finish(image: Image.Image, what: str, policy: MediaPolicy, *, owned: bool) 
     return to_rgb(image)
 
 
-def _decode(data: bytes, what: str, policy: MediaPolicy) -> Image.Image:
+def _decode(data: bytes, what: str, policy: MediaPolicy) -> OpenedImage:
     if len(data) > policy.max_bytes:
         raise MediaError(
             f"{what} is {len(data)} bytes, over the limit of {policy.max_bytes} bytes "
@@ -306,10 +329,11 @@ def _decode(data: bytes, what: str, policy: MediaPolicy) -> Image.Image:
         raise MediaError(f"{what}: image too large (decompression bomb check): {e}") from e
     except Exception as e:
         raise MediaError(f"{what}: cannot open image ({type(e).__name__}: {e})") from e
-    return _finish(image, what, policy, owned=True)
+    _check_pixels(image, what, policy)
+    return OpenedImage(image, what, owned=True)
 
 
-def _load_string(source: str, policy: MediaPolicy) -> Image.Image:
+def _load_string(source: str, policy: MediaPolicy) -> OpenedImage:
     text = source.strip()
     if not text:
         raise MediaError("empty image source string")
@@ -354,6 +378,8 @@ def _load_string(source: str, policy: MediaPolicy) -> Image.Image:
 def load_image(source: ImageSource, policy: MediaPolicy = DEFAULT_POLICY) -> Image.Image:
     """Load an image from any supported source as a fully decoded RGB ``PIL.Image``.
 
+    ``open_image(source, policy).load(policy)``: see :func:`open_image` for the header-only step.
+
     EXIF orientation is applied, then the image is converted to RGB exactly as the transformers
     processor does (transparency composited onto white). Truncated files are errors as long as
     Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default (False).
@@ -368,8 +394,18 @@ def load_image(source: ImageSource, policy: MediaPolicy = DEFAULT_POLICY) -> Ima
         MediaError: for every failure (missing or unreadable file, unknown format, truncated data,
             invalid base64, byte or pixel limits, network errors, unsupported scheme or type).
     """
+    return open_image(source, policy).load(policy)
+
+
+def open_image(source: ImageSource, policy: MediaPolicy = DEFAULT_POLICY) -> OpenedImage:
+    """Read an image's header only (size, orientation), checking the byte and pixel limits.
+
+    Lets callers count an image's vision tokens, and refuse a request that cannot fit, before
+    any pixel is decoded. Raises ``MediaError`` like :func:`load_image`.
+    """
     if isinstance(source, Image.Image):
-        return _finish(source, "PIL image", policy, owned=False)
+        _check_pixels(source, "PIL image", policy)
+        return OpenedImage(source, "PIL image", owned=False)
     if isinstance(source, (bytes, bytearray)):
         return _decode(bytes(source), "image bytes", policy)
     if isinstance(source, os.PathLike):
