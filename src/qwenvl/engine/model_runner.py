@@ -115,6 +115,7 @@ def sample_next(seqs: Seq[Sequence], logits: torch.Tensor, eos: set[int]) -> tor
             logits = logits.clone() if logits is raw else logits
             logits[k, blocked] = float("-inf")
     params = [s.params for s in seqs]
+    dev = logits.device
     if any(
         p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
     ):
@@ -123,16 +124,16 @@ def sample_next(seqs: Seq[Sequence], logits: torch.Tensor, eos: set[int]) -> tor
             logits,
             pad_token_ids([s.prompt_ids for s in seqs], vocab, logits.device),
             pad_token_ids([s.token_ids for s in seqs], vocab, logits.device),
-            torch.tensor([p.repetition_penalty for p in params]),
-            torch.tensor([p.presence_penalty for p in params]),
-            torch.tensor([p.frequency_penalty for p in params]),
+            torch.tensor([p.repetition_penalty for p in params], device=dev),
+            torch.tensor([p.presence_penalty for p in params], device=dev),
+            torch.tensor([p.frequency_penalty for p in params], device=dev),
         )
     next_ids = sample(
         logits,
-        torch.tensor([p.temperature for p in params]),
-        torch.tensor([p.top_p for p in params]),
-        torch.tensor([p.top_k for p in params]),
-        torch.tensor([p.min_p for p in params]),
+        torch.tensor([p.temperature for p in params], device=dev),
+        torch.tensor([p.top_p for p in params], device=dev),
+        torch.tensor([p.top_k for p in params], device=dev),
+        torch.tensor([p.min_p for p in params], device=dev),
         [s.generator for s in seqs],
         all_greedy=all(p.is_greedy for p in params),
     )

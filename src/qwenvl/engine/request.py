@@ -144,7 +144,14 @@ class Sequence:
     num_preemptions: int = 0
 
     @classmethod
-    def create(cls, request: Request, index: int, tokenizer: Tokenizer, max_new: int) -> Sequence:
+    def create(
+        cls,
+        request: Request,
+        index: int,
+        tokenizer: Tokenizer,
+        max_new: int,
+        device: torch.device | str = "cpu",
+    ) -> Sequence:
         p = request.params
         seed = None if p.seed is None else p.seed + index
         return cls(
@@ -152,7 +159,7 @@ class Sequence:
             index=index,
             max_new=max_new,
             detok=IncrementalDetokenizer(tokenizer, skip_special_tokens=p.skip_special_tokens),
-            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            generator=None if seed is None else torch.Generator(device).manual_seed(seed),
             logprobs=[] if p.logprobs is not None else None,
         )
 
