@@ -15,7 +15,7 @@ from qwenvl.engine.engine import LLMEngine
 from qwenvl.errors import PromptError
 from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.media import MediaPolicy
-from qwenvl.processing.prompt import Processor, PromptInputs
+from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
 from qwenvl.sampling import SamplingParams
 from qwenvl.tool_calls import attach_tool_calls
 
@@ -87,8 +87,12 @@ class LLM:
         add_vision_id: bool = False,
     ) -> list[RequestOutput]:
         """Generate a reply for one conversation or a list of them (batched)."""
-        prompts = self._prepare_chats(messages, tools, add_generation_prompt, add_vision_id)
-        return self._run(prompts, sampling_params, tools=tools)
+        conversations = self._conversations(messages)
+        params = self._params(sampling_params, len(conversations))
+        prompts = self._prepare_chats(
+            conversations, params, tools, add_generation_prompt, add_vision_id
+        )
+        return self._run(prompts, params, tools=tools)
 
     def generate(
         self,
@@ -99,7 +103,9 @@ class LLM:
         {"image": [...], "video": [...]}}`` with one ``<|image_pad|>`` per image in the text."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        return self._run([self._prepare_raw(p) for p in prompts], sampling_params)
+        params = self._params(sampling_params, len(prompts))
+        inputs = [self._prepare_raw(p, self._budget(sp)) for p, sp in zip(prompts, params)]
+        return self._run(inputs, params)
 
     def stream_chat(
         self,
@@ -110,29 +116,60 @@ class LLM:
         add_vision_id: bool = False,
     ) -> Iterator[StreamEvent]:
         """Yield text deltas of one conversation's reply as they are generated."""
-        prompts = self._prepare_chats(messages, tools, True, add_vision_id)
-        yield from self._generator(prompts, sampling_params)
+        conversations = self._conversations(messages)
+        params = self._params(sampling_params, len(conversations))
+        prompts = self._prepare_chats(conversations, params, tools, True, add_vision_id)
+        yield from self._generator(prompts, params)
 
     # --- internals ---------------------------------------------------------------------------
-    def _prepare_chats(
-        self, messages: Any, tools: Any, add_generation_prompt: bool, add_vision_id: bool
-    ) -> list[PromptInputs]:
+    def _budget(self, params: SamplingParams) -> int:
+        """The most tokens a prompt may take so that ``max_tokens`` still fit after it."""
+        wanted = max(1, params.max_tokens or 1)
+        room = self.engine.max_prompt_tokens + 1  # context or KV capacity, whichever is smaller
+        if wanted >= room:
+            raise PromptError(
+                f"max_tokens={params.max_tokens} leaves no room for a prompt: the context holds "
+                f"{self.max_model_len} tokens and the KV cache {self.engine.kv_capacity_tokens}"
+            )
+        return room - wanted
+
+    @staticmethod
+    def _conversations(messages: Any) -> list[Messages]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise PromptError("messages must be a non-empty list of messages (or of conversations)")
-        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        return [
-            self.processor.prepare_chat(
-                conv,
-                tools=tools,
-                add_generation_prompt=add_generation_prompt,
-                add_vision_id=add_vision_id,
-            )
-            for conv in conversations
-        ]
+        return [messages] if isinstance(messages[0], dict) else list(messages)
 
-    def _prepare_raw(self, prompt: str | dict[str, Any]) -> PromptInputs:
+    def _prepare_chats(
+        self,
+        conversations: list[Messages],
+        params: list[SamplingParams],
+        tools: Any,
+        add_generation_prompt: bool,
+        add_vision_id: bool,
+    ) -> list[PromptInputs]:
+        """Conversations -> prompts; each is sized from its media headers against the context
+        (minus its ``max_tokens``) before any pixel is decoded."""
+        prompts = []
+        for i, (conv, p) in enumerate(zip(conversations, params)):
+            try:
+                prompts.append(
+                    self.processor.prepare_chat(
+                        conv,
+                        tools=tools,
+                        add_generation_prompt=add_generation_prompt,
+                        add_vision_id=add_vision_id,
+                        max_prompt_tokens=self._budget(p),
+                    )
+                )
+            except PromptError as e:
+                if len(conversations) > 1:
+                    raise PromptError(f"conversation {i}: {e}") from e
+                raise
+        return prompts
+
+    def _prepare_raw(self, prompt: str | dict[str, Any], budget: int) -> PromptInputs:
         if isinstance(prompt, str):
-            return self.processor.prepare_text(prompt)
+            return self.processor.prepare_media(prompt, [], max_prompt_tokens=budget)
         if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str):
             raise PromptError("a prompt must be a string or a dict with a 'prompt' string")
         data = prompt.get("multi_modal_data") or {}
@@ -144,11 +181,9 @@ class LLM:
             if isinstance(videos, list) and videos and isinstance(videos[0], list)
             else ([videos] if videos else [])
         )
-        return self.processor.prepare_text(
-            prompt["prompt"],
-            [self.processor.process_image(im) for im in images],
-            [self.processor.process_video(v) for v in videos],
-        )
+        items = [MediaItem("image", im, {}, f"image {k}") for k, im in enumerate(images)]
+        items += [MediaItem("video", v, {}, f"video {k}") for k, v in enumerate(videos)]
+        return self.processor.prepare_media(prompt["prompt"], items, max_prompt_tokens=budget)
 
     def _params(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
@@ -161,9 +196,8 @@ class LLM:
             raise PromptError(f"{len(params)} SamplingParams for {n} prompts")
         return [p.merged_with_defaults(self.default_sampling) for p in params]
 
-    def _add(self, prompts: list[PromptInputs], sampling_params: Any) -> list[str]:
+    def _add(self, prompts: list[PromptInputs], params: list[SamplingParams]) -> list[str]:
         """Queue every prompt or none: a request that cannot fit aborts those already added."""
-        params = self._params(sampling_params, len(prompts))
         ids: list[str] = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params)):

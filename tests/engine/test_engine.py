@@ -231,3 +231,30 @@ def test_async_engine_streams_and_aborts(llms, reference):
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     finally:
         async_engine.close()
+
+
+def test_oversized_image_is_refused_from_its_header(llms, tmp_path):
+    """Too many vision tokens for the context: refused with the numbers, pixels never decoded
+    (the file's pixel data is cut off, so decoding would fail with another error)."""
+    import io
+
+    from qwenvl import LLM
+    from qwenvl.errors import MediaError
+
+    llm = llms("qwen2_vl")
+    small = LLM(llm.path, dtype="float32", engine_config=EngineConfig(max_model_len=256))
+    buf = io.BytesIO()
+    Image.new("RGB", (1200, 900), (200, 30, 30)).save(buf, format="PNG")
+    data = buf.getvalue()
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])  # a valid header, truncated pixels
+    conv = user({"type": "image", "image": str(path)}, text("What?"))
+    with pytest.raises(PromptError) as err:
+        small.chat(conv, SamplingParams(max_tokens=16))
+    msg = str(err.value)
+    assert "messages[0].content[0]" in msg and "at most 240 fit" in msg, msg
+    tokens = (1204 // 28) * (896 // 28)  # smart_resize of 1200x900 with factor 28
+    assert f"+ {tokens} for" in msg
+    with pytest.raises(MediaError, match="truncated or corrupt"):  # the same file, when it fits
+        LLM(llm.path, dtype="float32").chat(conv, SamplingParams(max_tokens=16))
+    assert not small.engine.has_unfinished

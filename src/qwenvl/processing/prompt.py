@@ -10,7 +10,7 @@ on the CPU. Content items are accepted in the qwen-vl-utils form (``{"type": "im
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from qwenvl.processing.image import (
     ProcessedImage,
     ProcessedVideo,
     VisionPreprocessConfig,
+    image_geometry,
     preprocess_image,
 )
-from qwenvl.processing.media import MediaPolicy, load_image
+from qwenvl.processing.media import MediaPolicy, OpenedImage, load_image, open_image
 from qwenvl.processing.video import VideoSampling, load_video
 from qwenvl.tokenizer import Tokenizer
 
@@ -50,6 +51,16 @@ class PromptInputs:
     @property
     def image_geometries(self) -> list[ImageGeometry]:
         return [im.geometry for im in self.images]
+
+
+@dataclass
+class MediaItem:
+    """One image or video of a prompt, not loaded yet: its source and per-item options."""
+
+    kind: str  # "image" or "video"
+    source: Any
+    options: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # for error messages, e.g. "messages[0].content[1]"
 
 
 def _is_image_item(item: dict[str, Any]) -> bool:
@@ -88,6 +99,7 @@ class Processor:
         vision: VisionPreprocessConfig,
         config: ModelConfig,
         media_policy: MediaPolicy | None = None,
+        max_video_tokens: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -96,6 +108,8 @@ class Processor:
         self.media_policy = media_policy or MediaPolicy()
         # "reference" (as the models were trained); "transformers5" only to compare with HF >= 5.3
         self.position_rule = "reference"
+        # token budget of a video item that sets none itself (None = unlimited)
+        self.max_video_tokens = max_video_tokens
 
     @classmethod
     def from_pretrained(
@@ -134,14 +148,34 @@ class Processor:
         image = load_image(source, self.media_policy)
         return preprocess_image(image, self.vision, **options)
 
-    def process_video(self, source: Any, **options: Any) -> ProcessedVideo:
-        """A video file, URL, data URI, bytes or list of frames, sampled as qwen-vl-utils does."""
+    def process_video(
+        self, source: Any, *, max_video_tokens: int | None = None, **options: Any
+    ) -> ProcessedVideo:
+        """A video file, URL, data URI, bytes or list of frames, sampled as qwen-vl-utils does.
+
+        ``options`` are per-item ``VIDEO_OPTIONS``. ``max_video_tokens`` caps the video's tokens
+        (e.g. the context left); the smaller of it and ``self.max_video_tokens`` applies.
+        ``video.metadata.plan`` says what was chosen.
+
+        Raises:
+            MediaError: bad source or options, or a video that cannot fit the budget.
+        """
+        return self._process_video_item(source, options, max_video_tokens)
+
+    def _process_video_item(
+        self, source: Any, options: dict[str, Any], cap: int | None
+    ) -> ProcessedVideo:
+        """The item's own ``max_video_tokens`` (else ``self.max_video_tokens``), capped by
+        ``cap``."""
+        options = dict(options)
         if options.get("max_pixels") is not None and options.get("min_pixels") is None:
             # a caller who only lowers max_pixels means "smaller frames", not a contradiction
             options["min_pixels"] = min(VIDEO_MIN_PIXELS, options["max_pixels"])
-        video, meta = load_video(
-            source, VideoSampling.from_item(options), self.vision, self.media_policy
-        )
+        opts = VideoSampling.from_item(options)
+        budget = self.max_video_tokens if opts.max_video_tokens is None else opts.max_video_tokens
+        given = [b for b in (budget, cap) if b is not None]
+        opts = replace(opts, max_video_tokens=min(given) if given else None)
+        video, meta = load_video(source, opts, self.vision, self.media_policy)
         video.metadata = meta
         return video
 
@@ -173,15 +207,22 @@ class Processor:
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         add_vision_id: bool = False,
+        max_video_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> PromptInputs:
-        """Messages -> PromptInputs. Media are loaded and preprocessed in message order."""
+        """Messages -> PromptInputs. Media are loaded and preprocessed in message order.
+
+        ``max_video_tokens`` caps each video (e.g. the context left); a video item's own
+        ``max_video_tokens`` (else ``self.max_video_tokens``) applies when smaller.
+        ``max_prompt_tokens`` is the most the whole prompt may take (see :meth:`prepare_media`).
+        """
         text = self.render(
             messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             add_vision_id=add_vision_id,
         )
-        images, videos = [], []
+        items: list[MediaItem] = []
         for mi, message in enumerate(messages):
             content = message.get("content")
             if not isinstance(content, list):
@@ -191,12 +232,86 @@ class Processor:
                 try:
                     if _is_image_item(item):
                         source, opts = _source_and_options(item, "image", IMAGE_OPTIONS)
-                        images.append(self.process_image(source, **opts))
+                        items.append(MediaItem("image", source, opts, where))
                     elif _is_video_item(item):
                         source, opts = _source_and_options(item, "video", VIDEO_OPTIONS)
-                        videos.append(self.process_video(source, **opts))
+                        items.append(MediaItem("video", source, opts, where))
                 except (MediaError, PromptError) as e:
                     raise type(e)(f"{where}: {e}") from e
+        return self.prepare_media(
+            text, items, max_video_tokens=max_video_tokens, max_prompt_tokens=max_prompt_tokens
+        )
+
+    def prepare_media(
+        self,
+        text: str,
+        items: Sequence[MediaItem],
+        *,
+        max_video_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+    ) -> PromptInputs:
+        """A prompt text plus its media items (in order) -> PromptInputs, sized before decoding.
+
+        Image headers are read first and the prompt's tokens counted (text + every image); when
+        that exceeds ``max_prompt_tokens`` the request is refused with the numbers before any pixel
+        is decoded. Videos then share what is left: each one's sampling plan is fitted to it (or
+        refused) from the container header, before frames are decoded.
+        """
+        ids = self.tokenizer.encode(text)
+        cfg = self.config
+        n_text = len(ids) - ids.count(cfg.image_token_id) - ids.count(cfg.video_token_id)
+        opened: list[tuple[MediaItem, OpenedImage, ImageGeometry]] = []
+        for item in items:
+            if item.kind != "image":
+                continue
+            try:
+                op = open_image(item.source, self.media_policy)
+                geometry = image_geometry(*op.size, self.vision, **item.options)
+            except (MediaError, PromptError) as e:
+                raise type(e)(f"{item.where}: {e}") from e
+            opened.append((item, op, geometry))
+        image_tokens = [g.num_tokens for _, _, g in opened]
+        left = None
+        if max_prompt_tokens is not None:
+            need = n_text + sum(image_tokens)
+            if need > max_prompt_tokens:
+                detail = f"{n_text} text" + "".join(
+                    f" + {t} for {it.where or f'image {k}'}"
+                    for k, ((it, _, _), t) in enumerate(zip(opened, image_tokens))
+                )
+                raise PromptError(
+                    f"the prompt needs {need} tokens ({detail}) but at most {max_prompt_tokens} "
+                    f"fit (over by {need - max_prompt_tokens}); lower max_pixels or send fewer or "
+                    "smaller images"
+                )
+            left = max_prompt_tokens - need
+        images = []
+        for item, op, _ in opened:
+            try:
+                images.append(
+                    preprocess_image(op.load(self.media_policy), self.vision, **item.options)
+                )
+            except (MediaError, PromptError) as e:
+                raise type(e)(f"{item.where}: {e}") from e
+        videos = []
+        for item in items:
+            if item.kind != "video":
+                continue
+            caps = [c for c in (max_video_tokens, left) if c is not None]
+            try:
+                if left is not None and left < 1:
+                    raise PromptError(
+                        f"no tokens are left for this video: text and images take "
+                        f"{max_prompt_tokens - left} of the {max_prompt_tokens} that fit"
+                    )
+                video = self._process_video_item(
+                    item.source, item.options, min(caps) if caps else None
+                )
+            except (MediaError, PromptError) as e:
+                raise type(e)(f"{item.where}: {e}") from e
+            videos.append(video)
+            if left is not None:
+                left -= video.num_tokens
         return self.prepare_text(text, images, videos)
 
     def prepare_text(
