@@ -36,6 +36,7 @@ class LLM:
         progress: called with (bytes loaded, total bytes) while the weights load.
         engine_config: KV cache budget, batch limits and caches of the engine
             (:class:`~qwenvl.engine.config.EngineConfig`).
+        lora: a peft LoRA adapter folder (``qwenvl train --lora``), applied without merging.
     """
 
     def __init__(
@@ -49,11 +50,16 @@ class LLM:
         media_policy: MediaPolicy | None = None,
         progress: Callable[[int, int], None] | None = None,
         engine_config: EngineConfig | None = None,
+        lora: str | Path | None = None,
     ) -> None:
         self.path = resolve_checkpoint(model)
         self.model, self.config = load_model(
             self.path, dtype=dtype, device=device, progress=progress
         )
+        if lora is not None:  # a peft LoRA adapter folder, served unmerged
+            from qwenvl.train.lora import load_adapter
+
+            load_adapter(self.model, lora)
         self.processor = Processor.from_pretrained(
             self.path,
             self.config,

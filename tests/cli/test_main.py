@@ -311,3 +311,77 @@ def test_python_m_qwenvl(checkpoints, llms, png, tmp_path):
     failed = python_m_qwenvl("info", "--model", str(tmp_path / "nope"))
     assert failed.returncode == 2
     assert failed.stderr.startswith("error: ") and "Traceback" not in failed.stderr
+
+
+# --- video -----------------------------------------------------------------------------------
+@pytest.fixture
+def clip(tmp_path: Path) -> Path:
+    """16 frames of 64x48 at 8 fps (2 s), each a different grey."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=8)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(16):
+            frame = Image.new("RGB", (64, 48), (i * 16, 255 - i * 16, 128))
+            for p in s.encode(av.VideoFrame.from_image(frame)):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def video_user(text: str, video: Path, **options) -> dict:
+    item = {"type": "video", "video": str(video), **options}
+    return {"role": "user", "content": [item, {"type": "text", "text": text}]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_shot_video(family, checkpoints, llms, clip, monkeypatch, capsys):
+    seen: list[list[dict]] = []
+    stream_chat = LLM.stream_chat
+
+    def spy(self, messages, *args, **kwargs):
+        seen.append(copy.deepcopy(messages))
+        return stream_chat(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "stream_chat", spy)
+    ckpt = built(checkpoints, capsys, family)
+    argv = ["--video", str(clip), "--fps", "4", "--max-video-tokens", "150", "What happens?"]
+    assert main(chat_args(ckpt, *argv)) == 0
+    out, err = capsys.readouterr()
+    turn = video_user("What happens?", clip, fps=4.0, max_video_tokens=150)
+    assert seen == [[turn]]
+    assert out == reply(llms(family), [turn]) + "\n" and err == ""
+    # 2 s at 4 fps = 8 frames (4 groups of 10x14 merged tokens = 560) do not fit 150 tokens;
+    # 64x48 frames are already at the min_pixels floor (280x392), so 2 frames: 140 tokens.
+    video = llms(family).processor.prepare_chat([turn]).videos[0]
+    assert video.num_tokens == 140 and video.metadata.frame_indices == [0, 15]
+
+
+def test_interactive_video_command(checkpoints, llms, clip, monkeypatch, capsys):
+    lines = ["/video", f"/video {clip}", "What happens?", "And now?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    ckpt = built(checkpoints, capsys, "qwen2_vl")
+    assert main(chat_args(ckpt, "--max-video-tokens", "300")) == 0
+    out, err = capsys.readouterr()
+    llm = llms("qwen2_vl")
+    first = [video_user("What happens?", clip, max_video_tokens=300)]
+    r1 = reply(llm, first)
+    r2 = reply(llm, [*first, {"role": "assistant", "content": r1}, user("And now?")])
+    assert out == f"{r1}\n{r2}\n"
+    assert err == "usage: /video PATH\n"
+
+
+def test_video_errors(checkpoints, clip, tmp_path, capsys):
+    ckpt = built(checkpoints, capsys, "qwen2_vl")
+    argv = chat_args(ckpt, "--video", str(clip), "--max-video-tokens", "100", "hi")
+    err = run_error(argv, capsys)
+    assert "need 140 tokens, 40 more than the budget" in err
+    err = run_error(chat_args(ckpt, "--video", str(tmp_path / "gone.mp4"), "hi"), capsys)
+    assert "gone.mp4" in err and "not found" in err
+    for bad in (["--fps", "0"], ["--fps", "x"], ["--max-video-tokens", "-3"]):
+        with pytest.raises(SystemExit) as e:
+            main(chat_args(ckpt, "--video", str(clip), *bad, "hi"))
+        assert e.value.code == 2

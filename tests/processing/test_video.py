@@ -84,13 +84,19 @@ def decoded_frames(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     import qwenvl.processing.video as video_mod
 
     seen: list[list[int]] = []
-    real = video_mod.preprocess_video_frames
+    real = video_mod._preprocess
 
-    def spy(frames: list[Image.Image], cfg: VisionPreprocessConfig, **kw: object) -> object:
-        seen.append([_index_of(f) for f in frames])
-        return real(frames, cfg, **kw)  # type: ignore[arg-type]
+    def spy(frames: Iterator[Image.Image], *args: object) -> object:
+        seen.append([])
 
-    monkeypatch.setattr(video_mod, "preprocess_video_frames", spy)
+        def tap() -> Iterator[Image.Image]:
+            for f in frames:  # frames stream in from the decoder
+                seen[-1].append(_index_of(f.to_image() if isinstance(f, av.VideoFrame) else f))
+                yield f
+
+        return real(tap(), *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(video_mod, "_preprocess", spy)
     return seen
 
 

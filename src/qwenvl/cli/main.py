@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -21,6 +21,9 @@ import torch
 
 from qwenvl import __version__
 from qwenvl.checkpoint import load_config, read_json, resolve_checkpoint
+from qwenvl.cli.ground import _add_ground
+from qwenvl.cli.serve import _add_serve
+from qwenvl.cli.train import _add_merge_lora, _add_train
 from qwenvl.errors import QwenVLError
 from qwenvl.llm import LLM, Messages
 from qwenvl.models import ModelConfig, model_class
@@ -38,7 +41,7 @@ DEFAULT_MAX_TOKENS = 1024
 # Off a terminal the load bar is drawn only for checkpoints at least this big (keeps logs clean).
 PROGRESS_MIN_BYTES = 200_000_000
 SAMPLING_ARGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
-CHAT_HELP = "commands: /image PATH (attach to the next turn), /reset, /help, /exit"
+CHAT_HELP = "commands: /image PATH, /video PATH (attach to the next turn), /reset, /help, /exit"
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -89,6 +92,16 @@ class ProgressBar:
             self.stream.write("\n")
             self.stream.flush()
             self._open = False
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -170,9 +183,16 @@ def sampling_from_args(args: argparse.Namespace, defaults: SamplingParams) -> Sa
 
 
 # --- chat ------------------------------------------------------------------------------------
-def user_message(text: str, images: list[str]) -> dict[str, Any]:
-    """A user turn: its images first, then the text (the layout Qwen-VL was trained on)."""
+def user_message(
+    text: str,
+    images: list[str],
+    videos: Sequence[str] = (),
+    video_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A user turn: its images and videos first, then the text (the layout Qwen-VL was trained
+    on). ``video_options`` (e.g. ``fps``, ``max_video_tokens``) go into every video item."""
     content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
+    content += [{"type": "video", "video": v, **(video_options or {})} for v in videos]
     content.append({"type": "text", "text": text})
     return {"role": "user", "content": content}
 
@@ -203,10 +223,13 @@ def interactive_chat(
     stdin: TextIO,
     stdout: TextIO,
     stderr: TextIO,
+    videos: Sequence[str] = (),
+    video_options: dict[str, Any] | None = None,
 ) -> int:
     """A multi-turn chat over lines of ``stdin``; replies (and so the model's context) accumulate.
 
-    ``images`` attach to the first user turn; ``/image PATH`` attaches to the next one.
+    ``images`` and ``videos`` attach to the first user turn; ``/image PATH`` and ``/video PATH``
+    attach to the next one (videos with ``video_options``).
     """
     tty = _isatty(stdin)
 
@@ -218,6 +241,7 @@ def interactive_chat(
     note(f"{FAMILY_NAMES.get(llm.config.family, llm.config.family)} chat; {CHAT_HELP}")
     history: Messages = []
     pending = list(images)
+    pending_videos = list(videos)
     while True:
         if tty:
             stderr.write(">>> ")
@@ -235,6 +259,7 @@ def interactive_chat(
         if command == "/reset":
             history.clear()
             pending.clear()
+            pending_videos.clear()
             note("history cleared")
             continue
         if command == "/image":
@@ -244,11 +269,18 @@ def interactive_chat(
             else:
                 stderr.write("usage: /image PATH\n")
             continue
+        if command == "/video":
+            if rest.strip():
+                pending_videos.append(rest.strip())
+                note(f"{len(pending_videos)} video(s) will go with the next message")
+            else:
+                stderr.write("usage: /video PATH\n")
+            continue
         if command == "/help":
             note(CHAT_HELP)
             continue
-        turn = user_message(text, pending)
-        pending = []
+        turn = user_message(text, pending, pending_videos, video_options)
+        pending, pending_videos = [], []
         try:
             reply = stream_reply(llm, [*system, *history, turn], params, stdout)
         except QwenVLError as e:  # a bad image or an over-long prompt ends this turn, not the chat
@@ -273,6 +305,20 @@ def _add_chat(sub: Subparsers) -> None:
         metavar="X",
         help="image path, URL or data URI for the first user turn (repeatable)",
     )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="X",
+        help="video file, URL or data URI for the first user turn (repeatable)",
+    )
+    p.add_argument("--fps", type=_positive_float, metavar="F", help="video frames sampled a second")
+    p.add_argument(
+        "--max-video-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="token budget of each video: smaller frames, then fewer frames, to fit",
+    )
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     _add_sampling_args(p)
     _add_load_args(p)
@@ -285,10 +331,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = load_llm(args)
     params = sampling_from_args(args, llm.default_sampling)
     system: Messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    video_options = {
+        k: v
+        for k, v in (("fps", args.fps), ("max_video_tokens", args.max_video_tokens))
+        if v is not None
+    }
     if args.prompt is None:
-        return interactive_chat(llm, params, system, args.image, sys.stdin, sys.stdout, sys.stderr)
+        return interactive_chat(
+            llm,
+            params,
+            system,
+            args.image,
+            sys.stdin,
+            sys.stdout,
+            sys.stderr,
+            videos=args.video,
+            video_options=video_options,
+        )
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    stream_reply(llm, [*system, user_message(prompt, args.image)], params, sys.stdout)
+    turn = user_message(prompt, args.image, args.video, video_options)
+    stream_reply(llm, [*system, turn], params, sys.stdout)
     return 0
 
 
@@ -444,7 +506,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # --- entry point -----------------------------------------------------------------------------
-SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_chat, _add_info)
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _add_chat,
+    _add_info,
+    _add_ground,
+    _add_serve,
+    _add_train,
+    _add_merge_lora,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

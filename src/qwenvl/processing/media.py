@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import http.client
 import io
+import ipaddress
 import logging
 import os
 import re
+import socket
 import stat
 import time
 import urllib.error
@@ -58,6 +61,37 @@ class MediaPolicy:
     allow_http: bool = True
     allow_local_files: bool = True
     max_redirects: int = 5
+    # URL safety. The library default trusts every address; a server must not (see
+    # ``MediaPolicy.safe``): with ``allow_private_networks=False`` every hop of a download is
+    # resolved once, each resolved address is checked (no loopback, private, link-local, CGNAT,
+    # multicast or reserved ones, so no cloud metadata endpoint either), and the socket connects to
+    # the checked address itself, so a second DNS answer cannot swap it (DNS rebinding).
+    allow_private_networks: bool = True
+    # Hosts (exact, or a parent domain: "example.com" covers "img.example.com") the operator
+    # trusts: they may resolve to private addresses.
+    allowed_domains: tuple[str, ...] = ()
+    # When set, local files (paths and file:// URLs) are read only from under this folder
+    # (symlinks resolved first).
+    local_media_root: str | None = None
+
+    @classmethod
+    def safe(
+        cls,
+        *,
+        local_media_root: str | os.PathLike[str] | None = None,
+        allowed_domains: tuple[str, ...] = (),
+        allow_private_networks: bool = False,
+        **limits: Any,
+    ) -> MediaPolicy:
+        """The policy for untrusted requests (the server's): public http(s) only, no local files
+        unless ``local_media_root`` names the folder they must come from."""
+        return cls(
+            allow_local_files=local_media_root is not None,
+            local_media_root=None if local_media_root is None else str(local_media_root),
+            allowed_domains=tuple(d.lower().strip(".") for d in allowed_domains),
+            allow_private_networks=allow_private_networks,
+            **limits,
+        )
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -73,6 +107,90 @@ class MediaPolicy:
 
 
 DEFAULT_POLICY = MediaPolicy()
+
+
+def host_is_trusted(host: str, policy: MediaPolicy) -> bool:
+    """Whether ``host`` is one of ``policy.allowed_domains`` or under one of them."""
+    host = host.lower().strip(".").strip("[]")
+    return any(host == d or host.endswith("." + d) for d in policy.allowed_domains)
+
+
+def address_is_public(ip: str) -> bool:
+    """False for loopback, private, link-local (cloud metadata), CGNAT, multicast, reserved and
+    unspecified addresses, IPv4-mapped IPv6 included."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not addr.is_multicast
+
+
+def _guarded_connect(
+    policy: MediaPolicy,
+    url: str,
+    address: tuple[str, int],
+    timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+    source_address: Any = None,
+    **_: Any,
+) -> socket.socket:
+    """``socket.create_connection`` that resolves the host once, refuses non-public addresses
+    of untrusted hosts and connects to the address it checked (no second lookup)."""
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise MediaError(f"cannot resolve host {host!r} fetching {_short(url)}: {e}") from e
+    if not host_is_trusted(host, policy):
+        for info in infos:
+            ip = str(info[4][0])
+            if not address_is_public(ip):
+                raise MediaError(
+                    f"refusing to fetch {_short(url)}: host {host!r} resolves to {ip}, a "
+                    "loopback, private, link-local or reserved address (the operator can allow "
+                    "it with --allowed-media-domains or --allow-private-media)"
+                )
+    error: OSError | None = None
+    for family, kind, proto, _name, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            error = e
+            sock.close()
+    raise error or OSError(f"no address for {host!r}")
+
+
+def _guarded_opener(policy: MediaPolicy, url: str) -> urllib.request.OpenerDirector:
+    """An opener whose every connection (each redirect hop too) goes through the address check,
+    and that ignores proxy environment variables (a proxy would connect on our behalf)."""
+
+    def factory(cls: type[http.client.HTTPConnection], host: str, **kw: Any) -> Any:
+        conn = cls(host, **kw)
+        conn._create_connection = functools.partial(_guarded_connect, policy, url)  # type: ignore[attr-defined]
+        return conn
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(functools.partial(factory, http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(
+                functools.partial(factory, http.client.HTTPSConnection),
+                req,
+                context=self._context,  # type: ignore[attr-defined]
+            )
+
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), Http(), Https(), _RedirectLimit(policy.max_redirects, url)
+    )
 
 
 def _short(text: str, limit: int = 120) -> str:
@@ -134,7 +252,10 @@ def fetch_url(url: str, policy: MediaPolicy = DEFAULT_POLICY) -> bytes:
         raise MediaError(f"unsupported URL scheme {scheme!r} for download: {_short(url)}")
     if not policy.allow_http:
         raise MediaError(f"http(s) URLs are disabled by the media policy: {_short(url)}")
-    opener = urllib.request.build_opener(_RedirectLimit(policy.max_redirects, url))
+    if policy.allow_private_networks:
+        opener = urllib.request.build_opener(_RedirectLimit(policy.max_redirects, url))
+    else:
+        opener = _guarded_opener(policy, url)
     request = urllib.request.Request(url, headers={"User-Agent": "qwenvl", "Accept": "*/*"})
     deadline = time.monotonic() + policy.timeout_s
     timed_out = MediaError(f"timed out after {policy.timeout_s:g} s fetching {_short(url)}")
@@ -177,9 +298,23 @@ def fetch_url(url: str, policy: MediaPolicy = DEFAULT_POLICY) -> bytes:
     return b"".join(chunks)
 
 
-def _read_file(path: Path, policy: MediaPolicy) -> bytes:
+def check_local_path(path: Path, policy: MediaPolicy) -> Path:
+    """``path`` with symlinks resolved, if the policy lets local files be read from there."""
     if not policy.allow_local_files:
         raise MediaError(f"local files are disabled by the media policy: {_short(str(path))}")
+    if policy.local_media_root is None:
+        return path
+    root = Path(policy.local_media_root).resolve()
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(root):
+        raise MediaError(
+            f"{_short(str(path))} is outside the allowed local media path {str(root)!r}"
+        )
+    return real
+
+
+def _read_file(path: Path, policy: MediaPolicy) -> bytes:
+    path = check_local_path(path, policy)
     try:
         st = path.stat()
     except FileNotFoundError as e:

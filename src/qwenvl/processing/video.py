@@ -2,12 +2,17 @@
 
 Planning (pure, no decoding): ``smart_nframes`` picks how many frames to sample, ``sample_indices``
 where (``linspace(start, end, n).round()`` over the ``video_start``/``video_end`` range), and
-``frame_pixel_limits`` the per-frame pixel limits under the ``total_pixels`` budget.
+``frame_pixel_limits`` the per-frame pixel limits under the ``total_pixels`` budget; ``plan_video``
+combines them and, under a ``max_video_tokens`` budget, shrinks the frames and then drops frames,
+from the container header alone.
 
-Decoding uses PyAV (``pip install qwenvl[video]``) with threaded decoding and keeps only the
-sampled frames in memory: it decodes forward when the next sampled frame is near and seeks to the
-preceding keyframe when it is far. Sampled frames then go through the same PIL bicubic resize and
-normalisation as images (``preprocess_video_frames``). qwen-vl-utils resizes video frames with
+Decoding uses PyAV (``pip install qwenvl[video]``) with threaded decoding and converts only the
+sampled frames: it decodes forward when the next sampled frame is near and seeks to the preceding
+keyframe when it is far. Each sampled frame goes straight into the output (``VideoFrameWriter``,
+on a worker thread that overlaps decoding), so memory holds the output and a few frames, not the
+sampled clip. Frames are resized with FFmpeg's bicubic (``frame_resize="swscale"``, the default:
+within a few levels of PIL, about twice as fast) or PIL bicubic exactly as images
+(``frame_resize="pil"``); normalisation is the image path's. qwen-vl-utils resizes video frames with
 torchvision bicubic + antialias instead, so pixel values differ slightly from the reference; the
 sizes, frame indices and token counts are identical.
 """
@@ -19,7 +24,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +39,11 @@ from qwenvl.processing.image import (
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     ProcessedVideo,
+    VideoFrameWriter,
     VisionPreprocessConfig,
-    preprocess_video_frames,
+    _loaded,
+    smart_resize,
+    to_rgb,
 )
 from qwenvl.processing.media import (
     DEFAULT_POLICY,
@@ -56,6 +66,8 @@ VIDEO_TOTAL_PIXELS = 128000 * 28 * 28 * 0.9
 
 # Decode forward (instead of seeking) when the next sampled frame is at most this many frames on.
 DEFAULT_SEEK_GAP = 64
+# Decoded frames that may wait for the resize thread.
+_IN_FLIGHT = 4
 # Containers PyAV opens for still images; they are not videos.
 _IMAGE_FORMATS = re.compile(r"^(image2|.*_pipe|apng|gif|webp)$")
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -78,6 +90,8 @@ class VideoSampling:
     ``nframes`` (rounded to an even count) wins over ``fps``; giving both in an item is an error.
     ``video_start``/``video_end`` are seconds. ``max_pixels`` caps the per-frame limit computed
     from ``total_pixels``; ``resized_height``/``resized_width`` (both or neither) fix the size.
+    ``max_video_tokens`` caps the video's ``<|video_pad|>`` tokens: ``plan_video`` then shrinks
+    the frames, then drops frames, to fit.
     """
 
     fps: float = FPS
@@ -91,6 +105,8 @@ class VideoSampling:
     total_pixels: float = VIDEO_TOTAL_PIXELS
     resized_height: float | None = None
     resized_width: float | None = None
+    # Token budget for this video (None = unlimited); see ``plan_video``.
+    max_video_tokens: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("fps", "min_pixels", "total_pixels")
@@ -100,9 +116,9 @@ class VideoSampling:
                 continue
             if not _is_num(value) or value <= 0:
                 raise MediaError(f"video option {name!r} must be a positive number, got {value!r}")
-        for name in ("nframes", "min_frames", "max_frames"):
+        for name in ("nframes", "min_frames", "max_frames", "max_video_tokens"):
             value = getattr(self, name)
-            if value is None and name == "nframes":
+            if value is None and name in ("nframes", "max_video_tokens"):
                 continue
             if not _is_int(value) or value <= 0:
                 raise MediaError(f"video option {name!r} must be a positive int, got {value!r}")
@@ -265,6 +281,192 @@ class VideoMetadata:
     timestamps: list[float]  # seconds of each sampled frame
     sample_fps: float  # len(frame_indices) / total_frames * fps (for the selected range)
     second_per_grid_t: float  # temporal_patch_size / sample_fps
+    num_tokens: int | None = None  # <|video_pad|> tokens the plan gives
+    max_video_tokens: int | None = None  # the budget in force (None = unlimited)
+    plan: str | None = None  # VideoPlan.describe(): what was chosen and why
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-budget planning (header facts only: runs before any frame is decoded)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """Which frames to sample and at what size, so the video fits its token budget.
+
+    ``frame_indices`` are source frame indices (``linspace`` over the selected range, rounded);
+    ``second_per_grid_t`` is the time one temporal patch group spans, Qwen2.5-VL's time axis.
+    """
+
+    frame_indices: tuple[int, ...]
+    fps: float  # source frame rate (a frame list: the rate it is assumed to have)
+    total_frames: int  # of the source
+    original_width: int
+    original_height: int
+    resized_width: int
+    resized_height: int
+    num_tokens: int
+    sample_fps: float
+    second_per_grid_t: float
+    max_tokens: int | None  # the budget (None = unlimited)
+    default_nframes: int  # what the qwen-vl-utils rules alone give
+    default_height: int
+    default_width: int
+    default_tokens: int
+
+    @property
+    def nframes(self) -> int:
+        return len(self.frame_indices)
+
+    @property
+    def reduced(self) -> bool:
+        """True when the budget changed the qwen-vl-utils choice."""
+        return self.num_tokens != self.default_tokens or self.nframes != self.default_nframes
+
+    def describe(self) -> str:
+        first = self.frame_indices[0] / self.fps
+        last = self.frame_indices[-1] / self.fps
+        text = (
+            f"{self.nframes} of {self.total_frames} frames ({first:.2f}-{last:.2f} s, one every "
+            f"{1 / self.sample_fps:.3g} s) at {self.resized_height}x{self.resized_width} "
+            f"(from {self.original_height}x{self.original_width}): {self.num_tokens} tokens"
+        )
+        if self.max_tokens is not None:
+            text += f", budget {self.max_tokens}"
+        if self.reduced:
+            text += (
+                f"; without the budget: {self.default_nframes} frames at "
+                f"{self.default_height}x{self.default_width}, {self.default_tokens} tokens"
+            )
+        return text
+
+
+def video_tokens(nframes: int, height: int, width: int, cfg: VisionPreprocessConfig) -> int:
+    """``<|video_pad|>`` tokens of ``nframes`` frames resized to ``height x width``."""
+    groups = -(-nframes // cfg.temporal_patch_size)
+    return groups * (height // cfg.patch_size) * (width // cfg.patch_size) // cfg.merge_size**2
+
+
+def _budget(*limits: int | None) -> int | None:
+    given = [x for x in limits if x is not None]
+    if any(not _is_int(x) or x <= 0 for x in given):
+        raise MediaError(f"max_video_tokens must be a positive int, got {given}")
+    return min(given) if given else None
+
+
+def plan_video(
+    info: VideoInfo,
+    opts: VideoSampling,
+    cfg: VisionPreprocessConfig,
+    max_tokens: int | None = None,
+    *,
+    frame_list: bool = False,
+) -> VideoPlan:
+    """Frames and frame size for a video, from its header alone, under a token budget.
+
+    First the qwen-vl-utils 0.0.14 rules, unchanged (``sample_indices``, ``frame_pixel_limits``,
+    ``smart_resize``). Only when that exceeds the budget (the smaller of
+    ``opts.max_video_tokens`` and ``max_tokens``):
+
+    1. the per-frame ``max_pixels`` is lowered (``smart_resize`` keeps sizes multiples of 28)
+       down to ``int(min_pixels * 1.05)``, the floor qwen-vl-utils itself clamps to;
+    2. then the frame count is lowered (even, >= 2; ``min_frames``/``nframes`` give way) to the
+       most frames that fit at that floor, and the size is re-fitted to the budget. Indices stay
+       ``linspace`` over the selected range, and ``second_per_grid_t`` is then the real spacing
+       of those frames (qwen-vl-utils' ``n / total`` rate is off by up to ``n / (n - 1)``).
+
+    With ``resized_height``/``resized_width`` the size is fixed and only frames are dropped.
+    ``frame_list=True`` plans a list of ``info.total_frames`` frames at ``opts.fps``: all of them
+    (padded to even) unless the budget drops some.
+
+    Raises:
+        MediaError: 2 frames at the smallest size do not fit (the message gives the tokens they
+            need, the budget and the difference), or the qwen-vl-utils rules fail (see
+            ``sample_indices``).
+    """
+    budget = _budget(opts.max_video_tokens, max_tokens)
+    tp, factor = cfg.temporal_patch_size, cfg.factor
+    fps, total = info.fps, info.total_frames
+    if frame_list:
+        start, end = 0, total - 1
+        n0 = _ceil_by(total, FRAME_FACTOR)
+        indices0 = list(range(total))
+    else:
+        start, end = frame_range(opts, total, fps)
+        n0 = smart_nframes(opts, end - start + 1, fps)
+        indices0 = torch.linspace(start, end, n0).round().long().tolist()
+    explicit = opts.resized_height is not None and opts.resized_width is not None
+
+    def limits(n: int) -> tuple[float, float]:
+        if explicit:  # qwen-vl-utils snaps an explicit size with smart_resize's default limits
+            return float(cfg.min_pixels), float(cfg.max_pixels)
+        return frame_pixel_limits(opts, n)
+
+    def size(n: int, cap: float | None = None) -> tuple[int, int]:
+        lo, hi = limits(n)
+        h, w = (opts.resized_height, opts.resized_width) if explicit else (info.height, info.width)
+        return smart_resize(h, w, factor, lo, hi if cap is None else min(hi, cap))  # type: ignore[arg-type]
+
+    h0, w0 = size(n0)
+    tokens0 = video_tokens(n0, h0, w0, cfg)
+
+    def make(indices: list[int], h: int, w: int, exact_rate: bool) -> VideoPlan:
+        n = len(indices) if not frame_list or exact_rate else n0
+        if exact_rate:  # the real spacing of the linspace indices
+            spg = tp * (end - start) / ((len(indices) - 1) * fps)
+            sample_fps = tp / spg
+        else:  # qwen-vl-utils: n / frames-in-range * fps (a frame list: opts.fps)
+            sample_fps = opts.fps if frame_list else len(indices) / (end - start + 1) * fps
+            spg = tp / sample_fps
+        return VideoPlan(
+            frame_indices=tuple(indices),
+            fps=fps,
+            total_frames=total,
+            original_width=info.width,
+            original_height=info.height,
+            resized_width=w,
+            resized_height=h,
+            num_tokens=video_tokens(n, h, w, cfg),
+            sample_fps=sample_fps,
+            second_per_grid_t=spg,
+            max_tokens=budget,
+            default_nframes=len(indices0),
+            default_height=h0,
+            default_width=w0,
+            default_tokens=tokens0,
+        )
+
+    if budget is None or tokens0 <= budget:
+        return make(indices0, h0, w0, exact_rate=False)
+
+    def fit(n: int) -> tuple[int, int] | None:
+        """The largest qwen-vl-utils size for ``n`` frames under the budget, or None."""
+        if explicit:
+            return (h0, w0) if video_tokens(n, h0, w0, cfg) <= budget else None
+        lo, _ = limits(n)
+        per_group = budget // -(-n // tp)
+        cap = max(per_group * factor**2, int(lo * 1.05))
+        h, w = size(n, cap)
+        return (h, w) if video_tokens(n, h, w, cfg) <= budget else None
+
+    fitted = fit(n0)
+    if fitted is not None:
+        return make(indices0, *fitted, exact_rate=False)
+    # The smallest frame: qwen-vl-utils' own floor for max_pixels, int(min_pixels * 1.05).
+    hmin, wmin = (h0, w0) if explicit else size(n0, int(limits(n0)[0] * 1.05))
+    per_group_min = video_tokens(tp, hmin, wmin, cfg)
+    n = _floor_by(budget // per_group_min * tp, FRAME_FACTOR)
+    fitted = fit(n) if n >= FRAME_FACTOR else None
+    if fitted is None:
+        need = video_tokens(FRAME_FACTOR, hmin, wmin, cfg)
+        raise MediaError(
+            f"the video does not fit in {budget} tokens: even {FRAME_FACTOR} frames at the "
+            f"smallest size {hmin}x{wmin} (min_pixels={limits(n0)[0]:g}) need {need} tokens, "
+            f"{need - budget} more than the budget (without a budget: {len(indices0)} frames "
+            f"at {h0}x{w0}, {tokens0} tokens)"
+        )
+    indices = torch.linspace(start, end, n).round().long().tolist()
+    return make(indices, *fitted, exact_rate=True)
 
 
 def _import_av() -> Any:
@@ -389,8 +591,31 @@ def _frame_index(frame: Any, stream: Any, fps: float) -> int | None:
     return round(float((frame.pts - start) * stream.time_base) * fps)
 
 
+class _Keyframes:
+    """Keyframe spacing seen while decoding: a lower bound on the distance a seek can skip."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None  # index of the last keyframe decoded
+        self.interval = 0  # longest distance between two keyframes decoded
+
+    def see(self, frame: Any, index: int) -> None:
+        if frame.key_frame:
+            if self.last is not None and index > self.last:
+                self.interval = max(self.interval, index - self.last)
+            self.last = index
+
+    def gop_at_least(self, pos: int) -> int:
+        """Frames a keyframe interval spans at least (0 when unknown)."""
+        return max(self.interval, pos - self.last if self.last is not None else 0)
+
+
 def _next_at_or_after(
-    frames: Any, stream: Any, fps: float, target: int, pos: int | None
+    frames: Any,
+    stream: Any,
+    fps: float,
+    target: int,
+    pos: int | None,
+    keys: _Keyframes | None = None,
 ) -> tuple[int, Any, int] | None:
     """Decode forward to the first frame whose index is >= target.
 
@@ -404,6 +629,8 @@ def _next_at_or_after(
         if index is None:
             index = pos if pos is not None else 0
         pos = index + 1
+        if keys is not None:
+            keys.see(frame, index)
         if index >= target:
             return index, frame, seen
     return None
@@ -416,31 +643,39 @@ def _decode_indices(
     wanted: list[int],
     what: str,
     seek_gap: int,
-) -> dict[int, Image.Image]:
-    """Decode only the frames at ``wanted`` indices, as RGB PIL images keyed by index."""
-    out: dict[int, Image.Image] = {}
+) -> Iterator[tuple[int, Any]]:
+    """Decode only the frames at ``wanted`` indices: yields ``(index, av.VideoFrame)`` in index
+    order (each index once); no frame is converted here."""
+    count = 0
     stream.thread_type = "AUTO"
     start_pts = stream.start_time or 0
     frames: Any = None
     pos: int | None = 0  # index of the next frame the decoder returns (None: unknown)
-    last: tuple[int, Image.Image] | None = None
+    last: tuple[int, Any] | None = None
+    keys = _Keyframes()
     try:
         for target in sorted(set(wanted)):
             if last is not None and last[0] >= target:
-                out[target] = last[1]  # e.g. a gap in the pts: reuse the nearest later frame
+                count += 1  # e.g. a gap in the pts: reuse the nearest later frame
+                yield target, last[1]
                 continue
             seeked = False
             if frames is None and target <= seek_gap:
                 frames = container.decode(stream)
                 pos = 0
-            elif frames is None or pos is None or target - pos > seek_gap:
+            elif (
+                frames is None
+                or pos is None
+                or target - pos > (seek_gap and max(seek_gap, keys.gop_at_least(pos)))
+            ):
                 # Seek to the keyframe at or before the target, then decode forward.
                 offset = start_pts + int(target / info.fps / stream.time_base)
                 logger.debug("%s: seeking to frame %d", what, target)
                 container.seek(offset, stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
                 pos, seeked = None, True
-            found = _next_at_or_after(frames, stream, info.fps, target, pos)
+                keys.last = None  # only keyframes decoded one after the other give a spacing
+            found = _next_at_or_after(frames, stream, info.fps, target, pos, keys)
             if seeked and (found is None or (found[2] == 1 and found[0] > target)):
                 # The seek landed after the target: decode from the start instead.
                 logger.debug(
@@ -448,21 +683,24 @@ def _decode_indices(
                 )
                 container.seek(start_pts, stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
-                found = _next_at_or_after(frames, stream, info.fps, target, 0)
+                keys.last = None
+                found = _next_at_or_after(frames, stream, info.fps, target, 0, keys)
             if found is None:
                 tolerance = max(2, info.total_frames // 50)
                 if last is not None and target >= info.total_frames - tolerance:
                     # Header frame counts can overshoot by a frame or two: reuse the last frame.
-                    out[target] = last[1]
+                    count += 1
+                    yield target, last[1]
                     continue
                 raise MediaError(
                     f"{what} is truncated or corrupt: the stream ended before frame {target} of "
                     f"{info.total_frames}"
                 )
             index, frame, _ = found
-            last = (index, frame.to_image())
-            out[target] = last[1]
+            last = (index, frame)  # converted later, on the resize thread
             pos = index + 1
+            count += 1
+            yield target, last[1]
     except MediaError:
         raise
     except Exception as e:
@@ -470,42 +708,66 @@ def _decode_indices(
             f"{what}: cannot decode the video stream, it is corrupt or truncated "
             f"({type(e).__name__}: {e})"
         ) from e
-    if not out:
+    if not count:
         raise MediaError(f"{what}: no frame could be decoded")
-    return out
 
 
-def _metadata(
-    indices: list[int], fps: float, total: int, duration: float, sample_fps: float, tp: int
-) -> VideoMetadata:
+def _metadata(plan: VideoPlan, duration: float) -> VideoMetadata:
     return VideoMetadata(
-        fps=fps,
+        fps=plan.fps,
         duration=duration,
-        total_frames=total,
-        frame_indices=list(indices),
-        timestamps=[i / fps for i in indices],
-        sample_fps=sample_fps,
-        second_per_grid_t=tp / sample_fps,
+        total_frames=plan.total_frames,
+        frame_indices=list(plan.frame_indices),
+        timestamps=[i / plan.fps for i in plan.frame_indices],
+        sample_fps=plan.sample_fps,
+        second_per_grid_t=plan.second_per_grid_t,
+        num_tokens=plan.num_tokens,
+        max_video_tokens=plan.max_tokens,
+        plan=plan.describe(),
     )
+
+
+def _frame_image(frame: Any, width: int, height: int, frame_resize: str) -> Image.Image:
+    """A decoded frame (or an image) as an RGB image; with ``"swscale"`` already resized."""
+    if isinstance(frame, Image.Image):
+        return frame
+    try:
+        rgb = frame.reformat(format="rgb24")  # the same pixels as frame.to_image(), faster
+        if frame_resize == "swscale" and (rgb.width, rgb.height) != (width, height):
+            rgb = rgb.reformat(width=width, height=height, interpolation="BICUBIC")
+        return Image.fromarray(rgb.to_ndarray())
+    except Exception as e:
+        raise MediaError(f"cannot convert a video frame: {type(e).__name__}: {e}") from e
 
 
 def _preprocess(
-    frames: list[Image.Image], opts: VideoSampling, cfg: VisionPreprocessConfig, sample_fps: float
+    frames: Iterable[Any],
+    plan: VideoPlan,
+    cfg: VisionPreprocessConfig,
+    count: int,
+    frame_resize: str = "pil",
 ) -> ProcessedVideo:
-    if opts.resized_height is not None:
-        # qwen-vl-utils snaps an explicit size with smart_resize's (image) default limits.
-        min_pixels, max_pixels = float(cfg.min_pixels), float(cfg.max_pixels)
-    else:
-        min_pixels, max_pixels = frame_pixel_limits(opts, len(frames))
-    return preprocess_video_frames(
-        frames,
-        cfg,
-        fps=sample_fps,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        resized_height=opts.resized_height,
-        resized_width=opts.resized_width,
-    )
+    """Convert, resize and normalise ``count`` frames into the plan's size as they arrive.
+
+    The work runs on a worker thread (swscale, PIL and numpy release the GIL) while this thread
+    decodes the next frames; at most ``_IN_FLIGHT`` frames wait for it.
+    """
+    w, h = plan.resized_width, plan.resized_height
+    writer = VideoFrameWriter(cfg, count, h, w)
+
+    def add(i: int, frame: Any) -> None:
+        image = _frame_image(frame, w, h, frame_resize)
+        writer.add(to_rgb(_loaded(image, f"video frame {i}")))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="qwenvl-video") as pool:
+        pending: deque[Future[None]] = deque()
+        for i, frame in enumerate(frames):
+            pending.append(pool.submit(add, i, frame))
+            if len(pending) > _IN_FLIGHT:
+                pending.popleft().result()
+        for job in pending:
+            job.result()
+    return writer.finish(plan.second_per_grid_t)
 
 
 def load_video(
@@ -515,6 +777,7 @@ def load_video(
     policy: MediaPolicy = DEFAULT_POLICY,
     *,
     seek_gap: int = DEFAULT_SEEK_GAP,
+    frame_resize: str = "swscale",
 ) -> tuple[ProcessedVideo, VideoMetadata]:
     """Sample, decode and preprocess one video as qwen-vl-utils 0.0.14 would.
 
@@ -527,7 +790,16 @@ def load_video(
         cfg: the checkpoint's preprocessing config (patch, merge and temporal patch sizes).
         policy: byte/network/pixel limits; downloads use ``fetch_url`` under it.
         seek_gap: decode forward when the next sampled frame is at most this many frames
-            ahead, otherwise seek to its preceding keyframe.
+            ahead, or at most one keyframe interval (as seen so far: a seek could not skip
+            anything), otherwise seek to its preceding keyframe. 0 seeks for every frame.
+        frame_resize: how decoded frames are resized: ``"swscale"`` (FFmpeg bicubic after an
+            exact RGB conversion; ~2x faster, within a few levels of PIL: mean |diff| < 1 of
+            255) or ``"pil"`` (PIL bicubic, bit-identical to preprocessing the frames as
+            images). Frame lists always use PIL.
+
+    ``opts.max_video_tokens`` bounds the tokens (``plan_video``; a frame list follows the same
+    budget); the plan is made from the header before any frame is decoded and is reported in
+    ``VideoMetadata.plan``.
 
     Returns:
         The preprocessed clip and how it was sampled.
@@ -535,27 +807,37 @@ def load_video(
     Raises:
         MediaError: PyAV missing, unreadable or unreachable source, not a video, no frames,
             corrupt stream, a ``video_start``/``video_end`` range outside the video, ``nframes``
-            larger than the video, bad options.
+            larger than the video, bad options, a video that cannot fit ``max_video_tokens``.
     """
     opts = VideoSampling() if opts is None else opts
     cfg = VisionPreprocessConfig() if cfg is None else cfg
-    tp = cfg.temporal_patch_size
+    if frame_resize not in ("swscale", "pil"):
+        raise MediaError(f"frame_resize must be 'swscale' or 'pil', got {frame_resize!r}")
     if isinstance(source, (list, tuple)):
         if not source:
             raise MediaError("a video frame list is empty")
         frames = [load_image(f, policy) for f in source]
         count = len(frames)
-        frames += [frames[-1]] * (_ceil_by(count, FRAME_FACTOR) - count)
-        meta = _metadata(list(range(count)), opts.fps, count, count / opts.fps, opts.fps, tp)
-        return _preprocess(frames, opts, cfg, opts.fps), meta
+        header = VideoInfo(
+            fps=opts.fps,
+            total_frames=count,
+            duration=count / opts.fps,
+            width=frames[0].width,
+            height=frames[0].height,
+        )
+        plan = plan_video(header, opts, cfg, frame_list=True)
+        frames = [frames[i] for i in plan.frame_indices]
+        frames += [frames[-1]] * (_ceil_by(len(frames), FRAME_FACTOR) - len(frames))
+        return _preprocess(frames, plan, cfg, len(frames)), _metadata(plan, header.duration)
     container, stream, info, what = _open(source, policy)
     try:
-        indices = sample_indices(opts, info.total_frames, info.fps)
-        start, end = frame_range(opts, info.total_frames, info.fps)
-        sample_fps = len(indices) / (end - start + 1) * info.fps
-        decoded = _decode_indices(container, stream, info, indices, what, seek_gap)
+        plan = plan_video(info, opts, cfg)  # header only: a video that cannot fit fails here
+        logger.info("%s: %s", what, plan.describe())
+        wanted = list(plan.frame_indices)  # strictly increasing: linspace steps are >= 1 frame
+        decoded = _decode_indices(container, stream, info, wanted, what, seek_gap)
+        # Each frame is resized into the output as soon as it is decoded.
+        frames = (frame for _, frame in decoded)
+        video = _preprocess(frames, plan, cfg, len(wanted), frame_resize)
     finally:
         container.close()
-    frames = [decoded[i] for i in indices]
-    meta = _metadata(indices, info.fps, info.total_frames, info.duration, sample_fps, tp)
-    return _preprocess(frames, opts, cfg, sample_fps), meta
+    return video, _metadata(plan, info.duration)

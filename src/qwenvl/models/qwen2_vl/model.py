@@ -10,18 +10,25 @@ The model API the rest of qwenvl uses:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from qwenvl.errors import PromptError
 from qwenvl.layers.rotary import mrope_cos_sin, text_inv_freq
 from qwenvl.models.qwen2_vl.config import ModelConfig
-from qwenvl.models.qwen2_vl.text import KVCache, TextModel
+from qwenvl.models.qwen2_vl.text import TextModel
 from qwenvl.models.qwen2_vl.vision import Grid, VisionTransformer
+
+if TYPE_CHECKING:
+    from qwenvl.engine.kv_cache import PagedContext
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
     vision_class: type[VisionTransformer] = VisionTransformer
+    # Patches above which encode_vision splits an item along time (None = never); settable.
+    vision_chunk_patches: int | None = 16384
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -43,8 +50,44 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: list[Grid]) -> torch.Tensor:
-        """Run the ViT + merger over all items at once: ``[sum(t*h*w/4), hidden]``."""
-        return self.visual(pixel_values.to(self.device), grid_thw)
+        """Run the ViT + merger over the items: ``[sum(t*h*w/4), hidden]``.
+
+        Items of at most ``vision_chunk_patches`` patches run together in one call; a larger
+        item (a long video) runs a few whole temporal groups at a time (grid ``(t_chunk, h,
+        w)``), so the ViT's activations stay bounded. Attention never crosses a temporal group
+        (and Qwen2.5-VL's windows lie inside one), so the result equals the one-shot encoding.
+        """
+        grids = [(int(t), int(h), int(w)) for t, h, w in grid_thw]
+        limit = self.vision_chunk_patches
+        if limit is None or all(t * h * w <= limit for t, h, w in grids):
+            return self.visual(pixel_values.to(self.device), grids)
+        unit = self.config.vision.spatial_merge_size**2
+        # (first row, rows, grids) of each ViT call: runs of small items, and chunks of big ones
+        calls: list[tuple[int, int, list[Grid]]] = []
+        row, small_start, small = 0, 0, []
+        for t, h, w in grids:
+            if t * h * w <= limit:
+                small.append((t, h, w))
+                row += t * h * w
+                continue
+            if small:
+                calls.append((small_start, row - small_start, small))
+            step = max(1, limit // (h * w))
+            for t0 in range(0, t, step):
+                tc = min(step, t - t0)
+                calls.append((row + t0 * h * w, tc * h * w, [(tc, h, w)]))
+            row += t * h * w
+            small_start, small = row, []
+        if small:
+            calls.append((small_start, row - small_start, small))
+        out: torch.Tensor | None = None
+        for first, rows, call_grids in calls:
+            feats = self.visual(pixel_values[first : first + rows].to(self.device), call_grids)
+            if out is None:  # [sum(t*h*w) / merge^2, hidden]
+                out = feats.new_empty(row // unit, feats.shape[1])
+            out[first // unit : (first + rows) // unit] = feats
+        assert out is not None
+        return out
 
     def embed(
         self,
@@ -84,15 +127,16 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         image_grid_thw: list[Grid] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: list[Grid] | None = None,
-        cache: KVCache | None = None,
-        start: int = 0,
-        last_only: bool = False,
+        kv: PagedContext | None = None,
+        logit_rows: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, L, vocab]`` (or ``[B, 1, vocab]`` with ``last_only``).
+        """Logits ``[B, L, vocab]`` (or ``[B, len(logit_rows), vocab]``).
 
-        ``mask`` is boolean ``[B, 1, L, start + L]`` (True = may attend); None means plain causal.
-        ``inputs_embeds`` (from ``embed``) replaces ``input_ids`` and the pixel inputs.
+        ``mask`` is boolean ``[B, 1, L, L]`` (True = may attend); None means plain causal.
+        ``kv`` is the engine's paged cache context (then B = 1 and the tokens of several
+        sequences lie end to end). ``inputs_embeds`` (from ``embed``) replaces ``input_ids`` and
+        the pixel inputs.
         """
         if inputs_embeds is None:
             image_embeds = video_embeds = None
@@ -105,7 +149,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         cos, sin = self.rope(positions)
         if mask is not None:
             mask = mask.to(self.device)
-        hidden = self.model(x, cos, sin, mask, cache, start)
-        if last_only:
-            hidden = hidden[:, -1:]
+        hidden = self.model(x, cos, sin, mask, kv)
+        if logit_rows is not None:
+            hidden = hidden[:, logit_rows.to(hidden.device)]
         return self.lm_head(hidden)

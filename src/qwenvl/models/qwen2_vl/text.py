@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qwenvl.layers.attention import causal_attention
 from qwenvl.layers.norm import RMSNorm
@@ -93,6 +94,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # training: keep only layer inputs for backward
 
     def forward(
         self,
@@ -108,5 +110,8 @@ class TextModel(nn.Module):
         """
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, kv)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute in backward
+                x = checkpoint(layer, x, cos, sin, mask, kv, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv)
         return self.norm(x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qwenvl.layers.attention import varlen_attention
 from qwenvl.layers.rotary import apply_rotary, vision_cos_sin, vision_inv_freq
@@ -142,6 +143,7 @@ class VisionTransformer(nn.Module):
             VisionBlock(cfg, norm, self.make_mlp()) for _ in range(cfg.depth)
         )
         self.merger = PatchMerger(cfg, norm)
+        self.gradient_checkpointing = False  # training: keep only block inputs for backward
         self.register_buffer(
             "inv_freq", vision_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False
         )
@@ -170,7 +172,10 @@ class VisionTransformer(nn.Module):
             x, cos, sin = (_permute_units(t, perm, self.cfg.merge_unit) for t in (x, cos, sin))
         cos, sin = cos.unsqueeze(1).to(x.device), sin.unsqueeze(1).to(x.device)  # [N, 1, hd]
         for block, cu in zip(self.blocks, plan):
-            x = block(x, cos, sin, cu)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # recompute in backward
+                x = checkpoint(block, x, cos, sin, cu, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cu)
         out = self.merger(x)
         if perm is not None:
             out = out[torch.argsort(perm)]

@@ -1,0 +1,122 @@
+"""``qwenvl serve``: the OpenAI-compatible HTTP server (``pip install -e ".[serve]"``).
+
+Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` (``_add_serve`` / ``cmd_serve``): arguments ->
+``ServerSettings`` + ``EngineConfig`` -> :func:`qwenvl.server.serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qwenvl.cli.main import Subparsers
+
+
+def _add_serve(sub: Subparsers) -> None:
+    from qwenvl.cli.main import _add_load_args, _add_model_args, _add_vision_args
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint with the OpenAI API (chat completions, SSE streaming)",
+        description="Serve a checkpoint over HTTP with the OpenAI chat-completions API.",
+    )
+    _add_model_args(p)
+    _add_load_args(p)
+    _add_vision_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", help="the name clients pass as model (default: --model)")
+    p.add_argument("--max-model-len", type=int, metavar="N", help="context limit in tokens")
+    p.add_argument("--max-num-seqs", type=int, default=64, metavar="N")
+    p.add_argument(
+        "--kv-cache-memory", type=int, metavar="BYTES", help="KV cache size (default: measured)"
+    )
+    p.add_argument(
+        "--encoder-cache-memory",
+        type=int,
+        default=256 * 2**20,
+        metavar="BYTES",
+        help="vision embeddings kept across requests (0 disables)",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting for their first token beyond which new ones get 429",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=64 * 2**20, metavar="N")
+    p.add_argument("--max-media-bytes", type=int, default=32 * 2**20, metavar="N")
+    p.add_argument("--media-timeout", type=float, default=10.0, metavar="S")
+    p.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="serve file:// media from under DIR (default: no local files)",
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        nargs="*",
+        default=[],
+        metavar="HOST",
+        help="hosts trusted even when they resolve to private addresses",
+    )
+    p.add_argument(
+        "--allow-private-media",
+        action="store_true",
+        help="allow media URLs on loopback/private/link-local addresses (trusted networks only)",
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        metavar="N",
+        help="max_tokens of a request that sets none (default: the checkpoint's, else the rest "
+        "of the context)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qwenvl.cli.main import _device
+    from qwenvl.engine.config import EngineConfig
+    from qwenvl.llm import LLM
+    from qwenvl.server import ServerSettings, serve
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise SystemExit(
+            f'error: qwenvl serve needs the serve extra: pip install "qwenvl[serve]" ({e})'
+        ) from None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or args.model,
+        api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests,
+        max_body_bytes=args.max_body_bytes,
+        max_media_bytes=args.max_media_bytes,
+        media_timeout_s=args.media_timeout,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=tuple(args.allowed_media_domains),
+        allow_private_media=args.allow_private_media,
+        default_max_tokens=args.default_max_tokens,
+    )
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=_device(args.device),
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        media_policy=settings.media_policy(),
+        engine_config=EngineConfig(
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_memory=args.kv_cache_memory,
+            encoder_cache_memory=args.encoder_cache_memory,
+        ),
+    )
+    serve(llm, settings, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,308 @@
+"""The OpenAI wire format at the HTTP boundary: pydantic request models, and errors.
+
+Requests are validated strictly: an unknown field anywhere in a content part (or an option qwenvl
+does not honour) is a 400 naming its path, never silently dropped. Fields OpenAI defines that have
+no effect here are accepted only with their no-op values (``logit_bias`` empty, ``response_format``
+text...). qwenvl's own per-item options (``min_pixels``, ``fps``, ``max_video_tokens``...) sit in
+the ``image_url`` / ``video_url`` object or at the top level of the part, as in qwen-vl-utils.
+
+Extension: the request field ``"qwenvl": {"grounding": true, "add_vision_id": false}`` asks for
+parsed boxes/points in original-image pixels; responses carry ``"qwenvl": {"images": [...],
+"videos": [...]}`` (what the model saw) and, when asked, ``"grounding"``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveNum = Annotated[float, Field(gt=0)]
+NonNegNum = Annotated[float, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- content parts ---------------------------------------------------------------------------
+class ImageOptions(_Strict):
+    """qwenvl's per-image options (see ``processing.image.resolve_image_size``)."""
+
+    min_pixels: PositiveInt | None = None
+    max_pixels: PositiveInt | None = None
+    resized_height: PositiveInt | None = None
+    resized_width: PositiveInt | None = None
+
+
+class VideoOptions(_Strict):
+    """qwenvl's per-video options (``processing.video.VideoSampling``)."""
+
+    fps: PositiveNum | None = None
+    nframes: PositiveInt | None = None
+    min_frames: PositiveInt | None = None
+    max_frames: PositiveInt | None = None
+    video_start: NonNegNum | None = None
+    video_end: NonNegNum | None = None
+    min_pixels: PositiveNum | None = None
+    max_pixels: PositiveNum | None = None
+    total_pixels: PositiveNum | None = None
+    resized_height: PositiveInt | None = None
+    resized_width: PositiveInt | None = None
+    max_video_tokens: PositiveInt | None = None
+
+
+class ImageURL(ImageOptions):
+    url: str
+    # OpenAI's knob: "low" caps the image at 512x512 pixels' worth of area (unless max_pixels is
+    # given); "auto" and "high" keep the model's full resolution.
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class VideoURL(VideoOptions):
+    url: str
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(ImageOptions):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class VideoPart(VideoOptions):
+    type: Literal["video_url"]
+    video_url: VideoURL | str
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+
+LOW_DETAIL_PIXELS = 512 * 512
+
+
+def part_to_item(part: TextPart | ImagePart | VideoPart) -> dict[str, Any]:
+    """A validated part as the content item ``Processor.prepare_chat`` reads."""
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    kind = "image" if isinstance(part, ImagePart) else "video"
+    inner = part.image_url if isinstance(part, ImagePart) else part.video_url
+    options = part.model_dump(exclude={"type", f"{kind}_url"}, exclude_none=True)
+    if isinstance(inner, str):
+        url = inner
+    else:
+        url = inner.url
+        options.update(inner.model_dump(exclude={"url", "detail"}, exclude_none=True))
+        if getattr(inner, "detail", None) == "low" and "max_pixels" not in options:
+            options["max_pixels"] = LOW_DETAIL_PIXELS
+            options["min_pixels"] = min(options.get("min_pixels", 3136), LOW_DETAIL_PIXELS)
+    return {"type": f"{kind}_url", f"{kind}_url": {"url": url, **options}}
+
+
+# --- messages --------------------------------------------------------------------------------
+class FunctionCall(_Strict):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Part] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    # echoed back by clients that append a response message as-is; must be empty
+    refusal: None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role}
+        if isinstance(self.content, list):
+            out["content"] = [part_to_item(p) for p in self.content]
+        else:
+            out["content"] = self.content if self.content is not None else ""
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            out["name"] = self.name
+        return out
+
+
+# --- tools -----------------------------------------------------------------------------------
+class FunctionDef(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+# --- requests --------------------------------------------------------------------------------
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class QwenVLOptions(_Strict):
+    grounding: bool = False  # parse boxes/points of each choice in original-image pixels
+    grounding_image: Annotated[int, Field(ge=0)] = 0  # which image the coordinates refer to
+    add_vision_id: bool = False  # "Picture 1:" labels before each image
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class _SamplingFields(_Strict):
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    max_tokens: PositiveInt | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    store: Literal[False] | None = None
+    metadata: dict[str, str] | None = None
+    qwenvl: QwenVLOptions = Field(default_factory=QwenVLOptions)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            if not self.tools:
+                raise ValueError(f"tool_choice={self.tool_choice!r} needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names {self.tool_choice.function.name!r}, which is not among "
+                    f"the tools ({sorted(names)})"
+                )
+        return self
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: Literal[False] | None = None
+    suffix: None = None
+    best_of: Literal[1] | None = None
+
+
+# --- errors ----------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error that becomes ``{"error": {message, type, param, code}}`` with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The first problems of a pydantic error, each with its path (e.g.
+    ``messages.0.content.1.image_url.foo``). Of a union's alternatives, only the one that got
+    furthest is reported (``content`` as a string is not what a part list meant)."""
+    found = []
+    for err in e.errors(include_url=False):
+        loc = tuple(str(x) for x in err["loc"] if not _is_union_tag(x))
+        found.append((loc, err["msg"]))
+    kept = [
+        (loc, msg)
+        for loc, msg in found
+        if not any(other[: len(loc)] == loc and len(other) > len(loc) for other, _ in found)
+    ]
+    kept = list(dict.fromkeys(kept))
+    parts = [f"{'.'.join(loc)}: {msg}" if loc else msg for loc, msg in kept[:3]]
+    more = f" (and {len(kept) - 3} more)" if len(kept) > 3 else ""
+    param = ".".join(kept[0][0]) if kept and kept[0][0] else None
+    return APIError(400, "; ".join(parts) + more, param=param, code="invalid_request")
+
+
+def _is_union_tag(x: object) -> bool:
+    # pydantic names union members in paths ("str", "list[...]", "function-after[...]")
+    return isinstance(x, str) and (
+        "[" in x or x in ("str", "int", "float", "bool", "ImageURL", "VideoURL")
+    )

@@ -1,0 +1,373 @@
+"""Training data: JSON-lines conversations -> token ids, M-RoPE positions, pixels and a loss mask.
+
+One line is one conversation in the message format ``LLM.chat`` takes::
+
+    {"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                              {"type": "text", "text": "What is this?"}]},
+                  {"role": "assistant", "content": "A cat."}],
+     "min_pixels": 3136, "max_pixels": 200704}          # optional defaults for the line's images
+
+Media paths are relative to the file; URLs, ``data:`` URIs and base64 strings pass through. The
+loss covers the assistant turns only: each turn's content and its ``<|im_end|>``. A DPO line has
+``messages`` (the prompt) plus ``chosen`` and ``rejected`` (a string, a content list or an
+assistant message); the loss then covers the final reply only.
+
+The whole file is checked before anything is encoded, and every error names its line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenvl.errors import MediaError, PromptError, QwenVLError
+from qwenvl.processing.image import ProcessedImage, ProcessedVideo
+from qwenvl.processing.prompt import IMAGE_OPTIONS, Processor, _expand
+
+ROLES = ("system", "user", "assistant", "tool")
+LINE_OPTIONS = ("min_pixels", "max_pixels")
+END = "<|im_end|>"
+_REMOTE = re.compile(r"^(https?://|data:|file://)", re.IGNORECASE)
+_MAX_ERRORS = 20
+
+
+class DataError(QwenVLError, ValueError):
+    """A training file (or one of its lines) cannot be used."""
+
+
+@dataclass
+class Sample:
+    """One encoded conversation. ``targets[t]`` is True where token ``t`` is trained on (it is
+    predicted from position ``t - 1``); the first token never is."""
+
+    token_ids: list[int]
+    targets: torch.Tensor  # [L] bool
+    positions: torch.Tensor  # [3, L] int64
+    images: list[ProcessedImage] = field(default_factory=list)
+    videos: list[ProcessedVideo] = field(default_factory=list)
+    line: int = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.targets.sum())
+
+
+# --- reading and checking ----------------------------------------------------------------------
+def read_jsonl(path: str | Path, kind: str = "sft") -> list[tuple[int, dict[str, Any]]]:
+    """Parse and check every line of ``path``; returns ``(line number, record)`` pairs with media
+    paths made absolute. Raises one DataError listing the problems (``file:line: message``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    records, errors = [], []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise DataError("expected a JSON object")
+            record = _check_record(record, path.parent, kind)
+            records.append((lineno, record))
+        except (ValueError, DataError) as e:  # json.JSONDecodeError is a ValueError
+            msg = f"not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
+            errors.append(f"{path}:{lineno}: {msg}")
+            if len(errors) >= _MAX_ERRORS:
+                errors.append("(stopped after 20 errors)")
+                break
+    if errors:
+        raise DataError("invalid training data:\n" + "\n".join(errors))
+    if not records:
+        raise DataError(f"{path}: no samples")
+    return records
+
+
+def _check_record(record: dict[str, Any], root: Path, kind: str) -> dict[str, Any]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError("'messages' must be a non-empty list")
+    defaults = {k: record[k] for k in LINE_OPTIONS if record.get(k) is not None}
+    for k, v in defaults.items():
+        if not isinstance(v, int) or v <= 0:
+            raise DataError(f"{k} must be a positive integer")
+    out = dict(record)
+    out["messages"] = _check_messages(messages, root, defaults, "messages")
+    if kind == "dpo":
+        if out["messages"][-1]["role"] == "assistant":
+            raise DataError("a DPO prompt must not end with an assistant message")
+        for key in ("chosen", "rejected"):
+            if key not in record:
+                raise DataError(f"a DPO line needs '{key}'")
+            reply = _as_assistant(record[key], key)
+            out[key] = _check_messages([reply], root, defaults, key)[0]
+    elif not any(m["role"] == "assistant" and _has_content(m) for m in out["messages"]):
+        raise DataError("no assistant message to train on")
+    return out
+
+
+def _as_assistant(reply: Any, where: str) -> dict[str, Any]:
+    if isinstance(reply, (str, list)):
+        return {"role": "assistant", "content": reply}
+    if isinstance(reply, dict) and reply.get("role", "assistant") == "assistant":
+        return {**reply, "role": "assistant"}
+    raise DataError(f"'{where}' must be a string, a content list or an assistant message")
+
+
+def _has_content(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return bool(content) or bool(message.get("tool_calls"))
+
+
+def _check_messages(
+    messages: list[Any], root: Path, defaults: dict[str, Any], where: str
+) -> list[dict[str, Any]]:
+    out = []
+    seen_user = False
+    for i, m in enumerate(messages):
+        at = f"{where}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{at}: must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}")
+        if role == "assistant" and not seen_user and where == "messages":
+            raise DataError(f"{at}: an assistant message before any user message")
+        seen_user = seen_user or role == "user"
+        content = m.get("content")
+        if isinstance(content, list):
+            items = []
+            for j, item in enumerate(content):
+                if not isinstance(item, dict):
+                    raise DataError(f"{at}.content[{j}]: must be an object")
+                item = _check_item(item, root, defaults, f"{at}.content[{j}]")
+                if role == "assistant" and _media_kind(item):
+                    raise DataError(f"{at}.content[{j}]: images and videos belong in user turns")
+                items.append(item)
+            m = {**m, "content": items}
+        elif content is not None and not isinstance(content, str):
+            raise DataError(f"{at}: content must be a string or a list of items")
+        elif content is None and role != "assistant":
+            raise DataError(f"{at}: a {role} message needs content")
+        out.append(m)
+    return out
+
+
+def _media_kind(item: dict[str, Any]) -> str | None:
+    for kind in ("image", "video"):
+        if item.get("type") in (kind, f"{kind}_url") or kind in item or f"{kind}_url" in item:
+            return kind
+    return None
+
+
+def _check_item(item: dict[str, Any], root: Path, defaults: dict[str, Any], at: str) -> dict:
+    kind = _media_kind(item)
+    if kind is None:
+        if item.get("type", "text") == "text" and not isinstance(item.get("text"), str):
+            raise DataError(f"{at}: a text item needs a 'text' string")
+        return item
+    item = dict(item)
+    key = kind if kind in item else f"{kind}_url"
+    source = item.get(key)
+    if isinstance(source, dict):
+        source = source.get("url")
+    if source is None:
+        raise DataError(f"{at}: {kind} item has no {kind} data")
+    if kind == "image":
+        for k, v in defaults.items():
+            item.setdefault(k, v)
+        bad = [k for k in IMAGE_OPTIONS if k in item and not isinstance(item[k], (int, float))]
+        if bad:
+            raise DataError(f"{at}: {', '.join(bad)} must be numbers")
+    resolved = _resolve(source, root, at)
+    if isinstance(item.get(key), dict):
+        item[key] = {**item[key], "url": resolved}
+    else:
+        item[key] = resolved
+    return item
+
+
+def _resolve(source: Any, root: Path, at: str) -> Any:
+    """A path relative to the data file becomes absolute; URLs and base64 pass through."""
+    if isinstance(source, list):  # a video given as frames
+        return [_resolve(s, root, at) for s in source]
+    if not isinstance(source, str) or _REMOTE.match(source) or len(source) > 1024:
+        return source
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else root / path
+    if path.exists():
+        return str(path)
+    if "." in Path(source).name or "/" in source or "\\" in source:
+        raise DataError(f"{at}: file not found: {path}")
+    return source  # a short base64 payload
+
+
+# --- encoding ----------------------------------------------------------------------------------
+def encode_conversation(
+    processor: Processor, messages: list[dict[str, Any]], *, last_turn_only: bool = False
+) -> Sample:
+    """Tokenise one conversation; targets are the assistant turns (or only the last one)."""
+    prompt = processor.prepare_chat(messages, add_generation_prompt=False)
+    text = prompt.text or ""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or (last_turn_only and i != len(messages) - 1):
+            continue
+        head = processor.render(messages[:i], add_generation_prompt=True) if i else ""
+        upto = processor.render(messages[: i + 1], add_generation_prompt=False)
+        if not (text.startswith(upto) and upto.startswith(head)):
+            raise PromptError("the chat template does not render turns as prefixes")
+        start, stop = len(head), len(upto)
+        end = text.rfind(END, start, stop)
+        spans.append((start, end + len(END) if end >= 0 else stop))
+    enc = processor.tokenizer.backend.encode(text, add_special_tokens=False)
+    ids, offsets = enc.ids, enc.offsets
+    flags = [any(s <= a and b <= e for s, e in spans) and b > a for a, b in offsets]
+    cfg = processor.config
+    for token_id, items in (
+        (cfg.image_token_id, prompt.images),
+        (cfg.video_token_id, prompt.videos),
+    ):
+        flags = _expand_flags(ids, flags, token_id, [it.num_tokens for it in items])
+        ids = _expand(ids, token_id, [it.num_tokens for it in items], "media")
+    if ids != prompt.token_ids:
+        raise PromptError("tokenisation with offsets differs from the processor's")
+    targets = torch.tensor(flags, dtype=torch.bool)
+    targets[0] = False
+    return Sample(ids, targets, prompt.positions, prompt.images, prompt.videos)
+
+
+def _expand_flags(ids: list[int], flags: list[bool], token_id: int, counts: list[int]) -> list:
+    out, k = [], 0
+    for t, f in zip(ids, flags):
+        if t == token_id and k < len(counts):
+            out.extend([False] * counts[k])
+            k += 1
+        else:
+            out.append(f)
+    return out
+
+
+def split_rounds(messages: list[dict[str, Any]]) -> tuple[list[dict], list[list[dict]]]:
+    """Leading system messages, and the rounds (a user turn and what follows it)."""
+    head = []
+    i = 0
+    while i < len(messages) and messages[i]["role"] == "system":
+        head.append(messages[i])
+        i += 1
+    rounds: list[list[dict]] = []
+    for m in messages[i:]:
+        if m["role"] == "user" or not rounds:
+            rounds.append([m])
+        else:
+            rounds[-1].append(m)
+    return head, rounds
+
+
+def encode_record(
+    processor: Processor,
+    record: dict[str, Any],
+    lineno: int,
+    max_len: int | None = None,
+    overlong: str = "reject",
+) -> list[Sample]:
+    """One SFT line -> one sample, or (``overlong="split"``) several, cut at turn boundaries."""
+    try:
+        sample = encode_conversation(processor, record["messages"])
+        sample.line = lineno
+        if max_len is None or len(sample) <= max_len:
+            return [sample]
+        if overlong != "split":
+            raise DataError(f"{len(sample)} tokens, more than the budget of {max_len}")
+        head, rounds = split_rounds(record["messages"])
+        pieces: list[Sample] = []
+        group: list[list[dict]] = []
+        for rnd in rounds:
+            trial = _encode_group(processor, head, group + [rnd])
+            if trial is not None and len(trial) <= max_len:
+                group.append(rnd)
+                continue
+            if not group:
+                raise DataError(f"a single turn is longer than the budget of {max_len} tokens")
+            done = _encode_group(processor, head, group)
+            if done is not None:
+                pieces.append(done)
+            group = [rnd]
+            single = _encode_group(processor, head, group)
+            if single is not None and len(single) > max_len:
+                raise DataError(f"a single turn is longer than the budget of {max_len} tokens")
+        done = _encode_group(processor, head, group)
+        if done is not None:
+            pieces.append(done)
+        for p in pieces:
+            p.line = lineno
+        return pieces
+    except (PromptError, MediaError) as e:
+        raise DataError(f"line {lineno}: {e}") from e
+    except DataError as e:
+        raise DataError(f"line {lineno}: {e}") from e
+
+
+def _encode_group(processor: Processor, head: list, rounds: list[list[dict]]) -> Sample | None:
+    messages = head + [m for r in rounds for m in r]
+    if not any(m["role"] == "assistant" for m in messages):
+        return None
+    return encode_conversation(processor, messages)
+
+
+def encode_pair(processor: Processor, record: dict[str, Any], lineno: int) -> tuple[Sample, Sample]:
+    """A DPO line -> (chosen, rejected), each trained on its final reply only."""
+    try:
+        out = []
+        for key in ("chosen", "rejected"):
+            s = encode_conversation(
+                processor, record["messages"] + [record[key]], last_turn_only=True
+            )
+            s.line = lineno
+            out.append(s)
+        return out[0], out[1]
+    except (PromptError, MediaError) as e:
+        raise DataError(f"line {lineno}: {e}") from e
+
+
+def load_sft(
+    path: str | Path,
+    processor: Processor,
+    max_len: int | None = None,
+    overlong: str = "reject",
+) -> list[Sample]:
+    """Check, then encode, every conversation of a JSON-lines file."""
+    records = read_jsonl(path, "sft")
+    samples: list[Sample] = []
+    for lineno, record in records:
+        try:
+            samples.extend(encode_record(processor, record, lineno, max_len, overlong))
+        except DataError as e:
+            raise DataError(f"{path}:{str(e).removeprefix('line ')}") from e
+    return samples
+
+
+def load_dpo(path: str | Path, processor: Processor, max_len: int | None = None) -> list:
+    """Check, then encode, every (prompt, chosen, rejected) line as ``[chosen, rejected]``."""
+    pairs = []
+    for lineno, record in read_jsonl(path, "dpo"):
+        try:
+            chosen, rejected = encode_pair(processor, record, lineno)
+        except DataError as e:
+            raise DataError(f"{path}:{str(e).removeprefix('line ')}") from e
+        if max_len is not None and len(chosen) + len(rejected) > max_len:
+            raise DataError(
+                f"{path}:{lineno}: chosen + rejected take {len(chosen) + len(rejected)} tokens, "
+                f"more than the budget of {max_len}"
+            )
+        pairs.append([chosen, rejected])
+    return pairs

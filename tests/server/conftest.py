@@ -1,0 +1,183 @@
+"""Fixtures for the server tests: real uvicorn servers on loopback ports, a media HTTP server,
+and test media (PNG/JPEG/MP4, broken ones too).
+
+``server`` serves a tiny Qwen2-VL checkpoint with an API key, the media server's host trusted and
+a local media folder allowed; ``tight`` serves its own copy with small limits (queue of 1, small
+bodies and media) for the 413/429 tests.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("openai")
+
+from server_helpers import API_KEY, MODEL, jpeg_bytes, mp4_bytes, png_bytes
+
+
+# --- the media HTTP server -------------------------------------------------------------------
+@dataclass
+class MediaServer:
+    base: str  # http://127.0.0.1:PORT
+    port: int
+    release: threading.Event  # /slow waits for it
+    hits: dict[str, int]
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+
+@pytest.fixture(scope="session")
+def media_server() -> Iterator[MediaServer]:
+    files = {
+        "/red.png": (png_bytes((255, 0, 0)), "image/png"),
+        "/green.png": (png_bytes((0, 255, 0), (90, 70)), "image/png"),
+        "/blue.jpg": (jpeg_bytes(), "image/jpeg"),
+        "/clip.mp4": (mp4_bytes(), "video/mp4"),
+        "/big.png": (png_bytes((1, 2, 3), (400, 400)), "image/png"),
+    }
+    release = threading.Event()
+    hits: dict[str, int] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            hits[self.path] = hits.get(self.path, 0) + 1
+            port = self.server.server_address[1]
+            if self.path in files:
+                data, mime = files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", mime)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif self.path == "/to-localhost":  # a hop to a host that is not trusted
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{port}/red.png")
+                self.end_headers()
+            elif self.path == "/to-metadata":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+            elif self.path == "/to-red":
+                self.send_response(302)
+                self.send_header("Location", "/red.png")
+                self.end_headers()
+            elif self.path == "/slow.png":
+                release.wait(30)
+                data = files["/red.png"][0]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield MediaServer(f"http://127.0.0.1:{port}", port, release, hits)
+    release.set()
+    httpd.shutdown()
+
+
+# --- qwenvl servers --------------------------------------------------------------------------
+@dataclass
+class Running:
+    base_url: str  # http://127.0.0.1:PORT/v1
+    app: Any
+    llm: Any
+
+    @property
+    def root(self) -> str:
+        return self.base_url[: -len("/v1")]
+
+    def client(self, api_key: str = API_KEY, **kw: Any) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, **kw)
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.qwenvl
+
+
+def start_server(llm: Any, settings: Any) -> Iterator[Running]:
+    import uvicorn
+
+    from qwenvl.server import create_app
+
+    app = create_app(llm, settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    yield Running(f"http://127.0.0.1:{port}/v1", app, llm)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    (root / "local.png").write_bytes(png_bytes((10, 200, 30)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(checkpoints: Any, media_dir: Path) -> Iterator[Running]:
+    from qwenvl import LLM
+    from qwenvl.server import ServerSettings
+
+    llm = LLM(checkpoints("qwen2_vl"), dtype="float32")
+    settings = ServerSettings(
+        served_model_name=MODEL,
+        api_key=API_KEY,
+        allowed_media_domains=("127.0.0.1",),
+        allowed_local_media_path=str(media_dir),
+        default_max_tokens=8,
+        max_redirects=2,
+    )
+    yield from start_server(llm, settings)
+
+
+@pytest.fixture(scope="session")
+def tight(checkpoints: Any) -> Iterator[Running]:
+    from qwenvl import LLM
+    from qwenvl.server import ServerSettings
+
+    llm = LLM(checkpoints("qwen2_vl"), dtype="float32")
+    settings = ServerSettings(
+        served_model_name=MODEL,
+        allowed_media_domains=("127.0.0.1",),
+        max_waiting_requests=1,
+        max_body_bytes=100_000,
+        max_media_bytes=20_000,
+        default_max_tokens=4,
+    )
+    yield from start_server(llm, settings)
