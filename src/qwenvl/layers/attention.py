@@ -3,13 +3,22 @@ LLM.
 
 The reference path is PyTorch SDPA on CPU. Segments of equal length are stacked and run as one
 batched call, so window attention over many same-sized windows costs one kernel launch, not one per
-window.
+window. On CUDA with flash-attn installed and a 16-bit model, the ViT's segments go through
+``flash_attn_varlen_func`` instead (the LLM's paged attention stays on SDPA).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+try:  # optional CUDA kernel: one launch for all segments, no padding
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # CPU machines and CUDA installs without flash-attn use SDPA
+    flash_attn_varlen_func = None
+
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def varlen_attention(
@@ -25,6 +34,10 @@ def varlen_attention(
         ``[N, heads, head_dim]``.
     """
     n = q.shape[0]
+    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in _FLASH_DTYPES:
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+        longest = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest)
     if len(cu_seqlens) == 2:
         return _sdpa_segments(q, k, v, torch.arange(n, device=q.device).view(1, n))
     by_len: dict[int, list[int]] = {}
