@@ -9,8 +9,8 @@ processes, so that each peak RSS (``ru_maxrss``) belongs to one measurement:
     producing ``pixel_values`` (``--pil``: also with ``frame_resize="pil"``);
   * ``qwenvl-budget`` (with ``--max-video-tokens N``): the same under a token budget.
 
-Goals: qwenvl / decode <= 1.2 and peak RSS < 1.5 GiB beyond the output tensor (the default
-output alone is ~2 GB of float32 for a 20-minute clip: 768 frames at 336x644).
+Goals: qwenvl / decode <= 1.2 and peak RSS < 1.5 GiB (the output is kept as uint8 patches,
+~0.5 GB for a 20-minute clip at the defaults: 768 frames at 336x644; float32 would be ~2 GB).
 
     python bench/video_preprocess.py                      # 20 min 1280x720 @ 30 fps
     python bench/video_preprocess.py --minutes 2 --video /tmp/clip2.mp4
@@ -95,7 +95,7 @@ def child(kind: str, path: str, max_video_tokens: int | None) -> dict[str, objec
             frames=len(meta.frame_indices),
             tokens=video.num_tokens,
             size=f"{video.resized_height}x{video.resized_width}",
-            output_mib=video.pixel_values.numel() * 4 / 2**20,
+            output_mib=video.patches.numel() / 2**20,  # uint8 patches (normalised in the ViT)
             plan=meta.plan,
         )
     result["seconds"] = time.perf_counter() - start

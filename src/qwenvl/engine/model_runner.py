@@ -95,7 +95,9 @@ class ModelRunner:
                 continue
             items = [req.items[k] for req, k in unique.values()]
             feats = self.model.encode_vision(
-                torch.cat([it.pixel_values for it in items]), [it.grid_thw for it in items]
+                torch.cat([it.pixel_values for it in items]),
+                [it.grid_thw for it in items],
+                lut=items[0].lut,  # videos: one processor, one normalisation table
             )
             self.vit_items += len(items)
             by_key = dict(zip(unique, feats.split([it.length for it in items])))

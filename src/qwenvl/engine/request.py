@@ -37,20 +37,25 @@ class VisionItem:
     length: int  # placeholder tokens = merged vision tokens
     key: str  # content hash of the preprocessed pixels and grid (encoder-cache key)
     prefix_key: str  # key + what else changes the KV (a video's time scale)
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor  # float32 rows, or a video's uint8 patches (then ``lut`` is set)
     grid_thw: tuple[int, int, int]
+    lut: torch.Tensor | None = None
 
     @property
     def end(self) -> int:
         return self.start + self.length
 
 
-def content_key(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> str:
+def content_key(
+    pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], lut: torch.Tensor | None = None
+) -> str:
     """A digest of preprocessed pixels and grid: equal keys mean equal vision embeddings."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(repr(tuple(grid_thw)).encode())
-    digest.update(str(pixel_values.dtype).encode())
-    digest.update(pixel_values.detach().contiguous().cpu().numpy().tobytes())
+    for t in (pixel_values, lut):
+        if t is not None:
+            digest.update(str(t.dtype).encode())
+            digest.update(t.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -67,9 +72,11 @@ def vision_items(
         pos = 0
         for k, item in enumerate(media):
             start = ids.index(token, pos)
+            pixels = item.patches if kind == "video" else item.pixel_values
+            lut = item.lut if kind == "video" else None
             key = getattr(item, "content_key", None)
             if key is None:
-                key = content_key(item.pixel_values, item.grid_thw)
+                key = content_key(pixels, item.grid_thw, lut)
                 item.content_key = key  # type: ignore[attr-defined]  # hashed once per item
             spgt = getattr(item, "second_per_grid_t", None)
             prefix_key = key if spgt is None else f"{key}@{float(spgt)!r}"
@@ -81,8 +88,9 @@ def vision_items(
                     item.num_tokens,
                     key,
                     prefix_key,
-                    item.pixel_values,
+                    pixels,
                     tuple(item.grid_thw),
+                    lut,
                 )
             )
             pos = start + item.num_tokens

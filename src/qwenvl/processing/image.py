@@ -332,9 +332,16 @@ class ProcessedImage:
 
 @dataclass
 class ProcessedVideo:
-    """One clip (a list of already sampled frames) ready for the vision tower."""
+    """One clip (a list of already sampled frames) ready for the vision tower.
 
-    pixel_values: torch.Tensor  # [t*h*w, C*TP*P*P] float32
+    The frames are kept as uint8 ``patches`` in the final patch order, a quarter of the float32
+    ``pixel_values``: normalisation is a per-channel table lookup (``lut``), done by
+    :func:`normalize_patches` when a slice goes through the ViT, so a long video never exists as
+    one float32 tensor. The result is bit-identical to normalising first.
+    """
+
+    patches: torch.Tensor  # [t*h*w, C*TP*P*P] uint8
+    lut: torch.Tensor  # [C, 256] float32: the normalised value of every uint8 level per channel
     grid_thw: tuple[int, int, int]
     original_width: int  # of the first frame
     original_height: int
@@ -344,6 +351,25 @@ class ProcessedVideo:
     second_per_grid_t: float  # temporal_patch_size / fps; Qwen2.5-VL's time axis
     num_tokens: int  # number of <|video_pad|> tokens
     metadata: Any = None  # video.VideoMetadata when sampled from a file: indices, timestamps
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """Normalised float32 ``[t*h*w, C*TP*P*P]``, as the reference processor returns it
+        (allocated on each access: 4x the size of ``patches``)."""
+        return normalize_patches(self.patches, self.lut)
+
+
+def normalize_patches(patches: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """uint8 patch rows ``[N, C*K]`` -> float32 ``[N, C*K]`` through the per-channel table
+    ``lut [C, 256]``."""
+    c = lut.shape[0]
+    out = np.empty(tuple(patches.shape), dtype=np.float32)
+    rows = patches.numpy().reshape(patches.shape[0], c, -1)
+    view = out.reshape(patches.shape[0], c, -1)
+    table = lut.numpy()
+    for ch in range(c):
+        np.take(table[ch], rows[:, ch], out=view[:, ch], mode="clip")
+    return torch.from_numpy(out)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -523,27 +549,23 @@ def preprocess_video_frames(
 
 
 def _patchify_group_into(group: np.ndarray, cfg: VisionPreprocessConfig, out: np.ndarray) -> None:
-    """``patchify(_normalize(frame) for frame in group)`` written into ``out``, bit-identical but
-    faster: the uint8 pixels are reordered first and normalised by table lookup in place.
+    """The uint8 pixels of ``group`` reordered into patch rows, written into ``out``; with
+    :func:`normalize_patches` this is ``patchify(_normalize(frame) for frame in group)``.
 
-    ``group`` is uint8 ``[TP, H, W, C]``; ``out`` float32 ``[H/P * W/P, C*TP*P*P]``.
+    ``group`` is uint8 ``[TP, H, W, C]``; ``out`` uint8 ``[H/P * W/P, C*TP*P*P]``.
     """
     p, m = cfg.patch_size, cfg.merge_size
     tp, h, w, c = group.shape
     x = group.reshape(tp, h // (m * p), m, p, w // (m * p), m, p, c)
     x = x.transpose(1, 4, 2, 5, 7, 0, 3, 6)  # [bh, bw, mh, mw, C, TP, ph, pw]
-    rows = np.ascontiguousarray(x).reshape(-1, c, tp * p * p)
-    lut = _normalize_lut(cfg.image_mean, cfg.image_std)
-    view = out.reshape(-1, c, tp * p * p)
-    for ch in range(c):
-        np.take(lut[ch], rows[:, ch], out=view[:, ch], mode="clip")
+    out.reshape(x.shape[0], x.shape[1], m, m, c, tp, p, p)[...] = x
 
 
 class VideoFrameWriter:
-    """Builds a video's ``pixel_values`` frame by frame, as frames arrive (e.g. from a decoder).
+    """Builds a video's uint8 ``patches`` frame by frame, as frames arrive (e.g. from a decoder).
 
-    Each RGB frame is resized (PIL bicubic) and normalised when added, and a temporal group is
-    patchified as soon as it is complete, so only the output and one group are held.
+    Each RGB frame is resized (PIL bicubic) when added, and a temporal group is reordered into
+    patch rows as soon as it is complete, so only the output and one group are held.
     """
 
     def __init__(
@@ -558,8 +580,8 @@ class VideoFrameWriter:
         self.rows_per_group = self.grid[1] * self.grid[2]
         # zeros, not empty: one bulk first touch of the pages is several times cheaper than
         # faulting them in group by group (measured in bench/video_preprocess.py)
-        self.pixel_values = torch.zeros(
-            self.grid[0] * self.rows_per_group, 3 * tp * p * p, dtype=torch.float32
+        self.patches = torch.zeros(
+            self.grid[0] * self.rows_per_group, 3 * tp * p * p, dtype=torch.uint8
         )
         self.original_size: tuple[int, int] | None = None  # (width, height) of the first frame
         self._group: list[np.ndarray] = []
@@ -577,7 +599,7 @@ class VideoFrameWriter:
         if len(self._group) == tp or self._added == self.num_frames:
             g = (self._added - 1) // tp
             self._group += [self._group[-1]] * (tp - len(self._group))  # pad the last group
-            out = self.pixel_values[g * self.rows_per_group : (g + 1) * self.rows_per_group]
+            out = self.patches[g * self.rows_per_group : (g + 1) * self.rows_per_group]
             _patchify_group_into(np.stack(self._group), self.cfg, out.numpy())
             self._group = []
 
@@ -587,7 +609,8 @@ class VideoFrameWriter:
             raise MediaError(f"got {self._added} of {self.num_frames} video frames")
         t, h, w = self.grid
         return ProcessedVideo(
-            pixel_values=self.pixel_values,
+            patches=self.patches,
+            lut=torch.from_numpy(_normalize_lut(self.cfg.image_mean, self.cfg.image_std).copy()),
             grid_thw=self.grid,
             original_width=self.original_size[0],
             original_height=self.original_size[1],

@@ -20,6 +20,7 @@ from qwenvl.layers.rotary import mrope_cos_sin, text_inv_freq
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.models.qwen2_vl.text import TextModel
 from qwenvl.models.qwen2_vl.vision import Grid, VisionTransformer
+from qwenvl.processing.image import normalize_patches
 
 if TYPE_CHECKING:
     from qwenvl.engine.kv_cache import PagedContext
@@ -49,8 +50,13 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: list[Grid]) -> torch.Tensor:
+    def encode_vision(
+        self, pixel_values: torch.Tensor, grid_thw: list[Grid], lut: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run the ViT + merger over the items: ``[sum(t*h*w/4), hidden]``.
+
+        ``pixel_values`` may be a video's uint8 ``patches`` with its normalisation table ``lut``
+        (``ProcessedVideo``): each ViT call then normalises only its own slice.
 
         Items of at most ``vision_chunk_patches`` patches run together in one call; a larger
         item (a long video) runs a few whole temporal groups at a time (grid ``(t_chunk, h,
@@ -59,8 +65,15 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         """
         grids = [(int(t), int(h), int(w)) for t, h, w in grid_thw]
         limit = self.vision_chunk_patches
+
+        def rows(first: int, n: int) -> torch.Tensor:
+            part = pixel_values[first : first + n]
+            if lut is not None:
+                part = normalize_patches(part, lut)
+            return part.to(self.device)
+
         if limit is None or all(t * h * w <= limit for t, h, w in grids):
-            return self.visual(pixel_values.to(self.device), grids)
+            return self.visual(rows(0, pixel_values.shape[0]), grids)
         unit = self.config.vision.spatial_merge_size**2
         # (first row, rows, grids) of each ViT call: runs of small items, and chunks of big ones
         calls: list[tuple[int, int, list[Grid]]] = []
@@ -81,11 +94,11 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if small:
             calls.append((small_start, row - small_start, small))
         out: torch.Tensor | None = None
-        for first, rows, call_grids in calls:
-            feats = self.visual(pixel_values[first : first + rows].to(self.device), call_grids)
+        for first, count, call_grids in calls:
+            feats = self.visual(rows(first, count), call_grids)
             if out is None:  # [sum(t*h*w) / merge^2, hidden]
                 out = feats.new_empty(row // unit, feats.shape[1])
-            out[first // unit : (first + rows) // unit] = feats
+            out[first // unit : (first + count) // unit] = feats
         assert out is not None
         return out
 
