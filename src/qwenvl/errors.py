@@ -30,6 +30,10 @@ class PromptError(QwenVLError, ValueError):
     """Messages, tools or sampling options that cannot be turned into a prompt."""
 
 
+class ContextLengthError(PromptError):
+    """A prompt (text plus image and video tokens) that cannot fit the context or KV budget."""
+
+
 class ActionError(QwenVLError, ValueError):
     """A visual agent's tool call cannot be turned into an action: no call, an unknown tool or
     action, or a missing or malformed argument (see :mod:`qwenvl.agents`)."""

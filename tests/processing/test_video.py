@@ -408,3 +408,17 @@ def test_errors(tmp_path: Path, videos: dict[str, Path]) -> None:
         load_video(videos["v10_60"], VideoSampling(video_start=7.0), CFG)
     with pytest.raises(MediaError, match="nframes=70"):
         load_video(videos["v10_60"], VideoSampling(nframes=70), CFG)
+
+
+def test_local_videos_stay_under_the_allowed_folder(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    inside = _make_video(allowed / "in.mp4", 8, 4)
+    outside = _make_video(tmp_path / "out.mp4", 8, 4)
+    (allowed / "link.mp4").symlink_to(outside)  # a symlink must not escape the folder
+    policy = MediaPolicy(local_media_root=str(allowed))
+    video, _ = load_video(str(inside), VideoSampling(nframes=2), policy=policy)
+    assert video.grid_thw[0] == 1
+    for escape in (str(outside), f"file://{outside}", str(allowed / "link.mp4")):
+        with pytest.raises(MediaError, match="outside the allowed local media path"):
+            load_video(escape, VideoSampling(nframes=2), policy=policy)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qwenvl.errors import MediaError, PromptError
+from qwenvl.errors import ContextLengthError, MediaError, PromptError
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.models.qwen2_vl.positions import get_mrope_positions
 from qwenvl.processing.chat_template import load_chat_template, render_chat
@@ -279,10 +279,10 @@ class Processor:
                     f" + {t} for {it.where or f'image {k}'}"
                     for k, ((it, _, _), t) in enumerate(zip(opened, image_tokens))
                 )
-                raise PromptError(
-                    f"the prompt needs {need} tokens ({detail}) but at most {max_prompt_tokens} "
-                    f"fit (over by {need - max_prompt_tokens}); lower max_pixels or send fewer or "
-                    "smaller images"
+                raise ContextLengthError(
+                    f"the prompt needs {need} tokens ({detail}) but the context has room for at "
+                    f"most {max_prompt_tokens} (over by {need - max_prompt_tokens}); shorten it, "
+                    "lower max_pixels or send fewer or smaller images"
                 )
             left = max_prompt_tokens - need
         images = []
@@ -300,7 +300,7 @@ class Processor:
             caps = [c for c in (max_video_tokens, left) if c is not None]
             try:
                 if left is not None and left < 1:
-                    raise PromptError(
+                    raise ContextLengthError(
                         f"no tokens are left for this video: text and images take "
                         f"{max_prompt_tokens - left} of the {max_prompt_tokens} that fit"
                     )

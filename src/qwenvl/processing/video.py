@@ -50,6 +50,7 @@ from qwenvl.processing.media import (
     MediaPolicy,
     _file_url_to_path,
     _short,
+    check_local_path,
     fetch_url,
     load_image,
     parse_data_uri,
@@ -519,8 +520,7 @@ def _resolve(source: Any, policy: MediaPolicy) -> tuple[str | io.BytesIO, str]:
             f"unsupported video source of type {type(source).__name__}; expected a path, a URL, "
             "a data URI, bytes or a list of frames"
         )
-    if not policy.allow_local_files:
-        raise MediaError(f"local files are disabled by the media policy: {_short(str(path))}")
+    path = check_local_path(path, policy)  # local files allowed, and under the allowed folder
     if not path.is_file():
         raise MediaError(f"video file not found: {_short(str(path))}")
     return str(path), f"video file {_short(str(path))}"

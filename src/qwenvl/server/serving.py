@@ -22,7 +22,7 @@ import torch
 from starlette.requests import Request
 
 from qwenvl.engine.async_engine import AsyncEngine
-from qwenvl.errors import MediaError, PromptError, QwenVLError
+from qwenvl.errors import ContextLengthError, MediaError, PromptError, QwenVLError
 from qwenvl.grounding import ground
 from qwenvl.llm import LLM
 from qwenvl.outputs import StreamEvent
@@ -50,6 +50,8 @@ _TOO_LARGE = ("over the limit", "more than", "decompression bomb", "too large")
 def media_error(e: QwenVLError) -> APIError:
     """400 for bad input; 413 when the input is over a size limit."""
     msg = str(e)
+    if isinstance(e, ContextLengthError):
+        return APIError(400, msg, param="messages", code="context_length_exceeded")
     if isinstance(e, MediaError) and any(s in msg for s in _TOO_LARGE):
         return APIError(413, msg, code="media_too_large")
     return APIError(400, msg, code="invalid_media" if isinstance(e, MediaError) else None)
@@ -426,9 +428,18 @@ def chat_prepare_fn(
     tools = tools_of(req)
     prefix = _forced_prefix(req)
 
+    # sized from the image headers before any pixel is decoded (the exact check, with the
+    # tokens of a forced tool-call prefix, follows in sampling_params)
+    wanted = req.max_completion_tokens or req.max_tokens or 1
+    budget = llm.engine.max_prompt_tokens + 1 - wanted
+    budget = budget if budget >= 1 else None
+
     def run() -> PromptInputs:
         prompt = llm.processor.prepare_chat(
-            messages, tools=tools, add_vision_id=req.qwenvl.add_vision_id
+            messages,
+            tools=tools,
+            add_vision_id=req.qwenvl.add_vision_id,
+            max_prompt_tokens=budget,
         )
         return _extend(prompt, llm, prefix) if prefix else prompt
 
