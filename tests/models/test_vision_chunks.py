@@ -82,3 +82,29 @@ def test_default_limit_keeps_small_inputs_in_one_call(family, models):
     out, calls = _calls(model, 16384, pixels, grids)
     assert calls == [(pixels.shape[0], grids)]
     torch.testing.assert_close(out, model.visual(pixels, grids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uint8_video_patches_encode_like_float_pixels(family, models):
+    """The engine hands videos over as uint8 patches + table; each chunk is normalised on the
+    way in, and the features equal those of the float32 ``pixel_values`` exactly."""
+    import numpy as np
+    from PIL import Image
+
+    from qwenvl.processing.image import VisionPreprocessConfig, preprocess_video_frames
+
+    model = models(family)
+    rng = np.random.default_rng(0)
+    frames = [
+        Image.fromarray(rng.integers(0, 256, (112, 168, 3), dtype=np.uint8)) for _ in range(6)
+    ]
+    video = preprocess_video_frames(frames, VisionPreprocessConfig())
+    assert video.patches.dtype == torch.uint8
+    assert video.pixel_values.dtype == torch.float32
+    floats, _ = _calls(model, None, video.pixel_values, [video.grid_thw])
+    model.vision_chunk_patches = 8 * 12  # one temporal group per call
+    try:
+        compact = model.encode_vision(video.patches, [video.grid_thw], lut=video.lut)
+    finally:
+        model.vision_chunk_patches = type(model).vision_chunk_patches
+    assert (compact - floats).abs().max().item() <= 1e-5
