@@ -52,8 +52,10 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         slots = num_blocks * block_size
-        # zeros, not empty: padded reads in batched decode must see finite numbers (0 * NaN = NaN)
-        storage = torch.zeros(
+        # Zero-filled, so padded reads in batched decode see finite numbers (0 * NaN = NaN), and
+        # written here, so every page is committed now: the budget is claimed at start-up instead
+        # of showing up later as RSS that creeps up while requests touch new blocks.
+        storage = torch.empty(
             2,
             cfg.num_hidden_layers,
             slots,
@@ -62,6 +64,7 @@ class PagedKVCache:
             dtype=dtype,
             device=device,
         )
+        storage.fill_(0)
         self.k = list(storage[0].unbind(0))
         self.v = list(storage[1].unbind(0))
         self.nbytes = storage.numel() * storage.element_size()
