@@ -5,6 +5,7 @@ and sample the next token of every sequence whose chunk reached its end.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -76,9 +77,9 @@ class ModelRunner:
         for req, k, row, first, n in overlays:
             embeds[row : row + n] = req.features[k][first : first + n].to(embeds.dtype)
 
-    def _encode_missing(self, wanted: Seq[tuple[Request, int]] | object) -> None:
+    def _encode_missing(self, wanted: Iterable[tuple[Request, int]]) -> None:
         todo: dict[str, list[tuple[Request, int]]] = {"image": [], "video": []}
-        for req, k in wanted:  # type: ignore[attr-defined]
+        for req, k in wanted:
             if k in req.features:
                 continue
             item = req.items[k]
