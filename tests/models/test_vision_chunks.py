@@ -91,7 +91,8 @@ def test_uint8_video_patches_encode_like_float_pixels(family, models):
     import numpy as np
     from PIL import Image
 
-    from qwenvl.processing.image import VisionPreprocessConfig, preprocess_video_frames
+    from qwenvl.processing.image import VisionPreprocessConfig
+    from qwenvl.processing.video_frames import preprocess_video_frames
 
     model = models(family)
     rng = np.random.default_rng(0)

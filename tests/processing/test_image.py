@@ -21,11 +21,11 @@ from qwenvl.processing.image import (
     image_geometry,
     patchify,
     preprocess_image,
-    preprocess_video_frames,
     resolve_image_size,
     smart_resize,
     to_rgb,
 )
+from qwenvl.processing.video_frames import preprocess_video_frames
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from qwenvl.errors import MediaError
 from qwenvl.processing import video as video_mod
-from qwenvl.processing.image import VisionPreprocessConfig, preprocess_video_frames, smart_resize
+from qwenvl.processing.image import VisionPreprocessConfig, smart_resize
 from qwenvl.processing.video import (
     VideoInfo,
     VideoSampling,
@@ -21,6 +21,7 @@ from qwenvl.processing.video import (
     plan_video,
     sample_indices,
 )
+from qwenvl.processing.video_frames import preprocess_video_frames
 
 av = pytest.importorskip("av")
 

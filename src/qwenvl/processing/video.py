@@ -29,7 +29,6 @@ from PIL import Image
 from qwenvl.errors import MediaError
 from qwenvl.processing.image import (
     ProcessedVideo,
-    VideoFrameWriter,
     VisionPreprocessConfig,
     _loaded,
     to_rgb,
@@ -44,6 +43,7 @@ from qwenvl.processing.media import (
     load_image,
     parse_data_uri,
 )
+from qwenvl.processing.video_frames import VideoFrameWriter
 from qwenvl.processing.video_plan import (
     FPS,
     FPS_MAX_FRAMES,
