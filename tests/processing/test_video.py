@@ -30,41 +30,15 @@ from qwenvl.processing.video import (
     sample_indices,
     smart_nframes,
 )
+from video_clips import H, W
+from video_clips import frame_array as _frame_array
+from video_clips import index_of as _index_of
+from video_clips import make_video as _make_video
 
 av = pytest.importorskip("av")
 
-W, H = 64, 48
+
 CFG = VisionPreprocessConfig()
-
-
-def _frame_array(i: int) -> np.ndarray:
-    """Frame ``i`` shows the 8 bits of ``i`` as 8 black/white vertical bars."""
-    a = np.zeros((H, W, 3), np.uint8)
-    for b in range(8):
-        if (i >> b) & 1:
-            a[:, b * W // 8 : (b + 1) * W // 8] = 255
-    return a
-
-
-def _index_of(image: Image.Image) -> int:
-    a = np.asarray(image.convert("L").resize((W, H)), dtype=np.float64)
-    bars = [a[:, b * W // 8 + 2 : (b + 1) * W // 8 - 2].mean() for b in range(8)]
-    return sum(1 << b for b, v in enumerate(bars) if v > 127)
-
-
-def _make_video(path: Path, n: int, fps: int, gop: int = 12) -> Path:
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.codec_context.gop_size = gop
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(_frame_array(i), format="rgb24")
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
 
 
 @pytest.fixture(scope="module")

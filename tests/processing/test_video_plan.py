@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,45 +21,21 @@ from qwenvl.processing.video import (
     sample_indices,
 )
 from qwenvl.processing.video_frames import preprocess_video_frames
+from video_clips import frame_array as _frame
+from video_clips import index_of as _index_of
+from video_clips import make_video
 
 av = pytest.importorskip("av")
 
 CFG = VisionPreprocessConfig()
 # 20 minutes of 1280x720 at 30 fps (header facts only: nothing is decoded).
 LONG = VideoInfo(fps=30.0, total_frames=36000, duration=1200.0, width=1280, height=720)
-W, H = 64, 48
-
-
-def _frame(i: int) -> np.ndarray:
-    """Frame ``i`` shows the 8 bits of ``i`` as black/white vertical bars."""
-    a = np.zeros((H, W, 3), np.uint8)
-    for b in range(8):
-        if (i >> b) & 1:
-            a[:, b * W // 8 : (b + 1) * W // 8] = 255
-    return a
-
-
-def _index_of(image: Image.Image) -> int:
-    a = np.asarray(image.convert("L").resize((W, H)), dtype=np.float64)
-    bars = [a[:, b * W // 8 + 2 : (b + 1) * W // 8 - 2].mean() for b in range(8)]
-    return sum(1 << b for b, v in enumerate(bars) if v > 127)
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """200 frames at 30 fps, 64x48, a keyframe every 30 frames."""
-    path = tmp_path_factory.mktemp("plan") / "v30_200.mp4"
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=30)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.codec_context.gop_size = 30
-        for i in range(200):
-            for p in s.encode(av.VideoFrame.from_ndarray(_frame(i), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    return make_video(tmp_path_factory.mktemp("plan") / "v30_200.mp4", 200, 30, gop=30)
 
 
 # --- pure planning ---------------------------------------------------------------------------
