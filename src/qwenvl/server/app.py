@@ -259,24 +259,15 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
     async def full_chat(
         job: sv.Job, req: ChatCompletionRequest, prefix: str, tools_on: bool
     ) -> Response:
-        n = req.n
-        texts, ids, reasons = [""] * n, [[] for _ in range(n)], [None] * n
-        lps: list[list] = [[] for _ in range(n)]
         try:
-            async for ev in job.events():
-                texts[ev.index] += ev.text
-                ids[ev.index] += ev.token_ids
-                if ev.logprobs:
-                    lps[ev.index] += ev.logprobs
-                if ev.finish_reason:
-                    reasons[ev.index] = ev.finish_reason
+            texts, ids, lps, reasons = await sv.collect(job, req.n)
         except sv.ClientGone:
             return Response(status_code=499)
         state.metrics.e2e.observe(time.monotonic() - job.started)
         choices = []
         extra = sv.seen(job.prompt)
         grounding = []
-        for i in range(n):
+        for i in range(req.n):
             message, called = sv.message_of(texts[i], prefix, tools_on)
             choice: dict[str, Any] = {
                 "index": i,
@@ -494,15 +485,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
 
             return StreamingResponse(body(), media_type="text/event-stream")
 
-        n = req.n
-        texts, ids, reasons = [""] * n, [[] for _ in range(n)], [None] * n
-        lps: list[list] = [[] for _ in range(n)]
         try:
-            async for ev in job.events():
-                texts[ev.index] += ev.text
-                ids[ev.index] += ev.token_ids
-                lps[ev.index] += ev.logprobs or []
-                reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+            texts, ids, lps, reasons = await sv.collect(job, req.n)
         except sv.ClientGone:
             return Response(status_code=499)
         choices = [
@@ -512,7 +496,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
                 "logprobs": logprobs_of(ids[i], lps[i]) if req.logprobs is not None else None,
                 "finish_reason": reasons[i] or "stop",
             }
-            for i in range(n)
+            for i in range(req.n)
         ]
         body = {**head, "choices": choices, "usage": sv.usage(prompt, sum(len(x) for x in ids))}
         return JSONResponse(body)

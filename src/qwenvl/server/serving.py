@@ -399,6 +399,21 @@ class Job:
         self.state.metrics.add(generation_tokens=len(event.token_ids))
 
 
+async def collect(
+    job: Job, n: int
+) -> tuple[list[str], list[list[int]], list[list[dict]], list[str | None]]:
+    """Text, token ids, logprobs and finish reason of each of the ``n`` completions, for a
+    non-streamed response (``ClientGone`` if the client leaves first)."""
+    texts, ids, reasons = [""] * n, [[] for _ in range(n)], [None] * n
+    lps: list[list[dict]] = [[] for _ in range(n)]
+    async for ev in job.events():
+        texts[ev.index] += ev.text
+        ids[ev.index] += ev.token_ids
+        lps[ev.index] += ev.logprobs or []
+        reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+    return texts, ids, lps, reasons
+
+
 async def prepare(state: ServerState, fn: Callable[[], PromptInputs]) -> PromptInputs:
     """Run preprocessing in the pool; bad media and prompts become 400/413."""
     loop = asyncio.get_running_loop()
