@@ -38,7 +38,7 @@ class ModelRunner:
         offset = 0
         for c in chunks:
             end = c.start + c.length
-            ids.extend(c.seq.all_ids[c.start : end])
+            ids.extend(c.seq.ids(c.start, end))
             positions.append(c.seq.positions(c.start, end))
             offset += c.length
             if c.samples:

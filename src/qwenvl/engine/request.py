@@ -183,6 +183,14 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.token_ids
 
+    def ids(self, start: int, end: int) -> list[int]:
+        """Token ids ``[start, end)`` of prompt + generated, without building the whole list
+        (the decode step asks for one token of a long sequence)."""
+        n_prompt = len(self.prompt_ids)
+        if start >= n_prompt:
+            return self.token_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_ids[start:end] + self.token_ids[: max(0, end - n_prompt)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.token_ids)
