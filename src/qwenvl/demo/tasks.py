@@ -1,0 +1,209 @@
+"""The demo's tasks: a scene (or two, or a clip) -> a question and the one right answer.
+
+(a) ``list``: colour and number of every block, row by row from the top; (b) ``count``;
+(c) ``number``: the number on the block of a unique colour; (d) ``ground``: the box of the block
+with number N, in Qwen2.5-VL's JSON convention (``bbox_2d`` in resized-image pixels); (e)
+``compare``: which of two images has more blocks; (f) ``when``: in a clip where blocks appear one
+by one, the second at which the block with number N appears.
+
+Every sample is a pure function of ``(seed, index)``; ``write_jsonl`` writes them in the format
+``qwenvl train`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from qwenvl.demo.scenes import COLOUR_NAMES, Scene, random_scene, render
+from qwenvl.grounding import grounding_prompt
+from qwenvl.processing.image import smart_resize
+
+TASKS = ("list", "count", "number", "ground", "compare", "when")
+LIST_PROMPT = "Output the color and number of each box."
+COUNT_PROMPT = "How many boxes are there?"
+COMPARE_PROMPT = "Which image has more boxes?"
+# The demo checkpoint's pixel limits (preprocessor_config.json): a 224-336 px scene is seen at
+# about 224x224, 64 vision tokens; video frames at 140x140, 25 tokens per second of clip.
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 224 * 224
+VIDEO_SIDE = 140
+VIDEO_FPS = 2.0
+VIDEO_OPTIONS = {"fps": VIDEO_FPS, "resized_height": VIDEO_SIDE, "resized_width": VIDEO_SIDE}
+
+
+def number_prompt(colour: str) -> str:
+    return f"What is the number on the {colour} box?"
+
+
+def ground_phrase(number: int) -> str:
+    return f"the box with the number {number}"
+
+
+def when_prompt(number: int) -> str:
+    return f"At what second does the box with the number {number} appear?"
+
+
+@dataclass
+class DemoSample:
+    """One question with its media and answer; ``info`` keeps what evaluation needs."""
+
+    task: str
+    images: list[Image.Image]
+    video: list[Image.Image] | None
+    question: str
+    answer: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def messages(self, with_answer: bool = True) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [{"type": "image", "image": im} for im in self.images]
+        if self.video is not None:
+            content.append({"type": "video", "video": self.video, **VIDEO_OPTIONS})
+        content.append({"type": "text", "text": self.question})
+        out: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if with_answer:
+            out.append({"role": "assistant", "content": self.answer})
+        return out
+
+
+def list_answer(scene: Scene) -> str:
+    return "\n".join(", ".join(f"{b.colour} {b.number}" for b in row) for row in scene.rows)
+
+
+def resized_box(scene: Scene, number: int) -> list[int]:
+    """The block's box in pixels of the image the model sees (the processor's resize)."""
+    h, w = smart_resize(scene.height, scene.width, 28, MIN_PIXELS, MAX_PIXELS)
+    x1, y1, x2, y2 = scene.by_number(number).box
+    sx, sy = w / scene.width, h / scene.height
+    return [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
+
+
+def ground_answer(box: Sequence[int], number: int) -> str:
+    inner = json.dumps({"bbox_2d": list(box), "label": ground_phrase(number)})
+    return f"```json\n[\n\t{inner}\n]\n```"
+
+
+def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSample:
+    """One sample of ``task``; ``max_blocks`` < 10 gives the easier scenes of a curriculum."""
+    if task == "list":
+        s = random_scene(rng, rng.randint(1, max_blocks))
+        return DemoSample(task, [render(s)], None, LIST_PROMPT, list_answer(s), {"scene": s})
+    if task == "count":
+        s = random_scene(rng, rng.randint(1, max_blocks))
+        return DemoSample(task, [render(s)], None, COUNT_PROMPT, str(len(s.blocks)), {"scene": s})
+    if task == "number":
+        s = random_scene(rng, rng.randint(1, max_blocks))
+        unique = [b for b in s.blocks if sum(c.colour == b.colour for c in s.blocks) == 1]
+        if not unique:  # recolour one block with a colour nobody else has
+            free = [c for c in COLOUR_NAMES if all(b.colour != c for b in s.blocks)]
+            i = rng.randrange(len(s.blocks))
+            blocks = list(s.blocks)
+            from dataclasses import replace
+
+            blocks[i] = replace(blocks[i], colour=rng.choice(free))
+            s = replace(s, blocks=tuple(blocks))
+            unique = [blocks[i]]
+        b = rng.choice(unique)
+        return DemoSample(
+            task, [render(s)], None, number_prompt(b.colour), str(b.number), {"scene": s}
+        )
+    if task == "ground":
+        s = random_scene(rng, rng.randint(1, max_blocks))
+        n = rng.choice(s.blocks).number
+        box = resized_box(s, n)
+        q = grounding_prompt(ground_phrase(n), "qwen2_5_vl")
+        return DemoSample(
+            task, [render(s)], None, q, ground_answer(box, n), {"scene": s, "number": n}
+        )
+    if task == "compare":
+        a, b = rng.sample(range(1, max_blocks + 1), 2) if max_blocks > 1 else (1, 2)
+        s1, s2 = random_scene(rng, a), random_scene(rng, b)
+        answer = "The first image." if a > b else "The second image."
+        return DemoSample(
+            task, [render(s1), render(s2)], None, COMPARE_PROMPT, answer, {"scenes": (s1, s2)}
+        )
+    if task == "when":
+        seconds = rng.randint(3, 8)
+        n = rng.randint(1, min(seconds, 6, max_blocks))
+        s = random_scene(rng, n, size=(VIDEO_SIDE, VIDEO_SIDE))
+        times = sorted(rng.sample(range(seconds), n))
+        order = list(range(n))
+        rng.shuffle(order)  # block order[k] appears at times[k]
+        appear = {order[k]: times[k] for k in range(n)}
+        frames, shown_per_frame = [], []
+        for f in range(int(seconds * VIDEO_FPS)):
+            t = f / VIDEO_FPS
+            shown = [i for i in range(n) if appear[i] <= t]
+            shown_per_frame.append(shown)
+            frames.append(_render_subset(s, shown))
+        i = rng.randrange(n)
+        number = s.blocks[i].number
+        return DemoSample(
+            task, [], frames, when_prompt(number), str(appear[i]), {"scene": s, "second": appear[i], "shown": shown_per_frame}
+        )
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _render_subset(scene: Scene, shown: list[int]) -> Image.Image:
+    from dataclasses import replace
+
+    return render(replace(scene, blocks=tuple(scene.blocks[i] for i in shown)))
+
+
+def sample_at(seed: int, index: int, tasks: Sequence[str] = TASKS, **kw: Any) -> DemoSample:
+    """Sample ``index`` of the stream ``seed``: the task cycles, the scene is random."""
+    rng = random.Random(f"{seed}:{index}")
+    return make_sample(tasks[index % len(tasks)], rng, **kw)
+
+
+def write_jsonl(
+    out: str | Path, count: int, seed: int, tasks: Sequence[str] = TASKS
+) -> Path:
+    """Write ``count`` samples as images/frames + ``data.jsonl`` (the ``qwenvl train`` format)."""
+    out = Path(out)
+    (out / "media").mkdir(parents=True, exist_ok=True)
+    with open(out / "data.jsonl", "w") as f:
+        for i in range(count):
+            s = sample_at(seed, i, tasks)
+            content: list[dict[str, Any]] = []
+            for k, im in enumerate(s.images):
+                name = f"media/{i:06d}_{k}.png"
+                im.save(out / name)
+                content.append({"type": "image", "image": name})
+            if s.video is not None:
+                names = []
+                for k, im in enumerate(s.video):
+                    name = f"media/{i:06d}_f{k:02d}.png"
+                    im.save(out / name)
+                    names.append(name)
+                content.append({"type": "video", "video": names, **VIDEO_OPTIONS})
+            content.append({"type": "text", "text": s.question})
+            record = {
+                "messages": [
+                    {"role": "user", "content": content},
+                    {"role": "assistant", "content": s.answer},
+                ]
+            }
+            f.write(json.dumps(record) + "\n")
+    return out / "data.jsonl"
+
+
+# --- reading answers back ------------------------------------------------------------------------
+_ITEM = re.compile(r"([a-z]+)\s+(\d)")
+
+
+def parse_list(text: str) -> list[tuple[str, int]]:
+    """``"red 7\\nblue 2, green 5"`` -> ``[("red", 7), ("blue", 2), ("green", 5)]``."""
+    return [(c, int(n)) for c, n in _ITEM.findall(text.lower())]
+
+
+def parse_int(text: str) -> int | None:
+    m = re.search(r"\d+", text)
+    return int(m.group()) if m else None
