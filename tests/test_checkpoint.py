@@ -234,3 +234,36 @@ def test_peak_rss_during_load(dtype, tmp_path):
     growth = int(out.stdout.strip().splitlines()[-1])
     print(f"{dtype}: weights {nbytes / 2**20:.0f} MiB, peak RSS growth {growth / 2**20:.0f} MiB")
     assert growth < 1.3 * nbytes
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_activation_defaults_like_transformers(family):
+    """The released Qwen2-VL config.json has no vision ``hidden_act``: transformers' default
+    applies (quick_gelu for Qwen2-VL, silu for Qwen2.5-VL)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    vision = {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 64, "mlp_ratio": 4}
+    if family == "qwen2_5_vl":
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+            "window_size": 112,
+            "tokens_per_second": 2,
+        }
+    cfg_dict = {
+        "model_type": family,
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "vision_config": vision,
+    }
+    hf = (Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig)(**cfg_dict)
+    assert ModelConfig.from_hf(cfg_dict).vision.hidden_act == hf.vision_config.hidden_act

@@ -151,7 +151,10 @@ class VisionConfig:
         common = dict(
             depth=_get(d, "depth", src, kind=int),
             num_heads=_get(d, "num_heads", src, kind=int),
-            hidden_act=_get(d, "hidden_act", src, kind=str),
+            # the released Qwen2-VL configs omit it: transformers' defaults apply
+            hidden_act=_get(
+                d, "hidden_act", src, "quick_gelu" if family == QWEN2_VL else "silu", kind=str
+            ),
             patch_size=_get(d, "patch_size", src, d.get("spatial_patch_size", 14), kind=int),
             temporal_patch_size=_get(d, "temporal_patch_size", src, 2, kind=int),
             spatial_merge_size=_get(d, "spatial_merge_size", src, 2, kind=int),
