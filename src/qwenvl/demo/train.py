@@ -58,7 +58,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("vision", steps=600, batch=16, lr=2e-3, vision_lr=2e-3, tasks=()),
+    Stage("vision", steps=1500, batch=16, lr=2e-3, vision_lr=2e-3, tasks=()),
     Stage("joint", steps=6000, batch=8, lr=1.5e-3, vision_lr=5e-4, max_blocks_from=3, aux_weight=0.5),
 )
 
@@ -71,8 +71,15 @@ class AuxHeads(nn.Module):
         self.proj = nn.Linear(dim, sum(HEADS.values()))
 
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Colour (or background) on every token; digit, row and column on block tokens only,
+        so the few block tokens are not drowned by the background ones."""
         logits = self.proj(feats.float()).split(list(HEADS.values()), dim=-1)
-        return sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits)) / len(HEADS)
+        total = F.cross_entropy(logits[0], labels[:, 0])
+        on_block = labels[:, 0] > 0
+        if bool(on_block.any()):
+            for i in range(1, len(HEADS)):
+                total = total + F.cross_entropy(logits[i][on_block], labels[on_block, i])
+        return total / len(HEADS)
 
     @torch.no_grad()
     def accuracy(self, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
