@@ -89,18 +89,29 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    packed: str | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
-    """Build the model for a checkpoint folder and load its weights (strict)."""
+    """Build the model for a checkpoint folder and load its weights (strict).
+
+    ``packed`` ("bf16" or "int8") stores the decoder's linear weights compactly
+    (:mod:`qwenvl.layers.packed_linear`) while activations run in ``dtype``; they are read in
+    the checkpoint's 16-bit dtype (or ``dtype`` when that is wider), never widened first.
+    """
+    from qwenvl.layers.packed_linear import decoder_linears, pack_linears
+
     folder = Path(folder)
     config = load_config(folder)
     files = weight_files(folder)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = model_class(config)(config)
+    stored = resolve_dtype("auto", config)
+    compact = {n + ".weight" for n in decoder_linears(model)} if packed else set()
     # Allocate every parameter once, in its final dtype and device; buffers were built on the CPU.
     params: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():  # tied parameters are listed once
-        params[name] = torch.empty(p.shape, dtype=torch_dtype, device=device)
+        dt = stored if name in compact and stored.itemsize < torch_dtype.itemsize else torch_dtype
+        params[name] = torch.empty(p.shape, dtype=dt, device=device)
     tied = config.tie_word_embeddings
     load_into(
         params,
@@ -117,7 +128,9 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.to(device)
     model.eval().requires_grad_(False)
-    logger.info("loaded %s (%s) from %s", config.family, torch_dtype, folder)
+    if packed:
+        pack_linears(model, packed)
+    logger.info("loaded %s (%s, packed %s) from %s", config.family, torch_dtype, packed, folder)
     return model, config
 
 

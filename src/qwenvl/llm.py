@@ -12,7 +12,7 @@ import torch
 from qwenvl.checkpoint import load_model, read_json, resolve_checkpoint
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.engine import LLMEngine
-from qwenvl.errors import PromptError
+from qwenvl.errors import ConfigError, PromptError
 from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.media import MediaPolicy
 from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
@@ -22,6 +22,39 @@ from qwenvl.tool_calls import attach_tool_calls
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, Any]]
+
+
+CPU_MAX_PIXELS = 1024 * 28 * 28  # 1024 vision tokens (1280x720 -> 1176x644)
+CPU_MAX_VIDEO_TOKENS = 4096
+
+
+def _weight_plan(
+    path: Path, dtype: str | torch.dtype, quantization: str | None, on_cpu: bool, lora: bool
+) -> tuple[str | torch.dtype, str | None]:
+    """(activation dtype, packed weight mode) for a checkpoint; see ``LLM``."""
+    from qwenvl import kernels
+    from qwenvl.checkpoint import load_config, resolve_dtype
+
+    if quantization not in (None, "int8"):
+        raise ConfigError(f"unknown quantization {quantization!r}; use 'int8' or None")
+    if quantization and lora:
+        raise ConfigError("quantization cannot be combined with a LoRA adapter; merge it first")
+    stored = resolve_dtype("auto", load_config(path))
+    if quantization == "int8":
+        return ("float32" if dtype == "auto" and on_cpu else dtype), "int8"
+    if on_cpu and dtype == "auto" and stored.itemsize == 2 and not lora and kernels.available():
+        return "float32", "bf16"
+    return dtype, None
+
+
+def _apply_cpu_limits(processor: Processor) -> None:
+    from dataclasses import replace
+
+    vision = processor.vision
+    if vision.max_pixels > CPU_MAX_PIXELS:
+        processor.vision = replace(vision, max_pixels=max(CPU_MAX_PIXELS, vision.min_pixels))
+    if processor.max_video_tokens is None:
+        processor.max_video_tokens = CPU_MAX_VIDEO_TOKENS
 
 
 class LLM:
@@ -37,6 +70,18 @@ class LLM:
         engine_config: KV cache budget, batch limits and caches of the engine
             (:class:`~qwenvl.engine.config.EngineConfig`).
         lora: a peft LoRA adapter folder (``qwenvl train --lora``), applied without merging.
+        quantization: ``"int8"`` stores the language model's linear weights as int8 with one
+            scale per output channel (weight-only; activations stay in ``dtype``), halving the
+            bytes a decode step reads again. None keeps them in ``dtype``, except on the CPU
+            (below).
+
+    CPU defaults (``dtype="auto"``, a 16-bit checkpoint, a C++ compiler for our kernels):
+    the decoder's linear weights stay bf16 (decoding streams 2 bytes a weight through our GEMV
+    kernels) while every activation, the ViT and the prefill GEMMs run in float32, which CPUs
+    without bf16 matrix units compute faster and more exactly than bf16. Pass ``dtype`` to
+    choose one dtype for everything instead. Images default to at most ``CPU_MAX_PIXELS`` and
+    videos to ``CPU_MAX_VIDEO_TOKENS`` tokens, so a CPU answer stays within about a minute on a
+    2B model; ``min_pixels``/``max_pixels`` and per-item options override it.
     """
 
     def __init__(
@@ -51,11 +96,15 @@ class LLM:
         progress: Callable[[int, int], None] | None = None,
         engine_config: EngineConfig | None = None,
         lora: str | Path | None = None,
+        quantization: str | None = None,
     ) -> None:
         self.path = resolve_checkpoint(model)
+        on_cpu = torch.device(device).type == "cpu"
+        dtype, packed = _weight_plan(self.path, dtype, quantization, on_cpu, lora is not None)
         self.model, self.config = load_model(
-            self.path, dtype=dtype, device=device, progress=progress
+            self.path, dtype=dtype, device=device, progress=progress, packed=packed
         )
+        self.quantization = packed
         if lora is not None:  # a peft LoRA adapter folder, served unmerged
             from qwenvl.train.lora import load_adapter
 
@@ -67,6 +116,8 @@ class LLM:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         )
+        if on_cpu and min_pixels is None and max_pixels is None:
+            _apply_cpu_limits(self.processor)
         self.tokenizer = self.processor.tokenizer
         gen_path = self.path / "generation_config.json"
         self.generation_config = read_json(gen_path) if gen_path.exists() else {}

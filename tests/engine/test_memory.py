@@ -95,6 +95,6 @@ def test_burst_stays_inside_the_kv_budget(checkpoints):
     # of activations on top: nothing grows with the number of requests
     assert r["kv"] * 0.9 <= r["claimed"] <= r["kv"] + 4 * 2**20, r
     assert r["growth"] < 12 * 2**20, r
-    # what the burst adds stays well below the KV it would need without a budget; the one-time warm-up
-    # (first-call library buffers, thread pools: 15-25 MiB depending on the machine) is not asserted on
+    # what the burst adds stays well below the KV it would need without a budget; the one-time
+    # warm-up (first-call library buffers, thread pools: 15-25 MiB by machine) is not asserted on
     assert r["growth"] < (r["unbounded"] - r["kv"]) / 2, r

@@ -134,7 +134,13 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight dtype; auto = the checkpoint's (default)",
+        help="weight and activation dtype; auto (default) = the checkpoint's, except on the CPU: "
+        "bf16 decoder weights with float32 activations",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=["int8"],
+        help="int8 weight-only language model (per-channel scales): about 2x faster decoding",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1...; auto = cuda if present")
 
@@ -169,6 +175,7 @@ def load_llm(args: argparse.Namespace) -> LLM:
             min_pixels=args.min_pixels,
             max_pixels=args.max_pixels,
             progress=bar,
+            quantization=args.quantization,
         )
     finally:
         bar.close()

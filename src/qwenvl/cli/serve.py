@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         media_policy=settings.media_policy(),
+        quantization=args.quantization,
         engine_config=EngineConfig(
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,

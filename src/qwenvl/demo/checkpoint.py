@@ -70,15 +70,18 @@ def corpus(count: int = 3000, seed: int = 12345) -> list[str]:
 
 def config_dict(tok: Any) -> dict[str, Any]:
     """``config.json`` in the released (flat) Qwen2.5-VL layout."""
-    ids = {name: tok.token_to_id(t) for name, t in (
-        ("image_token_id", "<|image_pad|>"),
-        ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"),
-        ("vision_end_token_id", "<|vision_end|>"),
-        ("bos_token_id", "<|endoftext|>"),
-        ("eos_token_id", "<|im_end|>"),
-        ("pad_token_id", "<|endoftext|>"),
-    )}
+    ids = {
+        name: tok.token_to_id(t)
+        for name, t in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+            ("bos_token_id", "<|endoftext|>"),
+            ("eos_token_id", "<|im_end|>"),
+            ("pad_token_id", "<|endoftext|>"),
+        )
+    }
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
@@ -124,8 +127,13 @@ def write_files(folder: str | Path) -> Path:
     eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
     (folder / "generation_config.json").write_text(
         json.dumps(
-            {"eos_token_id": eos, "pad_token_id": eos[1], "do_sample": False,
-             "temperature": 0.0, "max_new_tokens": 256},
+            {
+                "eos_token_id": eos,
+                "pad_token_id": eos[1],
+                "do_sample": False,
+                "temperature": 0.0,
+                "max_new_tokens": 256,
+            },
             indent=2,
         )
     )
@@ -165,5 +173,7 @@ def save_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None
         if name == "lm_head.weight":
             continue
         t = t.detach().cpu()
-        tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+        tensors[name] = (
+            t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        ).contiguous()
     _save_sharded(tensors, Path(folder))

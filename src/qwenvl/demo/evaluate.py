@@ -1,4 +1,5 @@
-"""Held-out evaluation of the demo model: ``qwenvl eval-demo`` (or ``python -m qwenvl.demo.evaluate``).
+"""Held-out evaluation of the demo model: ``qwenvl eval-demo``
+(or ``python -m qwenvl.demo.evaluate``).
 
 Scenes come from a seed the training never uses (training streams are keyed by stage name and
 step). Per task: (a) per-block accuracy (colour and number right at the same reading position)
@@ -50,7 +51,10 @@ def score(sample: DemoSample, text: str, output: Any = None) -> dict[str, float]
 
 
 def evaluate(
-    llm: Any, count: int = 300, seed: int = EVAL_SEED, tasks: Sequence[str] = TASKS,
+    llm: Any,
+    count: int = 300,
+    seed: int = EVAL_SEED,
+    tasks: Sequence[str] = TASKS,
     batch: int = 16,
 ) -> dict[str, dict[str, float]]:
     """Mean metrics per task over ``count`` samples of every task."""

@@ -1,4 +1,5 @@
-"""Synthetic block-pyramid scenes, after the Qwen2-VL launch example "the color and number of each box".
+"""Synthetic block-pyramid scenes, after the Qwen2-VL launch example
+"Output the color and number of each box."
 
 A scene is a small pyramid of coloured blocks (1 to 10, rows of strictly increasing size from the
 top, at most 4 per row), each with a distinct white digit, on a plain or lightly textured
@@ -102,7 +103,9 @@ def random_scene(
             x1 = min(max(left + c * (side + gap) + jx, 0), width - side)
             y1 = min(max(top + jy, 0), height - side)
             blocks.append(
-                Block(rng.choice(colours), numbers[len(blocks)], (x1, y1, x1 + side, y1 + side), r, c)
+                Block(
+                    rng.choice(colours), numbers[len(blocks)], (x1, y1, x1 + side, y1 + side), r, c
+                )
             )
     shade = rng.randint(215, 250)
     tint = tuple(min(255, shade + rng.randint(-10, 5)) for _ in range(3))
@@ -133,6 +136,13 @@ def render(scene: Scene, visible: int | None = None) -> Image.Image:
         font = _font(max(8, int(side * 0.7)))
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         white = (255, 255, 255)  # bold strokes: still legible at the model's 14 px patches
-        draw.text((cx, cy), str(b.number), fill=white, font=font, anchor="mm",
-                  stroke_width=max(1, side // 22), stroke_fill=white)
+        draw.text(
+            (cx, cy),
+            str(b.number),
+            fill=white,
+            font=font,
+            anchor="mm",
+            stroke_width=max(1, side // 22),
+            stroke_fill=white,
+        )
     return img

@@ -146,7 +146,12 @@ def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSamp
         i = rng.randrange(n)
         number = s.blocks[i].number
         return DemoSample(
-            task, [], frames, when_prompt(number), str(appear[i]), {"scene": s, "second": appear[i], "shown": shown_per_frame}
+            task,
+            [],
+            frames,
+            when_prompt(number),
+            str(appear[i]),
+            {"scene": s, "second": appear[i], "shown": shown_per_frame},
         )
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
@@ -163,9 +168,7 @@ def sample_at(seed: int, index: int, tasks: Sequence[str] = TASKS, **kw: Any) ->
     return make_sample(tasks[index % len(tasks)], rng, **kw)
 
 
-def write_jsonl(
-    out: str | Path, count: int, seed: int, tasks: Sequence[str] = TASKS
-) -> Path:
+def write_jsonl(out: str | Path, count: int, seed: int, tasks: Sequence[str] = TASKS) -> Path:
     """Write ``count`` samples as images/frames + ``data.jsonl`` (the ``qwenvl train`` format)."""
     out = Path(out)
     (out / "media").mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from torch import nn
 
 from qwenvl.demo import checkpoint as demo_ckpt
 from qwenvl.demo.scenes import COLOUR_NAMES, Scene, random_scene, render
-from qwenvl.demo.tasks import TASKS, VIDEO_FPS, DemoSample, make_sample
+from qwenvl.demo.tasks import TASKS, DemoSample, make_sample
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.processing.prompt import Processor
 from qwenvl.train.data import encode_conversation
@@ -59,7 +59,9 @@ class Stage:
 
 STAGES = (
     Stage("vision", steps=1500, batch=16, lr=2e-3, vision_lr=2e-3, tasks=()),
-    Stage("joint", steps=6000, batch=8, lr=1.5e-3, vision_lr=5e-4, max_blocks_from=3, aux_weight=0.5),
+    Stage(
+        "joint", steps=6000, batch=8, lr=1.5e-3, vision_lr=5e-4, max_blocks_from=3, aux_weight=0.5
+    ),
 )
 
 
@@ -113,7 +115,12 @@ def cell_labels(scene: Scene, grid_h: int, grid_w: int) -> torch.Tensor:
                     best, best_cover = b, w * h
             if best is not None:
                 out[i * grid_w + j] = torch.tensor(
-                    [COLOUR_NAMES.index(best.colour) + 1, best.number + 1, best.row + 1, best.col + 1]
+                    [
+                        COLOUR_NAMES.index(best.colour) + 1,
+                        best.number + 1,
+                        best.row + 1,
+                        best.col + 1,
+                    ]
                 )
     return out
 
@@ -161,8 +168,13 @@ class Recipe:
                 s = random_scene(rng, rng.randint(1, 10))
                 out.append(DemoSample("scene", [render(s)], None, "", "", {"scene": s}))
             else:
-                out.append(make_sample(stage.tasks[(step * stage.batch + k) % len(stage.tasks)],
-                                       rng, max_blocks=top))
+                out.append(
+                    make_sample(
+                        stage.tasks[(step * stage.batch + k) % len(stage.tasks)],
+                        rng,
+                        max_blocks=top,
+                    )
+                )
         return out
 
     # --- losses -------------------------------------------------------------------------------
@@ -177,7 +189,9 @@ class Recipe:
 
     def joint_step(self, samples: Sequence[DemoSample], stage: Stage) -> tuple[torch.Tensor, dict]:
         encoded = [encode_conversation(self.processor, s.messages()) for s in samples]
-        batch = collate([[e] for e in encoded], self.processor.tokenizer.require_id("<|endoftext|>"))
+        batch = collate(
+            [[e] for e in encoded], self.processor.tokenizer.require_id("<|endoftext|>")
+        )
         m = self.model
         image_feats = video_feats = None
         aux_feats, aux_labels = [], []
@@ -198,7 +212,9 @@ class Recipe:
         aux_labels = img_labels + vid_labels
         embeds = m.embed(batch.input_ids, image_feats, video_feats)
         rows = (batch.labels != IGNORE).any(0).nonzero().flatten()
-        logits = m(batch.input_ids, batch.positions, batch.mask, inputs_embeds=embeds, logit_rows=rows)
+        logits = m(
+            batch.input_ids, batch.positions, batch.mask, inputs_embeds=embeds, logit_rows=rows
+        )
         labels = batch.labels[:, rows]
         tok_loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none"
@@ -265,8 +281,13 @@ class Recipe:
                     list(self.model.parameters()) + list(self.aux.parameters()), 1.0
                 )
                 opt.step()
-                m.update(stage=stage.name, step=step + 1, loss=float(loss),
-                         lr=opt.param_groups[-1]["lr"], secs=time.perf_counter() - t0)
+                m.update(
+                    stage=stage.name,
+                    step=step + 1,
+                    loss=float(loss),
+                    lr=opt.param_groups[-1]["lr"],
+                    secs=time.perf_counter() - t0,
+                )
                 self.metrics.append(m)
                 bar.update(step + 1, {**m, "tokens_per_s": 0.0})
                 if (step + 1) % 50 == 0 or step + 1 == stage.steps:
@@ -279,8 +300,17 @@ class Recipe:
 
     def save_state(self, stage: int, step: int, opt: torch.optim.Optimizer) -> None:
         tmp = self.out / "state.pt.tmp"
-        torch.save({"model": self.model.state_dict(), "aux": self.aux.state_dict(), "stage": stage,
-                    "step": step, "optimizer": opt.state_dict(), "metrics": self.metrics}, tmp)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "aux": self.aux.state_dict(),
+                "stage": stage,
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "metrics": self.metrics,
+            },
+            tmp,
+        )
         tmp.replace(self.out / "state.pt")
 
     def export(self, folder: Path | None = None) -> Path:
@@ -289,8 +319,10 @@ class Recipe:
         for f in self.files.iterdir():
             (folder / f.name).write_bytes(f.read_bytes())
         demo_ckpt.save_weights(self.model, folder, torch.bfloat16)
-        plot_losses([{"step": i, "loss": m["loss"]} for i, m in enumerate(self.metrics)],
-                    self.out / "loss.png")
+        plot_losses(
+            [{"step": i, "loss": m["loss"]} for i, m in enumerate(self.metrics)],
+            self.out / "loss.png",
+        )
         return folder
 
 

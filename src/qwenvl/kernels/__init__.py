@@ -1,0 +1,134 @@
+"""CPU decode GEMV kernels (bf16 and int8 weights), built on first use.
+
+A decode step multiplies a handful of rows by every weight matrix, so it is bound by how fast the
+weights stream from memory; ``gemv.cpp`` reads each weight once for all (<= 16) rows and widens
+bf16/int8 in registers. The extension is compiled with ``-march=native`` on first use and cached
+under ``~/.cache/qwenvl/kernels/<hash>``; without a compiler (or with ``QWENVL_KERNELS=0``)
+``available()`` is False and callers keep using torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MAX_M", "available", "linear_bf16", "linear_int8", "quantize_int8"]
+
+logger = logging.getLogger(__name__)
+
+MAX_M = 16  # rows of x the kernels take; callers use torch.matmul above it
+_SOURCE = Path(__file__).with_name("gemv.cpp")
+_lock = threading.Lock()
+_module: Any | None = None
+_tried = False
+
+
+def _cpu_flags() -> str:
+    """CPU feature flags, so a shared home never reuses a -march=native build on another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_dir() -> Path:
+    key = "\n".join(
+        [_SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags()]
+    ).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    path = Path.home() / ".cache" / "qwenvl" / "kernels" / digest
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load() -> Any | None:
+    """Build (or reuse) the extension once per process; None, with one warning, if it fails."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        if os.environ.get("QWENVL_KERNELS", "1") == "0":
+            logger.info("qwenvl CPU kernels disabled by QWENVL_KERNELS=0")
+        else:
+            try:
+                from torch.utils import cpp_extension
+
+                cpp_extension.load(
+                    name="qwenvl_gemv",
+                    sources=[str(_SOURCE)],
+                    build_directory=str(_build_dir()),
+                    # -fopenmp: at::parallel_for is inline OpenMP, serial without it; the
+                    # libgomp.so.1 it needs is the one torch has already loaded
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,  # registers torch.ops.qwenvl_gemv.*
+                    verbose=False,
+                )
+                _module = torch.ops.qwenvl_gemv
+            except Exception as e:  # no compiler, no ninja, read-only home, ...
+                logger.warning("qwenvl CPU kernels unavailable, using torch: %s", e)
+                _module = None
+        _tried = True
+        return _module
+
+
+def available() -> bool:
+    """True if the extension is built and enabled (builds it on the first call)."""
+    return _load() is not None
+
+
+def isa() -> str | None:
+    """SIMD path of the build ("avx512", "avx2" or "scalar"), None if unavailable."""
+    mod = _load()
+    return None if mod is None else str(mod.isa())
+
+
+def _require() -> Any:
+    mod = _load()
+    if mod is None:
+        raise RuntimeError("qwenvl CPU kernels are unavailable (see the earlier warning)")
+    return mod
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for x [M<=16, K] fp32/bf16 and bf16 w [N, K]; result in x's dtype."""
+    return _require().linear_bf16(x, w, bias)
+
+
+def linear_int8(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x @ q.T) * scale + bias`` for int8 q [N, K] and fp32 scale [N]; result in x's dtype."""
+    return _require().linear_int8(x, q, scale, bias)
+
+
+@torch.no_grad()
+def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: ``w ~= q * scale[:, None]`` with ``|w - q*s| <= s/2``.
+
+    ``scale = amax/127`` per row (1.0 for all-zero rows, whose q is 0). Rows are converted in
+    chunks so a vocabulary-sized matrix never needs a full fp32 copy.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_int8 expects a 2-D floating tensor, got {w.dtype} {w.shape}")
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], rows_per_chunk):
+        wf = w[r : r + rows_per_chunk].float()
+        amax = wf.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q[r : r + rows_per_chunk] = torch.round(wf / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r : r + rows_per_chunk] = s
+    return q, scale

@@ -1,0 +1,275 @@
+// Decode-time GEMV for the CPU: y[M,N] = x[M,K] @ W[N,K]^T (+ bias) with small M (<= 16).
+//
+// Decode is memory-bandwidth bound: every step streams all weights once. Stock torch rereads W
+// per row of x and converts bf16 slowly, so here each tile of NR weight rows is read from DRAM
+// once, widened to fp32 in registers (bf16: 16-bit shift; int8: sign-extend + cvt) and FMA'd
+// into the accumulators of every x row while it sits in L1. Threads split N (at::parallel_for).
+// Light headers and TORCH_LIBRARY (no pybind, no torch/extension.h) keep the first build short.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kMaxM = 16;
+constexpr int kMaxNR = 8;
+#ifndef GEMV_KC
+#define GEMV_KC 1024
+#endif
+#if !defined(GEMV_PF) && (defined(__AVX2__) || defined(__AVX512F__))
+#define GEMV_PF 1  // software prefetch of the next weight tile (tuning knob: -DGEMV_PF=0)
+#elif !defined(GEMV_PF)
+#define GEMV_PF 0
+#endif
+constexpr int64_t KC = GEMV_KC;  // K block: the weight tile stays in L1 across the x rows
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float w_to_f32(uint16_t v) { return bf16_to_f32(v); }
+inline float w_to_f32(int8_t v) { return static_cast<float>(v); }
+
+// One SIMD flavour per ISA: width W, widening loads of weights and x, FMA, horizontal sum.
+#if defined(__AVX512F__)
+struct Vec {
+  using T = __m512;
+  static constexpr int W = 16;
+  static constexpr int NR1 = 8, NR = 4, MR = 4;  // 32 zmm: MR*NR accumulators + MR x + w
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T load(const uint16_t* p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
+  static T load(const int8_t* p) {
+    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+  }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T pin(T v) {
+    asm("" : "+v"(v));
+    return v;
+  }
+  static float hsum(T v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec {
+  using T = __m256;
+  static constexpr int W = 8;
+#ifndef GEMV_NR1
+#define GEMV_NR1 8
+#define GEMV_NR 2
+#define GEMV_MR 4
+#endif
+  static constexpr int NR1 = GEMV_NR1, NR = GEMV_NR, MR = GEMV_MR;  // 16 ymm: MR*NR acc + MR x + w
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T load(const uint16_t* p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+  static T load(const int8_t* p) {
+    __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T pin(T v) {  // keeps v in a register: an empty asm the compiler cannot see through
+    asm("" : "+x"(v));
+    return v;
+  }
+  static float hsum(T v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#else
+struct Vec {  // portable fallback: "vectors" of one float, the compiler may auto-vectorise
+  using T = float;
+  static constexpr int W = 1;
+  static constexpr int NR1 = 4, NR = 2, MR = 4;
+  static T zero() { return 0.f; }
+  static T load(const float* p) { return *p; }
+  static T load(const uint16_t* p) { return bf16_to_f32(*p); }
+  static T load(const int8_t* p) { return static_cast<float>(*p); }
+  static T fma(T a, T b, T c) { return a * b + c; }
+  static T pin(T v) { return v; }
+  static float hsum(T v) { return v; }
+};
+#endif
+
+// acc[m][r] += dot(x[m, k0:k1], w[r, k0:k1]) for MR_ x rows and NR_ weight rows (k1 - k0 a
+// multiple of Vec::W): MR_ * NR_ independent FMA chains. The MR_ x vectors are loaded once per
+// k step and pinned in registers (else the compiler re-loads them inside every FMA, and the
+// load ports, not the FMA units, set the pace); each weight vector is widened once.
+template <int MR_, int NR_, class WT>
+inline void micro(const float* x, int64_t K, const WT* w, int64_t k0, int64_t k1,
+                  float (*acc)[kMaxNR], bool prefetch) {
+  typename Vec::T a[MR_][NR_];
+  for (int m = 0; m < MR_; ++m)
+    for (int r = 0; r < NR_; ++r) a[m][r] = Vec::zero();
+  for (int64_t k = k0; k < k1; k += Vec::W) {
+#if GEMV_PF > 0
+    // Short rows end before the hardware prefetcher ramps up on each new tile, so fetch the
+    // next tile's rows (same columns) one line per row per 64 bytes, from the first x group.
+    if (prefetch && k % (64 / sizeof(WT)) == 0)
+      for (int r = 0; r < NR_; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + NR_) * K + k), _MM_HINT_T0);
+#endif
+    typename Vec::T xv[MR_];
+    for (int m = 0; m < MR_; ++m) xv[m] = Vec::pin(Vec::load(x + m * K + k));
+    for (int r = 0; r < NR_; ++r) {
+      const typename Vec::T wv = Vec::load(w + r * K + k);
+      for (int m = 0; m < MR_; ++m) a[m][r] = Vec::fma(xv[m], wv, a[m][r]);
+    }
+  }
+  for (int m = 0; m < MR_; ++m)
+    for (int r = 0; r < NR_; ++r) acc[m][r] += Vec::hsum(a[m][r]);
+}
+
+// Leftover x rows in a group of MR: c itself when reachable (c < MR), else any valid size.
+constexpr int rem(int c, int mr) { return c < mr ? c : 1; }
+
+// Rows [n, n + NR_) of y for all M rows of x, x rows in groups of MR_ (the last group smaller).
+// K is blocked so the NR_ x KC weight tile, read from DRAM once, is reused from L1 by every group.
+template <int NR_, int MR_, class WT>
+void tile(const float* x, int64_t M, int64_t K, const WT* w, const float* scale,
+          const float* bias, float* y, int64_t N, int64_t n) {
+  float acc[kMaxM][kMaxNR] = {};
+  const WT* wt = w + n * K;
+  const int64_t kv = K - K % Vec::W;
+  for (int64_t k0 = 0; k0 < kv; k0 += KC) {
+    const int64_t k1 = std::min(k0 + KC, kv);
+    int64_t m = 0;
+    for (; m + MR_ <= M; m += MR_)
+      micro<MR_, NR_>(x + m * K, K, wt, k0, k1, acc + m, m == 0);
+    const bool pf = m == 0;
+    switch (M - m) {
+      case 5: micro<rem(5, MR_), NR_>(x + m * K, K, wt, k0, k1, acc + m, pf); break;
+      case 4: micro<rem(4, MR_), NR_>(x + m * K, K, wt, k0, k1, acc + m, pf); break;
+      case 3: micro<rem(3, MR_), NR_>(x + m * K, K, wt, k0, k1, acc + m, pf); break;
+      case 2: micro<rem(2, MR_), NR_>(x + m * K, K, wt, k0, k1, acc + m, pf); break;
+      case 1: micro<1, NR_>(x + m * K, K, wt, k0, k1, acc + m, pf); break;
+      default: break;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int r = 0; r < NR_; ++r) {
+      float s = acc[m][r];
+      for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * w_to_f32(wt[r * K + k]);
+      if (scale) s *= scale[n + r];
+      if (bias) s += bias[n + r];
+      y[m * N + n + r] = s;
+    }
+}
+
+// Splits N over threads in tiles of NR_ rows; leftover rows (N % NR_) go one at a time.
+template <int NR_, int MR_, class WT>
+void run_tiles(const float* x, int64_t M, int64_t K, const WT* w, int64_t N, const float* scale,
+               const float* bias, float* y) {
+  const int64_t tiles = (N + NR_ - 1) / NR_;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t * NR_;
+      if (n + NR_ <= N) {
+        tile<NR_, MR_>(x, M, K, w, scale, bias, y, N, n);
+      } else {
+        for (int64_t j = n; j < N; ++j) tile<1, MR_>(x, M, K, w, scale, bias, y, N, j);
+      }
+    }
+  });
+}
+
+// Tile shape by M: one x row wants many weight streams; more rows want more x rows per weight
+// vector so the widening and the loads are shared by more FMAs.
+template <class WT>
+void run(const float* x, int64_t M, int64_t K, const WT* w, int64_t N, const float* scale,
+         const float* bias, float* y) {
+  if (M == 1)
+    run_tiles<Vec::NR1, 1>(x, M, K, w, N, scale, bias, y);
+  else
+    run_tiles<Vec::NR, Vec::MR>(x, M, K, w, N, scale, bias, y);
+}
+
+// Shared checks; returns x as contiguous fp32 and bias as fp32 (or undefined).
+std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, const at::Tensor& w,
+                                          const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qwenvl gemv: tensors must be on CPU");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "qwenvl gemv: x must be [M,K] and w [N,K], got x ",
+              x.sizes(), " and w ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "qwenvl gemv: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "qwenvl gemv: M must be in [1, ", kMaxM,
+              "], got ", x.size(0), " (use torch.matmul for larger batches)");
+  TORCH_CHECK(x.size(1) == w.size(1), "qwenvl gemv: K mismatch, x ", x.sizes(), " w ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), "qwenvl gemv: weight must be contiguous");
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == w.size(0),
+                "qwenvl gemv: bias must be a CPU tensor of shape [", w.size(0), "], got ",
+                bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "qwenvl gemv: bias must be floating");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  return {x.to(at::kFloat).contiguous(), b};
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "qwenvl linear_bf16: w must be bfloat16, got ",
+              w.scalar_type());
+  auto [xf, b] = prepare(x, w, bias);
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  run(xf.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+      N, nullptr, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y.to(x.scalar_type());
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(q.scalar_type() == at::kChar, "qwenvl linear_int8: qweight must be int8, got ",
+              q.scalar_type());
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+                  scale.size(0) == q.size(0),
+              "qwenvl linear_int8: scale must be a float32 CPU tensor of shape [", q.size(0),
+              "], got ", scale.scalar_type(), " ", scale.sizes());
+  auto [xf, b] = prepare(x, q, bias);
+  at::Tensor s = scale.contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  run(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(),
+      b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y.to(x.scalar_type());
+}
+
+const char* isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qwenvl_gemv, m) {
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor", &linear_bf16);
+  m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None) -> Tensor", &linear_int8);
+  m.def("isa() -> str", [] { return std::string(isa()); });
+}

@@ -1,0 +1,87 @@
+"""CPU decode GEMV kernels against an fp64 torch reference (tails in K and N, all M, bias)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenvl import kernels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_kernels() -> None:
+    if not kernels.available():
+        pytest.skip("qwenvl CPU kernels unavailable (no compiler, or QWENVL_KERNELS=0)")
+
+
+SHAPES = [(1, 3), (257, 1537), (64, 8), (9, 40)]  # (N, K): tails in both, and exact widths
+
+
+def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_bf16(m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g).to(x_dtype)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    y = kernels.linear_bf16(x, w, bias)
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    ref = _ref(x, w, bias)
+    # fp32 accumulation: error ~ eps32 * sqrt(K) * |x||w|; a bf16 output adds its own rounding
+    tol = 1e-4 * k**0.5 + (2e-2 * ref.abs() if x_dtype == torch.bfloat16 else 0)
+    assert ((y.double() - ref).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 16])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_int8(m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + n + k + 7)
+    x = torch.randn(m, k, generator=g).to(x_dtype)
+    q, scale = kernels.quantize_int8(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g) if with_bias else None
+    y = kernels.linear_int8(x, q, scale, bias)
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    ref = _ref(x, q.double() * scale.double()[:, None], bias)
+    tol = 1e-4 * k**0.5 + (2e-2 * ref.abs() if x_dtype == torch.bfloat16 else 0)
+    assert ((y.double() - ref).abs() <= tol).all()
+
+
+def test_quantize_int8_round_trip() -> None:
+    w = torch.randn(33, 100) * torch.logspace(-3, 2, 33)[:, None]
+    w[5] = 0  # an all-zero row must not divide by zero
+    q, s = kernels.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (33,)
+    assert q.abs().max() <= 127 and (q[5] == 0).all()
+    err = (w.double() - q.double() * s.double()[:, None]).abs()
+    assert (err <= s.double()[:, None] * (0.5 + 1e-5)).all()  # rounding to the nearest step
+    assert (q.abs().amax(dim=1)[torch.arange(33) != 5] == 127).all()  # the full range is used
+
+
+def test_bad_inputs() -> None:
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="M must be"):
+        kernels.linear_bf16(torch.zeros(17, 8), w)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.linear_bf16(torch.zeros(1, 8), w.float())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.linear_bf16(torch.zeros(1, 8, dtype=torch.float64), w)
+    with pytest.raises(RuntimeError, match="K mismatch"):
+        kernels.linear_bf16(torch.zeros(1, 9), w)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernels.linear_bf16(torch.zeros(1, 8), w, torch.zeros(5))
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="int8"):
+        kernels.linear_int8(torch.zeros(1, 8), q.float(), torch.ones(4))
+    with pytest.raises(RuntimeError, match="scale"):
+        kernels.linear_int8(torch.zeros(1, 8), q, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="M must be"):
+        kernels.linear_int8(torch.zeros(17, 8), q, torch.ones(4))

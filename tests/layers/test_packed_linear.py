@@ -1,0 +1,62 @@
+"""PackedLinear against plain float64 matmuls on the same (bf16-rounded / dequantised) weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qwenvl import kernels
+from qwenvl.layers.packed_linear import PackedLinear, decoder_linears, pack_linears
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="GEMV kernels not built here")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])  # kernel path up to 16, GEMM path above
+@pytest.mark.parametrize("bias", [False, True])
+@needs_kernels
+def test_bf16_matches_float64(rows: int, bias: bool) -> None:
+    lin = nn.Linear(200, 70, bias=bias)
+    packed = PackedLinear(lin.weight, lin.bias, "bf16")
+    x = torch.randn(rows, 200)
+    w = lin.weight.detach().to(torch.bfloat16).double()
+    ref = x.double() @ w.T + (lin.bias.detach().double() if bias else 0)
+    out = packed(x)
+    assert out.dtype == torch.float32 and out.shape == (rows, 70)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 40])
+@needs_kernels
+def test_int8_matches_dequantised_float64(rows: int) -> None:
+    lin = nn.Linear(96, 33)
+    packed = PackedLinear(lin.weight, lin.bias, "int8")
+    x = torch.randn(2, rows, 96)  # leading dims are flattened and restored
+    deq = packed.qweight.double() * packed.scale.double()[:, None]
+    ref = x.double() @ deq.T + lin.bias.detach().double()
+    out = packed(x)
+    assert out.shape == (2, rows, 33)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # per-row symmetric quantisation: every weight within half a step of its original
+    err = (deq - lin.weight.detach().double()).abs()
+    assert bool((err <= packed.scale.double()[:, None] / 2 + 1e-7).all())
+
+
+def test_pack_linears_replaces_only_the_decoder(checkpoints) -> None:
+    from qwenvl.checkpoint import load_model
+
+    model, cfg = load_model(checkpoints("qwen2_5_vl", tie=True), dtype="float32")
+    names = decoder_linears(model)
+    assert len(names) == 7 * cfg.text.num_hidden_layers + 1  # q k v o gate up down, lm_head
+    vision_before = sum(isinstance(m, nn.Linear) for m in model.visual.modules())
+    assert pack_linears(model, "bf16") == len(names)
+    assert sum(isinstance(m, nn.Linear) for m in model.visual.modules()) == vision_before
+    assert isinstance(model.lm_head, PackedLinear)
+    # the tied head got a bf16 copy; the embedding stays float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_bad_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="int8"):
+        PackedLinear(torch.zeros(2, 2), None, "int4")
