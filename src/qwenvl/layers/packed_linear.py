@@ -10,6 +10,8 @@ where the arithmetic, not the bytes, is the cost.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,23 @@ from qwenvl import kernels
 
 MODES = ("bf16", "int8")
 KERNEL_MAX_ROWS = 16  # the GEMV kernels' row limit; beyond it GEMM wins anyway
+SCRATCH_MAX_ELEMENTS = 64 * 2**20  # larger weights (a vocabulary head) expand into fresh memory
+
+_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer the expanded weights of a prefill are written into, layer after layer:
+    a fresh 50 MB allocation per linear costs page faults that show up in time to first token."""
+    if numel > SCRATCH_MAX_ELEMENTS:
+        return torch.empty(numel, dtype=dtype, device=device)
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 class PackedLinear(nn.Module):
@@ -42,10 +61,13 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight expanded to ``dtype`` (int8: dequantised)."""
+        """The weight expanded to ``dtype`` (int8: dequantised), in a scratch buffer that the
+        next call overwrites: use it at once."""
+        stored = self.qweight if self.mode == "int8" else self.weight
+        out = _scratch(stored.numel(), dtype, stored.device).view(stored.shape)
         if self.mode == "int8":
-            return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
-        return self.weight.to(dtype)
+            return torch.mul(self.qweight, self.scale.to(dtype)[:, None], out=out)
+        return out.copy_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -73,13 +95,29 @@ def decoder_linears(model: nn.Module) -> list[str]:
 
 
 def pack_linears(model: nn.Module, mode: str) -> int:
-    """Replace the decoder's ``nn.Linear`` layers (and the LM head) by ``PackedLinear``.
+    """Replace the decoder's ``nn.Linear`` layers (and the LM head) by ``PackedLinear``; q/k/v
+    and gate/up are fused into one packed weight each (``qkv_proj``, ``gate_up_proj``).
 
     The LM head of a tied model gets its own packed copy of the embedding matrix; the embedding
     itself stays in the activation dtype. Returns the number of layers packed.
     """
     names = decoder_linears(model)
+    fused = set()
+    for name, m in model.named_modules():  # q/k/v and gate/up share their input: fuse them
+        if hasattr(m, "qkv_proj") and isinstance(getattr(m, "q_proj", None), nn.Linear):
+            parts = [m.q_proj, m.k_proj, m.v_proj]
+            bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+            m.qkv_proj = PackedLinear(torch.cat([p.weight for p in parts]), bias, mode)
+            del m.q_proj, m.k_proj, m.v_proj
+            fused.update(f"{name}.{c}" for c in ("q_proj", "k_proj", "v_proj"))
+        if hasattr(m, "gate_up_proj") and isinstance(getattr(m, "gate_proj", None), nn.Linear):
+            w = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+            m.gate_up_proj = PackedLinear(w, None, mode)
+            del m.gate_proj, m.up_proj
+            fused.update(f"{name}.{c}" for c in ("gate_proj", "up_proj"))
     for name in names:
+        if name in fused:
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
