@@ -1,0 +1,105 @@
+"""The demo data: pyramids as specified, answers that agree with the rendered pixels."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from qwenvl.demo.scenes import COLOURS, Block, Scene, random_scene, render, row_layouts
+from qwenvl.demo.tasks import (
+    TASKS,
+    list_answer,
+    parse_int,
+    parse_list,
+    resized_box,
+    sample_at,
+    write_jsonl,
+)
+from qwenvl.demo.train import cell_labels
+
+
+def test_row_layouts_are_pyramids() -> None:
+    for n in range(1, 11):
+        layouts = row_layouts(n)
+        assert layouts, n
+        for rows in layouts:
+            assert sum(rows) == n and all(1 <= r <= 4 for r in rows)
+            assert all(a < b for a, b in zip(rows, rows[1:]))  # top row smallest
+    assert row_layouts(10) == [(1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_scene_geometry(seed: int) -> None:
+    s = random_scene(random.Random(seed))
+    assert 224 <= s.width <= 336 and 224 <= s.height <= 336
+    assert len({b.number for b in s.blocks}) == len(s.blocks)  # distinct digits
+    for a in s.blocks:
+        assert 0 <= a.box[0] < a.box[2] <= s.width and 0 <= a.box[1] < a.box[3] <= s.height
+    # reading order: rows from the top, left to right within a row
+    for row in s.rows:
+        assert [b.col for b in row] == list(range(len(row)))
+        assert all(a.box[0] < b.box[0] for a, b in zip(row, row[1:]))
+    tops = [row[0].box[1] for row in s.rows]
+    assert tops == sorted(tops)
+    # the pixel at each block's corner has the block's colour
+    img = render(s)
+    for b in s.blocks:
+        assert img.getpixel((b.box[0] + 1, b.box[1] + 1)) == COLOURS[b.colour]
+
+
+def test_same_seed_same_sample() -> None:
+    a, b = sample_at(3, 7), sample_at(3, 7)
+    assert a.answer == b.answer and a.question == b.question
+    assert a.images[0].tobytes() == b.images[0].tobytes()
+    assert sample_at(3, 8).answer != a.answer or sample_at(3, 8).task != a.task
+
+
+def test_list_answer_round_trips() -> None:
+    s = random_scene(random.Random(1), 6)
+    assert parse_list(list_answer(s)) == [(b.colour, b.number) for b in s.blocks]
+    assert list_answer(s).count("\n") == len(s.rows) - 1
+    assert parse_int("There are 7 boxes") == 7 and parse_int("none") is None
+
+
+def test_when_answer_matches_the_frames() -> None:
+    for i in range(6):
+        s = sample_at(11, i, ["when"])
+        block = s.info["scene"].by_number(int(s.question.split("number ")[1].split()[0]))
+        x, y = block.box[0] + 1, block.box[1] + 1
+        shown = [f.getpixel((x, y)) == COLOURS[block.colour] for f in s.video]
+        first = shown.index(True)
+        assert first == 2 * int(s.answer)  # 2 frames a second
+        assert all(shown[first:])
+
+
+def test_ground_answer_is_in_resized_pixels() -> None:
+    s = sample_at(5, 3, ["ground"])
+    obj = json.loads(s.answer.split("\n", 2)[2].rsplit("\n", 2)[0])
+    box = obj["bbox_2d"]
+    assert box == resized_box(s.info["scene"], s.info["number"])
+    assert obj["label"] == f"the box with the number {s.info['number']}"
+
+
+def test_cell_labels_by_hand() -> None:
+    # one 56x56 block at the top-left of a 112x112 image: exactly the 2x2 top-left merged cells
+    blk = Block("blue", 7, (0, 0, 56, 56), 0, 0)
+    scene = Scene(112, 112, (blk,), (240, 240, 240), 0)
+    labels = cell_labels(scene, 4, 4)
+    on = [0, 1, 4, 5]
+    for i in range(16):
+        if i in on:
+            assert labels[i].tolist() == [list(COLOURS).index("blue") + 1, 8, 1, 1]
+        else:
+            assert labels[i].tolist() == [0, 0, 0, 0]
+
+
+def test_write_jsonl_is_readable_by_the_trainer(tmp_path) -> None:
+    from qwenvl.train.data import read_jsonl
+
+    path = write_jsonl(tmp_path, len(TASKS), seed=2)
+    rows = read_jsonl(path)
+    assert len(rows) == len(TASKS)
+    kinds = [c["type"] for _, r in rows for c in r["messages"][0]["content"]]
+    assert "video" in kinds and kinds.count("image") >= len(TASKS) - 1
