@@ -242,7 +242,10 @@ def test_oversized_image_is_refused_from_its_header(llms, tmp_path):
     from qwenvl.errors import MediaError
 
     llm = llms("qwen2_vl")
-    small = LLM(llm.path, dtype="float32", engine_config=EngineConfig(max_model_len=256))
+    big = 12845056  # the checkpoint's limit; the CPU default cap is tested below
+    small = LLM(
+        llm.path, dtype="float32", max_pixels=big, engine_config=EngineConfig(max_model_len=256)
+    )
     buf = io.BytesIO()
     Image.new("RGB", (1200, 900), (200, 30, 30)).save(buf, format="PNG")
     data = buf.getvalue()
@@ -256,5 +259,10 @@ def test_oversized_image_is_refused_from_its_header(llms, tmp_path):
     tokens = (1204 // 28) * (896 // 28)  # smart_resize of 1200x900 with factor 28
     assert f"+ {tokens} for" in msg
     with pytest.raises(MediaError, match="truncated or corrupt"):  # the same file, when it fits
-        LLM(llm.path, dtype="float32").chat(conv, SamplingParams(max_tokens=16))
+        LLM(llm.path, dtype="float32", max_pixels=big).chat(conv, SamplingParams(max_tokens=16))
     assert not small.engine.has_unfinished
+    # on the CPU, with no pixel limits given, images are capped at 1024 tokens: 1200x900 is
+    # resized by beta = sqrt(1200*900/802816) to floor(900/beta/28)*28 x floor(1200/beta/28)*28
+    capped = LLM(llm.path, dtype="float32", engine_config=EngineConfig(max_model_len=256))
+    with pytest.raises(PromptError, match=r"\+ 972 for"):  # 27 x 36 tokens
+        capped.chat(conv, SamplingParams(max_tokens=16))
