@@ -287,6 +287,7 @@ def build_checkpoint(cache: Path, family: str, shape: str, seed: int = 0) -> Pat
         return out
     from safetensors.torch import save_file
 
+    from qwenvl.processing.image import VisionPreprocessConfig
     from qwenvl.tokenizer import save_tokenizer_files
 
     log(f"building {out} ...")
@@ -314,17 +315,7 @@ def build_checkpoint(cache: Path, family: str, shape: str, seed: int = 0) -> Pat
     if family == "qwen2_5_vl":
         generation["repetition_penalty"] = 1.05
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    preprocessor = {
-        "min_pixels": 3136,
-        "max_pixels": 12845056,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor",
-    }
+    preprocessor = VisionPreprocessConfig(min_pixels=3136, max_pixels=12845056).to_hf()
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
 
     # Shards of at most 4 GB, written one at a time (only one shard's bf16 tensors in memory).

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qwenvl.processing.image import VisionPreprocessConfig
 from qwenvl.tokenizer import save_tokenizer_files, train_qwen_style_tokenizer
 
 CHAT_TEMPLATE = files("qwenvl").joinpath("data/qwen2_vl_chat_template.jinja").read_text()
@@ -138,19 +139,7 @@ def build_checkpoint(
     if names == "v5":
         _rename_to_v5(out)
     (out / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "min_pixels": 3136,
-                "max_pixels": 12845056,
-                "patch_size": 14,
-                "temporal_patch_size": 2,
-                "merge_size": 2,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "image_processor_type": "Qwen2VLImageProcessor",
-                "processor_class": "Qwen2VLProcessor",
-            }
-        )
+        json.dumps(VisionPreprocessConfig(min_pixels=3136, max_pixels=12845056).to_hf())
     )
     eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
     (out / "generation_config.json").write_text(

@@ -453,3 +453,13 @@ def test_config_post_init_validation():
     assert cfg.image_mean == (0.5, 0.5, 0.5)
     hash(cfg)
     assert math.isclose(cfg.image_std[0], IMAGE_STD[0])
+
+
+def test_preprocessor_config_round_trips_through_the_released_file():
+    from qwenvl.processing.image import VisionPreprocessConfig
+
+    cfg = VisionPreprocessConfig(min_pixels=56 * 56, max_pixels=224 * 224)
+    d = cfg.to_hf()
+    assert d["image_mean"] == [0.48145466, 0.4578275, 0.40821073]  # the released values
+    assert d["processor_class"] == "Qwen2VLProcessor"
+    assert VisionPreprocessConfig.from_dict(d, "preprocessor_config.json") == cfg

@@ -20,6 +20,7 @@ from torch import nn
 from qwenvl.demo.tasks import MAX_PIXELS, MIN_PIXELS, TASKS, sample_at
 from qwenvl.models import model_class
 from qwenvl.models.qwen2_vl.config import ModelConfig
+from qwenvl.processing.image import VisionPreprocessConfig
 from qwenvl.tokenizer import save_tokenizer_files, train_qwen_style_tokenizer
 from qwenvl.train.checkpoint import _save_sharded
 
@@ -137,21 +138,9 @@ def write_files(folder: str | Path) -> Path:
             indent=2,
         )
     )
+    vision = VisionPreprocessConfig(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "min_pixels": MIN_PIXELS,
-                "max_pixels": MAX_PIXELS,
-                "patch_size": 14,
-                "temporal_patch_size": 2,
-                "merge_size": 2,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "image_processor_type": "Qwen2VLImageProcessor",
-                "processor_class": "Qwen2_5_VLProcessor",
-            },
-            indent=2,
-        )
+        json.dumps(vision.to_hf("Qwen2_5_VLProcessor"), indent=2)
     )
     return folder
 

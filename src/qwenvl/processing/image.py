@@ -84,6 +84,20 @@ class VisionPreprocessConfig:
         """Side length in pixels of one merged token (``patch_size * merge_size``, 28)."""
         return self.patch_size * self.merge_size
 
+    def to_hf(self, processor_class: str = "Qwen2VLProcessor") -> dict[str, Any]:
+        """The ``preprocessor_config.json`` fields, in the released layout."""
+        return {
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": processor_class,
+        }
+
     @classmethod
     def from_dict(
         cls, d: Mapping[str, Any], source: str = "preprocessor_config.json"
