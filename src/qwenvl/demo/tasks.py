@@ -16,7 +16,7 @@ import json
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,6 @@ def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSamp
             free = [c for c in COLOUR_NAMES if all(b.colour != c for b in s.blocks)]
             i = rng.randrange(len(s.blocks))
             blocks = list(s.blocks)
-            from dataclasses import replace
-
             blocks[i] = replace(blocks[i], colour=rng.choice(free))
             s = replace(s, blocks=tuple(blocks))
             unique = [blocks[i]]
@@ -157,8 +155,6 @@ def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSamp
 
 
 def _render_subset(scene: Scene, shown: list[int]) -> Image.Image:
-    from dataclasses import replace
-
     return render(replace(scene, blocks=tuple(scene.blocks[i] for i in shown)))
 
 

@@ -155,11 +155,12 @@ class Recipe:
         self.model = demo_ckpt.new_model(self.files, seed)
         self.aux = AuxHeads(self.config.text.hidden_size)
         self.metrics: list[dict] = []
+        self.written = 0  # metrics rows already in metrics.jsonl (this process)
         self.step = 0  # global step over all stages
 
     # --- data ---------------------------------------------------------------------------------
-    def batch(self, stage: Stage, step: int, first: int) -> list[DemoSample]:
-        rng = random.Random(f"{self.seed}:{stage.name}:{first + step}")
+    def batch(self, stage: Stage, step: int) -> list[DemoSample]:
+        rng = random.Random(f"{self.seed}:{stage.name}:{step}")
         progress = min(1.0, step / max(1, 0.5 * stage.steps))
         top = round(stage.max_blocks_from + (10 - stage.max_blocks_from) * progress)
         out = []
@@ -185,7 +186,8 @@ class Recipe:
         feats = self.model.encode_vision(pixels, grids)
         labels = torch.cat([item_labels([s.info["scene"]], g) for s, g in zip(samples, grids)])
         loss = self.aux.loss(feats, labels)
-        return loss, {"aux": float(loss), **self.aux.accuracy(feats, labels)}
+        metrics = {"aux": float(loss), "tokens": feats.shape[0]}
+        return loss, {**metrics, **self.aux.accuracy(feats, labels)}
 
     def joint_step(self, samples: Sequence[DemoSample], stage: Stage) -> tuple[torch.Tensor, dict]:
         encoded = [encode_conversation(self.processor, s.messages()) for s in samples]
@@ -194,7 +196,7 @@ class Recipe:
         )
         m = self.model
         image_feats = video_feats = None
-        aux_feats, aux_labels = [], []
+        aux_feats = []
         if batch.pixel_values is not None:
             image_feats = m.encode_vision(batch.pixel_values, batch.image_grid_thw)
             aux_feats.append(image_feats)
@@ -223,7 +225,7 @@ class Recipe:
         lm = per_sample.mean()
         feats, lab = torch.cat(aux_feats), torch.cat(aux_labels)
         aux = self.aux.loss(feats, lab)
-        metrics = {"lm": float(lm), "aux": float(aux)}
+        metrics = {"lm": float(lm), "aux": float(aux), "tokens": batch.num_tokens}
         for task in set(s.task for s in samples):
             idx = [i for i, s in enumerate(samples) if s.task == task]
             metrics[f"lm_{task}"] = float(per_sample[idx].mean())
@@ -270,7 +272,7 @@ class Recipe:
                 decay = 0.5 * (1 + math.cos(math.pi * step / stage.steps))
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * warm * (0.1 + 0.9 * decay)
-                samples = self.batch(stage, step, 0)
+                samples = self.batch(stage, step)
                 if stage.tasks:
                     loss, m = self.joint_step(samples, stage)
                 else:
@@ -289,14 +291,20 @@ class Recipe:
                     secs=time.perf_counter() - t0,
                 )
                 self.metrics.append(m)
-                bar.update(step + 1, {**m, "tokens_per_s": 0.0})
+                secs = m["secs"] - (self.metrics[-2]["secs"] if step > start else 0.0)
+                bar.update(step + 1, {**m, "tokens_per_s": m["tokens"] / max(secs, 1e-9)})
                 if (step + 1) % 50 == 0 or step + 1 == stage.steps:
                     self.save_state(si, step + 1, opt)
-                    with open(self.out / "metrics.jsonl", "w") as f:
-                        for row in self.metrics:
-                            f.write(json.dumps(row) + "\n")
+                    self.write_metrics()
             bar.close()
         return self.export()
+
+    def write_metrics(self) -> None:
+        """Append the new rows to ``metrics.jsonl`` (the first call of a process rewrites it)."""
+        with open(self.out / "metrics.jsonl", "a" if self.written else "w") as f:
+            for row in self.metrics[self.written :]:
+                f.write(json.dumps(row) + "\n")
+        self.written = len(self.metrics)
 
     def save_state(self, stage: int, step: int, opt: torch.optim.Optimizer) -> None:
         tmp = self.out / "state.pt.tmp"

@@ -72,7 +72,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        bias = None if self.bias is None else self.bias
+        bias = self.bias
         if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
             x2 = x2.contiguous()
             if self.mode == "int8":
