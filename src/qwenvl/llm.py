@@ -61,7 +61,7 @@ class LLM:
     """A loaded checkpoint with its tokenizer, chat template and image processor.
 
     Args:
-        model: a checkpoint folder or a Hugging Face model id.
+        model: a checkpoint folder or a Hugging Face model id; None = the bundled demo model.
         dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
         device: where the weights live (``cpu``, ``cuda``...).
         min_pixels, max_pixels: default image pixel limits (per-item options still override them).
@@ -86,7 +86,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
@@ -98,6 +98,10 @@ class LLM:
         lora: str | Path | None = None,
         quantization: str | None = None,
     ) -> None:
+        if model is None:  # the bundled demo model: a fresh install answers something real
+            from qwenvl.demo import default_model_path
+
+            model = default_model_path()
         self.path = resolve_checkpoint(model)
         on_cpu = torch.device(device).type == "cpu"
         dtype, packed = _weight_plan(self.path, dtype, quantization, on_cpu, lora is not None)

@@ -6,9 +6,21 @@ import json
 import random
 
 import pytest
+import torch
 
-from qwenvl.demo.scenes import COLOURS, Block, Scene, random_scene, render, row_layouts
+from qwenvl.demo.scenes import (
+    COLOURS,
+    GAP,
+    PATCH,
+    Block,
+    Scene,
+    random_scene,
+    render,
+    row_layouts,
+)
 from qwenvl.demo.tasks import (
+    MAX_PIXELS,
+    MIN_PIXELS,
     TASKS,
     list_answer,
     parse_int,
@@ -17,7 +29,8 @@ from qwenvl.demo.tasks import (
     sample_at,
     write_jsonl,
 )
-from qwenvl.demo.train import cell_labels
+from qwenvl.demo.train import AuxHeads, batch_labels, block_crop, cell_labels
+from qwenvl.processing.image import smart_resize
 
 
 def test_row_layouts_are_pyramids() -> None:
@@ -33,7 +46,16 @@ def test_row_layouts_are_pyramids() -> None:
 @pytest.mark.parametrize("seed", range(20))
 def test_scene_geometry(seed: int) -> None:
     s = random_scene(random.Random(seed))
-    assert 224 <= s.width <= 336 and 224 <= s.height <= 336
+    assert s.width in (224, 252, 280) and s.height in (224, 252, 280)
+    # the processor sees the picture as drawn (no resize)
+    assert smart_resize(s.height, s.width, 28, MIN_PIXELS, MAX_PIXELS) == (s.height, s.width)
+    # blocks on the 14-px patch lattice, up to the 1-px jitter; one size per scene
+    sides = {b.box[2] - b.box[0] for b in s.blocks} | {b.box[3] - b.box[1] for b in s.blocks}
+    assert len(sides) == 1 and (sides.pop() + GAP) % PATCH == 0
+    for b in s.blocks:
+        # a pyramid row is centred: its blocks start on whole or half pitches of the lattice
+        assert min(b.box[1] % PATCH, PATCH - b.box[1] % PATCH) <= 1
+        assert min(b.box[0] % (PATCH // 2), PATCH // 2 - b.box[0] % (PATCH // 2)) <= 1
     assert len({b.number for b in s.blocks}) == len(s.blocks)  # distinct digits
     for a in s.blocks:
         assert 0 <= a.box[0] < a.box[2] <= s.width and 0 <= a.box[1] < a.box[3] <= s.height
@@ -90,9 +112,41 @@ def test_cell_labels_by_hand() -> None:
     on = [0, 1, 4, 5]
     for i in range(16):
         if i in on:
-            assert labels[i].tolist() == [list(COLOURS).index("blue") + 1, 8, 1, 1]
+            assert labels[i].tolist() == [list(COLOURS).index("blue") + 1, 8, 1, 1, 7]
         else:
-            assert labels[i].tolist() == [0, 0, 0, 0]
+            assert labels[i].tolist() == [0, 0, 0, 0, -1]
+
+
+def test_digit_logits_pool_each_block() -> None:
+    """The digit head sees the mean of a block's tokens: one logit row per block, by hand."""
+    torch.manual_seed(0)
+    heads = AuxHeads(6)
+    # two pictures; picture 0: block 3 on tokens 0, 1; picture 1: block 3 on token 1, block 5 on 2
+    a = torch.tensor([[1, 4, 1, 1, 3], [1, 4, 1, 1, 3], [0, 0, 0, 0, -1]])
+    b = torch.tensor([[0, 0, 0, 0, -1], [2, 4, 1, 1, 3], [3, 6, 2, 1, 5]])
+    labels = batch_labels([a, b])
+    feats = torch.randn(6, 6)
+    logits, truth = heads.logits(feats, labels)[1]
+    w, bias = heads.proj.weight[1 + 8 : 1 + 8 + 11], heads.proj.bias[1 + 8 : 1 + 8 + 11]
+    means = torch.stack([feats[0:2].mean(0), feats[4], feats[5]])
+    torch.testing.assert_close(logits, means @ w.T + bias)
+    assert truth.tolist() == [4, 4, 6]
+
+
+def test_block_crop_is_on_the_lattice_and_labelled() -> None:
+    rng = random.Random(4)
+    s = random_scene(rng, 6)
+    image = render(s)
+    for _ in range(10):
+        crop = block_crop(s, image, rng)
+        cs = crop.info["scene"]
+        assert crop.images[0].size == (56, 56) == (cs.width, cs.height)
+        labels = cell_labels(cs, 2, 2)
+        assert (labels[:, 4] >= 0).any()  # the chosen block covers a cell
+        for b in cs.blocks:  # the crop's pixels show each block where its box says
+            x, y = max(0, b.box[0]) + 1, max(0, b.box[1]) + 1
+            if x < 56 and y < 56:
+                assert crop.images[0].getpixel((x, y)) == COLOURS[b.colour]
 
 
 def test_write_jsonl_is_readable_by_the_trainer(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""The ``qwenvl`` console script: ``qwenvl {chat,info} ...``, each a thin wrapper over the library.
+"""The ``qwenvl`` console script: ``qwenvl {chat,info,...} ...``, thin wrappers over the library.
 
 A subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its arguments and
 ``cmd_<name>(args) -> int`` turns them into library calls; adding one means writing that pair and
@@ -24,6 +24,8 @@ from qwenvl.checkpoint import load_config, read_json, resolve_checkpoint
 from qwenvl.cli.ground import _add_ground
 from qwenvl.cli.serve import _add_serve
 from qwenvl.cli.train import _add_merge_lora, _add_train
+from qwenvl.demo import DEMO_MODEL_NAME, default_model_path
+from qwenvl.demo.tasks import TASKS
 from qwenvl.errors import QwenVLError
 from qwenvl.llm import LLM, Messages
 from qwenvl.models import ModelConfig, model_class
@@ -116,7 +118,9 @@ def _positive_int(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", required=True, metavar="DIR", help="checkpoint folder (or Hugging Face id)"
+        "--model",
+        metavar="DIR",
+        help="checkpoint folder or Hugging Face id (default: the bundled demo model)",
     )
 
 
@@ -512,6 +516,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eval-demo -------------------------------------------------------------------------------
+def _add_eval_demo(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "eval-demo",
+        help="score a model on held-out demo scenes (per-task accuracy)",
+        description="Render held-out block scenes (a seed the training never used) and score the "
+        "model's greedy answers per task.",
+    )
+    _add_model_args(p)
+    p.add_argument("--count", type=_positive_int, default=300, metavar="N", help="samples per task")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="held-out stream seed")
+    p.add_argument("--tasks", default=None, metavar="T,T", help="comma-separated subset of tasks")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_load_args(p)
+    p.set_defaults(func=cmd_eval_demo, min_pixels=None, max_pixels=None)
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    from qwenvl.demo.evaluate import EVAL_SEED, evaluate, format_table
+
+    tasks = TASKS if args.tasks is None else tuple(t.strip() for t in args.tasks.split(","))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise QwenVLError(f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
+    llm = load_llm(args)
+    seed = EVAL_SEED if args.seed is None else args.seed
+    result = evaluate(llm, args.count, seed, tasks)
+    print(json.dumps(result, indent=2) if args.json else format_table(result, args.count))
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_chat,
@@ -520,6 +555,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_serve,
     _add_train,
     _add_merge_lora,
+    _add_eval_demo,
 )
 
 
@@ -538,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``qwenvl`` command line; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", "") is None:
+        args.model = str(default_model_path())
+        args.model_name = DEMO_MODEL_NAME
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

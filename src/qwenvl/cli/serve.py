@@ -93,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(
-        served_model_name=args.served_model_name or args.model,
+        served_model_name=args.served_model_name or getattr(args, "model_name", None) or args.model,
         api_key=args.api_key,
         max_waiting_requests=args.max_waiting_requests,
         max_body_bytes=args.max_body_bytes,

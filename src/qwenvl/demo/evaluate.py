@@ -72,6 +72,24 @@ def evaluate(
     return {t: {k: v / counts[t] for k, v in m.items()} for t, m in sums.items()}
 
 
+METRIC_NAMES = {
+    "block_acc": "per-block accuracy",
+    "exact": "exact match",
+    "acc": "accuracy",
+    "iou50": "IoU >= 0.5",
+    "within_1s": "within 1 s",
+}
+
+
+def format_table(result: dict[str, dict[str, float]], count: int) -> str:
+    """A Markdown table of the per-task metrics (the README's form)."""
+    lines = [f"| task ({count} each) | metric | value |", "|---|---|---|"]
+    for task, metrics in result.items():
+        for k, v in metrics.items():
+            lines.append(f"| {task} | {METRIC_NAMES.get(k, k)} | {100 * v:.1f} % |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from qwenvl import LLM
     from qwenvl.demo import default_model_path
@@ -85,11 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     llm = LLM(a.model or default_model_path())
     result = evaluate(llm, a.count, a.seed, a.tasks.split(","))
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for task, metrics in result.items():
-            print(f"{task:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    print(json.dumps(result, indent=2) if a.json else format_table(result, a.count))
     return 0
 
 

@@ -30,11 +30,11 @@ TASKS = ("list", "count", "number", "ground", "compare", "when")
 LIST_PROMPT = "Output the color and number of each box."
 COUNT_PROMPT = "How many boxes are there?"
 COMPARE_PROMPT = "Which image has more boxes?"
-# The demo checkpoint's pixel limits (preprocessor_config.json): a 224-336 px scene is seen at
-# about 224x224, 64 vision tokens; video frames at 140x140, 25 tokens per second of clip.
+# The demo checkpoint's pixel limits (preprocessor_config.json): a 224-280 px scene is seen as
+# is (64-100 vision tokens); video frames at 168x168, 36 tokens per second of clip.
 MIN_PIXELS = 56 * 56
-MAX_PIXELS = 224 * 224
-VIDEO_SIDE = 140
+MAX_PIXELS = 280 * 280
+VIDEO_SIDE = 168
 VIDEO_FPS = 2.0
 VIDEO_OPTIONS = {"fps": VIDEO_FPS, "resized_height": VIDEO_SIDE, "resized_width": VIDEO_SIDE}
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from qwenvl.demo import checkpoint as demo_ckpt
@@ -55,12 +57,13 @@ class Stage:
     tasks: tuple[str, ...] = TASKS
     max_blocks_from: int = 10  # curriculum: max blocks per scene grows linearly to 10
     aux_weight: float = 1.0
+    crops: int = 0  # extra 56x56 crops around one block each, per step (vision stage)
 
 
 STAGES = (
-    Stage("vision", steps=1500, batch=16, lr=2e-3, vision_lr=2e-3, tasks=()),
+    Stage("vision", steps=600, batch=8, lr=3e-3, vision_lr=3e-3, tasks=(), crops=128),
     Stage(
-        "joint", steps=6000, batch=8, lr=1.5e-3, vision_lr=5e-4, max_blocks_from=3, aux_weight=0.5
+        "joint", steps=3600, batch=8, lr=1.5e-3, vision_lr=1e-3, max_blocks_from=3, aux_weight=1.0
     ),
 )
 
@@ -72,36 +75,60 @@ class AuxHeads(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, sum(HEADS.values()))
 
+    def logits(self, feats: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Per-token logits, except the digit's: one per block, from the mean of its tokens.
+
+        A digit covers only some of its block's tokens; asking every token for it is asking
+        for a label it cannot see. Pooled, the model may keep the digit where it sees it, and
+        the decoder's attention over a block's tokens does the same pooling.
+        """
+        out = list(self.proj(feats.float()).split(list(HEADS.values()), dim=-1))
+        block = labels[:, 4]
+        on_block = block >= 0
+        ids, inverse = torch.unique(block[on_block], return_inverse=True)
+        feats = feats.float()[on_block]
+        pooled = feats.new_zeros(len(ids), feats.shape[1]).index_add_(0, inverse, feats)
+        pooled = pooled / torch.bincount(inverse, minlength=len(ids)).unsqueeze(1)
+        digit = labels[on_block, 1].new_zeros(len(ids)).scatter_(0, inverse, labels[on_block, 1])
+        out[1] = (self.proj(pooled).split(list(HEADS.values()), dim=-1)[1], digit)
+        return out
+
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Colour (or background) on every token; digit, row and column on block tokens only,
-        so the few block tokens are not drowned by the background ones."""
-        logits = self.proj(feats.float()).split(list(HEADS.values()), dim=-1)
-        total = F.cross_entropy(logits[0], labels[:, 0])
+        """Colour (or background) on every token; row and column on block tokens only, so the
+        few block tokens are not drowned by the background ones; the digit per block."""
+        logits = self.logits(feats, labels)
         on_block = labels[:, 0] > 0
+        total = F.cross_entropy(logits[0], labels[:, 0])
         if bool(on_block.any()):
-            for i in range(1, len(HEADS)):
+            total = total + F.cross_entropy(*logits[1])
+            for i in range(2, len(HEADS)):
                 total = total + F.cross_entropy(logits[i][on_block], labels[on_block, i])
         return total / len(HEADS)
 
     @torch.no_grad()
     def accuracy(self, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        logits = self.proj(feats.float()).split(list(HEADS.values()), dim=-1)
+        logits = self.logits(feats, labels)
+        on_block = labels[:, 0] > 0
         out = {}
         for i, (name, lg) in enumerate(zip(HEADS, logits)):
-            on_block = labels[:, 0] > 0
-            pred = lg.argmax(-1)
-            out[name] = float((pred[on_block] == labels[on_block, i]).float().mean())
+            if i == 1:
+                pred, truth = lg[0].argmax(-1), lg[1]
+            else:
+                pred, truth = lg[on_block].argmax(-1), labels[on_block, i]
+            out[name] = float((pred == truth).float().mean()) if len(truth) else 0.0
         return out
 
 
 def cell_labels(scene: Scene, grid_h: int, grid_w: int) -> torch.Tensor:
-    """``[grid_h * grid_w, 4]`` labels of the merged tokens of ``scene`` resized to the grid.
+    """``[grid_h * grid_w, 5]`` labels of the merged tokens of ``scene`` resized to the grid:
+    colour, digit, row, column (each 0 for the background) and the block's id (-1).
 
-    A cell belongs to the block covering most of it (at least 30 %), else to the background (0).
+    A cell belongs to the block covering most of it (at least 30 %), else to the background.
     """
     sx = grid_w * MERGED_PX / scene.width
     sy = grid_h * MERGED_PX / scene.height
-    out = torch.zeros(grid_h * grid_w, len(HEADS), dtype=torch.long)
+    out = torch.zeros(grid_h * grid_w, len(HEADS) + 1, dtype=torch.long)
+    out[:, 4] = -1
     area = MERGED_PX * MERGED_PX
     for i in range(grid_h):
         for j in range(grid_w):
@@ -120,6 +147,7 @@ def cell_labels(scene: Scene, grid_h: int, grid_w: int) -> torch.Tensor:
                         best.number + 1,
                         best.row + 1,
                         best.col + 1,
+                        best.number,  # distinct within a scene: the block's id
                     ]
                 )
     return out
@@ -138,18 +166,58 @@ def sample_scenes(sample: DemoSample) -> list[list[Scene]]:
     return [[info["scene"]]]
 
 
+CROP = 56
+
+
+def block_crop(scene: Scene, image: Image.Image, rng: random.Random) -> DemoSample:
+    """A 56x56 cut around one block of ``scene``, on the patch lattice (so the digit meets the
+    patches as in the whole picture): 16 patches that teach the digit for the price of 1/16 of
+    a scene."""
+    b = rng.choice(scene.blocks)
+    cx, cy = (b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2
+    x0 = min(max(0, 14 * round((cx - CROP / 2) / 14)), scene.width - CROP)
+    y0 = min(max(0, 14 * round((cy - CROP / 2) / 14)), scene.height - CROP)
+    blocks = tuple(
+        replace(o, box=(o.box[0] - x0, o.box[1] - y0, o.box[2] - x0, o.box[3] - y0))
+        for o in scene.blocks
+        if o.box[2] > x0 and o.box[0] < x0 + CROP and o.box[3] > y0 and o.box[1] < y0 + CROP
+    )
+    crop = replace(scene, width=CROP, height=CROP, blocks=blocks)
+    cut = image.crop((x0, y0, x0 + CROP, y0 + CROP))
+    return DemoSample("scene", [cut], None, "", "", {"scene": crop})
+
+
 def item_labels(scenes: list[Scene], grid: tuple[int, int, int], merge: int = 2) -> torch.Tensor:
     _, h, w = grid
     return torch.cat([cell_labels(s, h // merge, w // merge) for s in scenes])
 
 
+def batch_labels(per_item: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenated item labels with block ids made unique across the batch (a video's
+    frames pool each block over all the frames it is in)."""
+    out, offset = [], 0
+    for lab in per_item:
+        lab = lab.clone()
+        on = lab[:, 4] >= 0
+        lab[on, 4] += offset
+        offset += 10
+        out.append(lab)
+    return torch.cat(out)
+
+
 class Recipe:
-    def __init__(self, out: Path, seed: int = 0, threads: int = 1) -> None:
-        self.out, self.seed = out, seed
+    """The staged run; ``world`` > 1 splits every batch over that many processes (``rank``)."""
+
+    def __init__(
+        self, out: Path, seed: int = 0, threads: int = 1, rank: int = 0, world: int = 1
+    ) -> None:
+        self.out, self.seed, self.rank, self.world = out, seed, rank, world
         torch.set_num_threads(threads)
         self.files = out / "files"
-        if not (self.files / "config.json").exists():
+        if rank == 0 and not (self.files / "config.json").exists():
             demo_ckpt.write_files(self.files)
+        if world > 1:
+            torch.distributed.barrier()
         self.config = ModelConfig.from_file(self.files / "config.json")
         self.processor = Processor.from_pretrained(self.files, self.config)
         self.model = demo_ckpt.new_model(self.files, seed)
@@ -167,7 +235,9 @@ class Recipe:
         for k in range(stage.batch):
             if not stage.tasks:
                 s = random_scene(rng, rng.randint(1, 10))
-                out.append(DemoSample("scene", [render(s)], None, "", "", {"scene": s}))
+                image = render(s)
+                out.append(DemoSample("scene", [image], None, "", "", {"scene": s}))
+                out += [block_crop(s, image, rng) for _ in range(stage.crops // stage.batch)]
             else:
                 out.append(
                     make_sample(
@@ -184,9 +254,9 @@ class Recipe:
         pixels = torch.cat([it.pixel_values for it in items])
         grids = [it.grid_thw for it in items]
         feats = self.model.encode_vision(pixels, grids)
-        labels = torch.cat([item_labels([s.info["scene"]], g) for s, g in zip(samples, grids)])
+        labels = batch_labels([item_labels([s.info["scene"]], g) for s, g in zip(samples, grids)])
         loss = self.aux.loss(feats, labels)
-        metrics = {"aux": float(loss), "tokens": feats.shape[0]}
+        metrics = {"aux": float(loss.detach()), "tokens": feats.shape[0]}
         return loss, {**metrics, **self.aux.accuracy(feats, labels)}
 
     def joint_step(self, samples: Sequence[DemoSample], stage: Stage) -> tuple[torch.Tensor, dict]:
@@ -223,7 +293,7 @@ class Recipe:
         ).view(labels.shape) * (labels != IGNORE)
         per_sample = tok_loss.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
         lm = per_sample.mean()
-        feats, lab = torch.cat(aux_feats), torch.cat(aux_labels)
+        feats, lab = torch.cat(aux_feats), batch_labels(aux_labels)
         aux = self.aux.loss(feats, lab)
         metrics = {"lm": float(lm), "aux": float(aux), "tokens": batch.num_tokens}
         for task in set(s.task for s in samples):
@@ -264,7 +334,7 @@ class Recipe:
                 opt.load_state_dict(opt_state)
             if start >= stage.steps:
                 continue
-            bar = Progress(stage.steps, progress)
+            bar = Progress(stage.steps, progress and self.rank == 0)
             self.model.train()
             t0 = time.perf_counter()
             for step in range(start, stage.steps):
@@ -272,13 +342,14 @@ class Recipe:
                 decay = 0.5 * (1 + math.cos(math.pi * step / stage.steps))
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * warm * (0.1 + 0.9 * decay)
-                samples = self.batch(stage, step)
+                samples = self.batch(stage, step)[self.rank :: self.world]
                 if stage.tasks:
                     loss, m = self.joint_step(samples, stage)
                 else:
                     loss, m = self.vision_step(samples)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                self.average_gradients(opt)
                 torch.nn.utils.clip_grad_norm_(
                     list(self.model.parameters()) + list(self.aux.parameters()), 1.0
                 )
@@ -292,12 +363,29 @@ class Recipe:
                 )
                 self.metrics.append(m)
                 secs = m["secs"] - (self.metrics[-2]["secs"] if step > start else 0.0)
-                bar.update(step + 1, {**m, "tokens_per_s": m["tokens"] / max(secs, 1e-9)})
-                if (step + 1) % 50 == 0 or step + 1 == stage.steps:
+                tokens_per_s = self.world * m["tokens"] / max(secs, 1e-9)
+                bar.update(step + 1, {**m, "tokens_per_s": tokens_per_s})
+                if self.rank == 0 and ((step + 1) % 50 == 0 or step + 1 == stage.steps):
                     self.save_state(si, step + 1, opt)
                     self.write_metrics()
             bar.close()
-        return self.export()
+        return self.export() if self.rank == 0 else self.out / "model"
+
+    def average_gradients(self, opt: torch.optim.Optimizer) -> None:
+        """Data parallelism: one all-reduce of every trained gradient, flattened."""
+        if self.world == 1:
+            return
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for p in params:
+            if p.grad is None:  # unused on this rank's share (e.g. no video in it)
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
 
     def write_metrics(self) -> None:
         """Append the new rows to ``metrics.jsonl`` (the first call of a process rewrites it)."""
@@ -334,17 +422,47 @@ class Recipe:
         return folder
 
 
+def _worker(rank: int, world: int, port: int, out: Path, seed: int, stages: tuple) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        folder = Recipe(out, seed, 1, rank, world).run(stages)
+        if rank == 0:
+            print(f"model written to {folder}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo-run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="data-parallel processes of one thread each (a model this small scales by "
+        "processes, not threads)",
+    )
     p.add_argument("--vision-steps", type=int, default=STAGES[0].steps)
     p.add_argument("--joint-steps", type=int, default=STAGES[1].steps)
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = (replace(STAGES[0], steps=a.vision_steps), replace(STAGES[1], steps=a.joint_steps))
+    if a.workers > 1:
+        torch.multiprocessing.spawn(
+            _worker, (a.workers, _free_port(), out, a.seed, stages), nprocs=a.workers
+        )
+        return
     folder = Recipe(out, a.seed, a.threads).run(stages)
     print(f"model written to {folder}")
 
