@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qwenvl import LLM, SamplingParams, kernels
+from qwenvl import llm as llm_module
 from qwenvl.checkpoint import load_model
 from qwenvl.errors import ConfigError
 from qwenvl.scoring import prompt_logits
@@ -32,11 +33,19 @@ def bf16_checkpoint(checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def variants(bf16_checkpoint):
-    return {
-        "fp32": LLM(bf16_checkpoint, dtype="float32"),
-        "auto": LLM(bf16_checkpoint),
-        "int8": LLM(bf16_checkpoint, quantization="int8"),
-    }
+    # the tiny checkpoint is far below the packing threshold: lift it to test the packed path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llm_module, "PACK_MIN_BYTES", 0)
+        return {
+            "fp32": LLM(bf16_checkpoint, dtype="float32"),
+            "auto": LLM(bf16_checkpoint),
+            "int8": LLM(bf16_checkpoint, quantization="int8"),
+        }
+
+
+def test_small_checkpoints_are_not_packed(bf16_checkpoint) -> None:
+    llm = LLM(bf16_checkpoint)
+    assert llm.quantization is None and llm.model.dtype == torch.float32
 
 
 def _logits(llm: LLM) -> torch.Tensor:

@@ -26,6 +26,9 @@ Messages = list[dict[str, Any]]
 
 CPU_MAX_PIXELS = 1024 * 28 * 28  # 1024 vision tokens (1280x720 -> 1176x644)
 CPU_MAX_VIDEO_TOKENS = 4096
+# Packed bf16 decode weights pay when weights stream from DRAM; a checkpoint smaller than this
+# (the demo model) runs as fast unpacked and needs no compiled extension.
+PACK_MIN_BYTES = 64 * 2**20
 
 
 def _weight_plan(
@@ -42,8 +45,12 @@ def _weight_plan(
     stored = resolve_dtype("auto", load_config(path))
     if quantization == "int8":
         return ("float32" if dtype == "auto" and on_cpu else dtype), "int8"
-    if on_cpu and dtype == "auto" and stored.itemsize == 2 and not lora and kernels.available():
-        return "float32", "bf16"
+    if on_cpu and dtype == "auto" and stored.itemsize == 2 and not lora:
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        if size < PACK_MIN_BYTES:
+            return "float32", None
+        if kernels.available():
+            return "float32", "bf16"
     return dtype, None
 
 

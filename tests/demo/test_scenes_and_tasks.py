@@ -157,3 +157,19 @@ def test_write_jsonl_is_readable_by_the_trainer(tmp_path) -> None:
     assert len(rows) == len(TASKS)
     kinds = [c["type"] for _, r in rows for c in r["messages"][0]["content"]]
     assert "video" in kinds and kinds.count("image") >= len(TASKS) - 1
+
+
+def test_bridged_logits_are_dot_products_with_the_token_embeddings() -> None:
+    torch.manual_seed(1)
+    embed = torch.nn.Embedding(30, 6)
+    colour_ids = [[3], [4, 5], [6], [7], [8], [9], [10], [11]]
+    heads = AuxHeads(6, embed, colour_ids, list(range(12, 22)))
+    labels = torch.tensor([[2, 8, 1, 1, 7], [0, 0, 0, 0, -1]])
+    feats = torch.randn(2, 6)
+    colour = heads.logits(feats, labels)[0]
+    w = embed.weight
+    want = torch.stack([heads.background, w[3], (w[4] + w[5]) / 2, *w[6:12]])
+    torch.testing.assert_close(colour, feats @ want.T)
+    digit, truth = heads.logits(feats, labels)[1]
+    torch.testing.assert_close(digit, feats[:1] @ torch.stack([heads.background, *w[12:22]]).T)
+    assert truth.tolist() == [8]

@@ -55,7 +55,7 @@ def evaluate(
     count: int = 300,
     seed: int = EVAL_SEED,
     tasks: Sequence[str] = TASKS,
-    batch: int = 16,
+    batch: int = 48,
 ) -> dict[str, dict[str, float]]:
     """Mean metrics per task over ``count`` samples of every task."""
     params = SamplingParams(temperature=0, max_tokens=128)
