@@ -12,7 +12,7 @@ import torch
 from qwenvl.checkpoint import load_model, read_json, resolve_checkpoint
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.engine import LLMEngine
-from qwenvl.errors import ConfigError, PromptError
+from qwenvl.errors import CheckpointError, ConfigError, PromptError
 from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.media import MediaPolicy
 from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
@@ -106,9 +106,14 @@ class LLM:
         quantization: str | None = None,
     ) -> None:
         if model is None:  # the bundled demo model: a fresh install answers something real
-            from qwenvl.demo import default_model_path
+            from qwenvl import demo
 
-            model = default_model_path()
+            model = demo.default_model_path()
+            if not model.is_dir():
+                raise CheckpointError(
+                    f"no model given and the demo model is not bundled here ({model}); pass a "
+                    "checkpoint folder or Hugging Face id, or train it: python -m qwenvl.demo.train"
+                )
         self.path = resolve_checkpoint(model)
         on_cpu = torch.device(device).type == "cpu"
         dtype, packed = _weight_plan(self.path, dtype, quantization, on_cpu, lora is not None)

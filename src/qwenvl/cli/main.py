@@ -575,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``qwenvl`` command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     if getattr(args, "model", "") is None:
+        if not default_model_path().is_dir():
+            print(
+                f"error: pass --model: the demo model is not bundled here ({default_model_path()})",
+                file=sys.stderr,
+            )
+            return 2
         args.model = str(default_model_path())
         args.model_name = DEMO_MODEL_NAME
     if args.verbose:

@@ -90,16 +90,20 @@ def ground_answer(box: Sequence[int], number: int) -> str:
     return f"```json\n[\n\t{inner}\n]\n```"
 
 
-def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSample:
-    """One sample of ``task``; ``max_blocks`` < 10 gives the easier scenes of a curriculum."""
+def make_sample(
+    task: str, rng: random.Random, max_blocks: int = 10, sides: Sequence[int] = ()
+) -> DemoSample:
+    """One sample of ``task``; ``max_blocks`` < 10 and small ``sides`` (image sides to pick
+    from) give the easier, cheaper scenes of a curriculum."""
+    size = (rng.choice(sides), rng.choice(sides)) if sides else None
     if task == "list":
-        s = random_scene(rng, rng.randint(1, max_blocks))
+        s = random_scene(rng, rng.randint(1, max_blocks), size)
         return DemoSample(task, [render(s)], None, LIST_PROMPT, list_answer(s), {"scene": s})
     if task == "count":
-        s = random_scene(rng, rng.randint(1, max_blocks))
+        s = random_scene(rng, rng.randint(1, max_blocks), size)
         return DemoSample(task, [render(s)], None, COUNT_PROMPT, str(len(s.blocks)), {"scene": s})
     if task == "number":
-        s = random_scene(rng, rng.randint(1, max_blocks))
+        s = random_scene(rng, rng.randint(1, max_blocks), size)
         unique = [b for b in s.blocks if sum(c.colour == b.colour for c in s.blocks) == 1]
         if not unique:  # recolour one block with a colour nobody else has
             free = [c for c in COLOUR_NAMES if all(b.colour != c for b in s.blocks)]
@@ -113,7 +117,7 @@ def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSamp
             task, [render(s)], None, number_prompt(b.colour), str(b.number), {"scene": s}
         )
     if task == "ground":
-        s = random_scene(rng, rng.randint(1, max_blocks))
+        s = random_scene(rng, rng.randint(1, max_blocks), size)
         n = rng.choice(s.blocks).number
         box = resized_box(s, n)
         q = grounding_prompt(ground_phrase(n), "qwen2_5_vl")

@@ -58,12 +58,26 @@ class Stage:
     max_blocks_from: int = 10  # curriculum: max blocks per scene grows linearly to 10
     aux_weight: float = 1.0
     crops: int = 0  # extra 56x56 crops around one block each, per step (vision stage)
+    max_blocks_to: int = 10
+    sides: tuple[int, ...] = ()  # image sides to pick from (default: the full 224-280 scenes)
 
 
 STAGES = (
     Stage("vision", steps=600, batch=8, lr=3e-3, vision_lr=3e-3, tasks=(), crops=128),
+    # small pictures of 1-3 blocks, many per step: the decoder learns to read on cheap samples
     Stage(
-        "joint", steps=2000, batch=8, lr=1.5e-3, vision_lr=1e-3, max_blocks_from=1, aux_weight=1.0
+        "read",
+        steps=500,
+        batch=48,
+        lr=1.5e-3,
+        vision_lr=1e-3,
+        tasks=("list", "number", "count"),
+        max_blocks_from=1,
+        max_blocks_to=3,
+        sides=(56, 84, 112),
+    ),
+    Stage(
+        "joint", steps=800, batch=8, lr=1.5e-3, vision_lr=1e-3, max_blocks_from=1, aux_weight=1.0
     ),
 )
 
@@ -271,7 +285,8 @@ class Recipe:
     def batch(self, stage: Stage, step: int) -> list[DemoSample]:
         rng = random.Random(f"{self.seed}:{stage.name}:{step}")
         progress = min(1.0, step / max(1, 0.5 * stage.steps))
-        top = round(stage.max_blocks_from + (10 - stage.max_blocks_from) * progress)
+        span = stage.max_blocks_to - stage.max_blocks_from
+        top = round(stage.max_blocks_from + span * progress)
         out = []
         for k in range(stage.batch):
             if not stage.tasks:
@@ -285,6 +300,7 @@ class Recipe:
                         stage.tasks[(step * stage.batch + k) % len(stage.tasks)],
                         rng,
                         max_blocks=top,
+                        sides=stage.sides,
                     )
                 )
         return out
@@ -534,11 +550,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "processes, not threads)",
     )
     p.add_argument("--vision-steps", type=int, default=STAGES[0].steps)
-    p.add_argument("--joint-steps", type=int, default=STAGES[1].steps)
+    p.add_argument("--read-steps", type=int, default=STAGES[1].steps)
+    p.add_argument("--joint-steps", type=int, default=STAGES[2].steps)
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = (replace(STAGES[0], steps=a.vision_steps), replace(STAGES[1], steps=a.joint_steps))
+    stages = (
+        replace(STAGES[0], steps=a.vision_steps),
+        replace(STAGES[1], steps=a.read_steps),
+        replace(STAGES[2], steps=a.joint_steps),
+    )
     if a.workers > 1:
         torch.multiprocessing.spawn(
             _worker, (a.workers, _free_port(), out, a.seed, stages), nprocs=a.workers

@@ -1,0 +1,162 @@
+"""The demo checkpoint format end to end, on freshly initialised weights of the demo shape.
+
+Independent truths: transformers' ``Qwen2_5_VLForConditionalGeneration``, fed by its own tokenizer,
+chat template and image processor loaded from the same folder, must give the same greedy answers
+as ``LLM``; the example picture must be exactly the scene whose answer the README would show.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from qwenvl import LLM, SamplingParams
+from qwenvl.demo import checkpoint as demo_ckpt
+from qwenvl.demo.evaluate import EVAL_SEED
+from qwenvl.demo.scenes import render
+from qwenvl.demo.tasks import sample_at
+from qwenvl.errors import CheckpointError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+IMAGE_TASKS = ("list", "count", "number", "ground")
+RELEASED_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = demo_ckpt.write_files(tmp_path_factory.mktemp("demo") / "model")
+    model = demo_ckpt.new_model(out, seed=3)
+    with torch.no_grad():  # break the symmetric init so answers differ between images
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    demo_ckpt.save_weights(model, out, torch.bfloat16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(folder) -> LLM:
+    return LLM(folder)
+
+
+def test_released_file_set(folder) -> None:
+    from transformers import Qwen2_5_VLConfig
+
+    assert {p.name for p in folder.iterdir()} == RELEASED_FILES
+    cfg = Qwen2_5_VLConfig.from_pretrained(folder)
+    assert cfg.vision_config.depth == 6 and cfg.text_config.num_hidden_layers == 4
+
+
+def _hf_generate(folder, samples, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Greedy answers of transformers, built only from its own pieces and the folder's files."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    proc = Qwen2VLImageProcessorPil(
+        min_pixels=pre["min_pixels"], max_pixels=pre["max_pixels"], patch_size=pre["patch_size"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            folder, dtype=torch.float32
+        ).eval()
+    merge = model.config.vision_config.spatial_merge_size**2
+    answers = []
+    for s in samples:
+        text = tok.apply_chat_template(
+            s.messages(with_answer=False),
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        pix = proc(images=s.images, return_tensors="pt")
+        parts = text.split("<|image_pad|>")
+        assert len(parts) == len(s.images) + 1
+        expanded = parts[0]
+        for grid, rest in zip(pix["image_grid_thw"], parts[1:]):
+            expanded += "<|image_pad|>" * (int(grid.prod()) // merge) + rest
+        ids = tok(expanded, return_tensors="pt")
+        # what Qwen2_5_VLProcessor adds (it needs torchvision to import): the token types
+        image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        ids["mm_token_type_ids"] = (ids["input_ids"] == image_id).long()
+        with torch.no_grad():
+            gen = model.generate(
+                **ids,
+                pixel_values=pix["pixel_values"],
+                image_grid_thw=pix["image_grid_thw"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+        prompt = ids["input_ids"][0].tolist()
+        answers.append((prompt, gen[0, len(prompt) :].tolist()))
+    return answers
+
+
+def test_transformers_gives_the_same_greedy_answers(folder, llm) -> None:
+    """20 held-out images (the four single-image tasks), answered by both implementations."""
+    samples = [sample_at(EVAL_SEED + 1, i, IMAGE_TASKS) for i in range(20)]
+    outs = llm.chat([s.messages(False) for s in samples], GREEDY)
+    theirs = _hf_generate(folder, samples, GREEDY.max_tokens)
+    eos = set(json.loads((folder / "generation_config.json").read_text())["eos_token_id"])
+    for out, (prompt, generated) in zip(outs, theirs):
+        assert out.prompt_token_ids == prompt
+        ours = [t for t in out.outputs[0].token_ids if t not in eos]  # stop token: ours or not
+        assert generated[: len(ours)] == ours
+        assert len(generated) == len(ours) or generated[len(ours)] in eos
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) > 1  # answers depend on the image
+
+
+def test_cli_eval_demo(folder, capsys) -> None:
+    from qwenvl.cli.main import main
+
+    args = ["eval-demo", "--model", str(folder), "--count", "2", "--json"]
+    assert main([*args, "--tasks", "count,list,ground,when"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"count", "list", "ground", "when"}
+    assert set(result["list"]) == {"block_acc", "exact"} and set(result["count"]) == {"acc"}
+    assert set(result["ground"]) == {"iou50"} and set(result["when"]) == {"within_1s"}
+    assert all(0.0 <= v <= 1.0 for m in result.values() for v in m.values())
+    assert main([*args, "--tasks", "count,colour"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_example_image_is_the_example_scene() -> None:
+    """The bundled PNG is exactly the scene whose answer the README shows."""
+    from PIL import Image
+
+    from qwenvl.demo import example_image_path, example_scene
+
+    shipped = Image.open(example_image_path()).convert("RGB")
+    assert shipped.tobytes() == render(example_scene()).tobytes()
+
+
+def test_no_model_without_the_bundled_demo(tmp_path, monkeypatch) -> None:
+    import qwenvl.demo
+
+    monkeypatch.setattr(qwenvl.demo, "default_model_path", lambda: tmp_path / "demo-model")
+    with pytest.raises(CheckpointError, match="demo model"):
+        LLM()
+
+
+def test_cli_without_model_or_bundled_demo(tmp_path, monkeypatch, capsys) -> None:
+    from qwenvl.cli import main as cli
+
+    monkeypatch.setattr(cli, "default_model_path", lambda: tmp_path / "demo-model")
+    assert cli.main(["chat", "hello"]) == 2
+    assert "pass --model" in capsys.readouterr().err
