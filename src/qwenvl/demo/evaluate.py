@@ -1,5 +1,4 @@
-"""Held-out evaluation of the demo model: ``qwenvl eval-demo``
-(or ``python -m qwenvl.demo.evaluate``).
+"""Held-out evaluation of the demo model (the ``qwenvl eval-demo`` command runs it).
 
 Scenes come from a seed the training never uses (training streams are keyed by stage name and
 step). Per task: (a) per-block accuracy (colour and number right at the same reading position)
@@ -10,8 +9,6 @@ within one second.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -88,24 +85,3 @@ def format_table(result: dict[str, dict[str, float]], count: int) -> str:
         for k, v in metrics.items():
             lines.append(f"| {task} | {METRIC_NAMES.get(k, k)} | {100 * v:.1f} % |")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from qwenvl import LLM
-    from qwenvl.demo import default_model_path
-
-    p = argparse.ArgumentParser(prog="qwenvl eval-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="checkpoint (default: the shipped demo model)")
-    p.add_argument("--count", type=int, default=300, help="held-out samples per task")
-    p.add_argument("--seed", type=int, default=EVAL_SEED)
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    llm = LLM(a.model or default_model_path())
-    result = evaluate(llm, a.count, a.seed, a.tasks.split(","))
-    print(json.dumps(result, indent=2) if a.json else format_table(result, a.count))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from qwenvl.demo import checkpoint as demo_ckpt
-from qwenvl.demo.scenes import COLOUR_NAMES, Scene, random_scene, render
+from qwenvl.demo.scenes import COLOUR_NAMES, PATCH, Scene, random_scene, render
 from qwenvl.demo.tasks import TASKS, DemoSample, make_sample
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.processing.prompt import Processor
@@ -103,6 +103,9 @@ class AuxHeads(nn.Module):
         self.embed = [embed]  # a list: not a submodule (the model owns and saves it)
         self.colour_ids = [list(ids) for ids in colour_ids]
         self.digit_ids = list(digit_ids)
+        # the one token the decoder names a colour (its first) or a digit with, by class - 1
+        self.colour_tokens = torch.tensor([ids[0] for ids in self.colour_ids], dtype=torch.long)
+        self.digit_tokens = torch.tensor(self.digit_ids, dtype=torch.long)
         self.background = nn.Parameter(torch.zeros(dim))
         self.scale = nn.Parameter(torch.ones(()))
 
@@ -224,8 +227,8 @@ def block_crop(scene: Scene, image: Image.Image, rng: random.Random) -> DemoSamp
     a scene."""
     b = rng.choice(scene.blocks)
     cx, cy = (b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2
-    x0 = min(max(0, 14 * round((cx - CROP / 2) / 14)), scene.width - CROP)
-    y0 = min(max(0, 14 * round((cy - CROP / 2) / 14)), scene.height - CROP)
+    x0 = min(max(0, PATCH * round((cx - CROP / 2) / PATCH)), scene.width - CROP)
+    y0 = min(max(0, PATCH * round((cy - CROP / 2) / PATCH)), scene.height - CROP)
     blocks = tuple(
         replace(o, box=(o.box[0] - x0, o.box[1] - y0, o.box[2] - x0, o.box[3] - y0))
         for o in scene.blocks
@@ -392,8 +395,8 @@ class Recipe:
             if not bool(on.any()):
                 continue
             lg = logits[slots[on, 0], slots[on, 1]].float().log_softmax(-1)
-            digit = torch.tensor(self.aux.digit_ids)[lab[on, 1] - 1]
-            colour = torch.tensor([ids[0] for ids in self.aux.colour_ids])[lab[on, 0] - 1]
+            digit = self.aux.digit_tokens[lab[on, 1] - 1]
+            colour = self.aux.colour_tokens[lab[on, 0] - 1]
             total = total - lg.gather(1, digit[:, None]).sum() - lg.gather(1, colour[:, None]).sum()
             count += int(on.sum())
         return total / max(1, 2 * count)
