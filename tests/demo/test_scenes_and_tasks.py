@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from qwenvl.demo.scenes import (
+    CELL,
     COLOURS,
     GAP,
-    PATCH,
+    SCALE,
+    SIDE,
     Block,
     Scene,
     random_scene,
@@ -46,16 +48,29 @@ def test_row_layouts_are_pyramids() -> None:
 @pytest.mark.parametrize("seed", range(20))
 def test_scene_geometry(seed: int) -> None:
     s = random_scene(random.Random(seed))
-    assert s.width in (224, 252, 280) and s.height in (224, 252, 280)
-    # the processor sees the picture as drawn (no resize)
-    assert smart_resize(s.height, s.width, 28, MIN_PIXELS, MAX_PIXELS) == (s.height, s.width)
-    # blocks on the 14-px patch lattice, up to the 1-px jitter; one size per scene
+    assert (s.width, s.height) == (SIDE, SIDE)
+    # the processor halves the picture: a 56-px cell becomes one 28-px merged vision token
+    assert smart_resize(s.height, s.width, 28, MIN_PIXELS, MAX_PIXELS) == (SIDE // 2, SIDE // 2)
+    assert SCALE * 28 == CELL
     sides = {b.box[2] - b.box[0] for b in s.blocks} | {b.box[3] - b.box[1] for b in s.blocks}
-    assert len(sides) == 1 and (sides.pop() + GAP) % PATCH == 0
+    assert len(sides) == 1 and 42 <= sides.pop() <= CELL - 2 * GAP  # one size per scene
+    cells = set()
     for b in s.blocks:
-        # a pyramid row is centred: its blocks start on whole or half pitches of the lattice
-        assert min(b.box[1] % PATCH, PATCH - b.box[1] % PATCH) <= 1
-        assert min(b.box[0] % (PATCH // 2), PATCH // 2 - b.box[0] % (PATCH // 2)) <= 1
+        # each block lies inside one cell, centred up to 2 px
+        cx, cy = b.box[0] // CELL, b.box[1] // CELL
+        assert (b.box[2] - 1) // CELL == cx and (b.box[3] - 1) // CELL == cy
+        assert abs((b.box[0] + b.box[2]) / 2 - (cx + 0.5) * CELL) <= 2.5
+        assert abs((b.box[1] + b.box[3]) / 2 - (cy + 0.5) * CELL) <= 2.5
+        cells.add((cx, cy))
+    assert len(cells) == len(s.blocks)
+    for row in s.rows:  # a row is one line of adjacent cells
+        xs = [b.box[0] // CELL for b in row]
+        assert xs == list(range(xs[0], xs[0] + len(row)))
+        assert len({b.box[1] // CELL for b in row}) == 1
+    for a_row, b_row in zip(s.rows, s.rows[1:]):  # rows stack, each under the one above
+        assert b_row[0].box[1] // CELL == a_row[0].box[1] // CELL + 1
+        assert b_row[0].box[0] // CELL <= a_row[0].box[0] // CELL
+        assert b_row[-1].box[0] // CELL >= a_row[-1].box[0] // CELL
     assert len({b.number for b in s.blocks}) == len(s.blocks)  # distinct digits
     for a in s.blocks:
         assert 0 <= a.box[0] < a.box[2] <= s.width and 0 <= a.box[1] < a.box[3] <= s.height
@@ -140,13 +155,13 @@ def test_block_crop_is_on_the_lattice_and_labelled() -> None:
     for _ in range(10):
         crop = block_crop(s, image, rng)
         cs = crop.info["scene"]
-        assert crop.images[0].size == (56, 56) == (cs.width, cs.height)
-        labels = cell_labels(cs, 2, 2)
+        assert crop.images[0].size == (3 * CELL, 3 * CELL) == (cs.width, cs.height)
+        labels = cell_labels(cs, 3, 3)
         assert (labels[:, 4] >= 0).any()  # the chosen block covers a cell
+        assert int((labels[:, 4] >= 0).sum()) == len(cs.blocks)  # one token per block
         for b in cs.blocks:  # the crop's pixels show each block where its box says
-            x, y = max(0, b.box[0]) + 1, max(0, b.box[1]) + 1
-            if x < 56 and y < 56:
-                assert crop.images[0].getpixel((x, y)) == COLOURS[b.colour]
+            assert 0 <= b.box[0] and b.box[2] <= 3 * CELL
+            assert crop.images[0].getpixel((b.box[0] + 1, b.box[1] + 1)) == COLOURS[b.colour]
 
 
 def test_write_jsonl_is_readable_by_the_trainer(tmp_path) -> None:

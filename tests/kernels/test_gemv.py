@@ -50,8 +50,13 @@ def test_linear_int8(m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bo
     bias = torch.randn(n, generator=g) if with_bias else None
     y = kernels.linear_int8(x, q, scale, bias)
     assert y.dtype == x_dtype and y.shape == (m, n)
-    ref = _ref(x, q.double() * scale.double()[:, None], bias)
-    tol = 1e-4 * k**0.5 + (2e-2 * ref.abs() if x_dtype == torch.bfloat16 else 0)
+    w = q.double() * scale.double()[:, None]
+    ref = _ref(x, w, bias)
+    # on AVX2, x is quantised to int16 per row (rounding error <= max|x| / 65534 an element), a
+    # bound far below the int8 weights' own; elsewhere the fp32 accumulation bound alone
+    x_err = x.double().abs().amax(1, keepdim=True) / 65534 if kernels.isa() == "avx2" else 0
+    tol = 1e-4 * k**0.5 + x_err * w.abs().sum(1)[None, :]
+    tol = tol + (2e-2 * ref.abs() if x_dtype == torch.bfloat16 else 0)
     assert ((y.double() - ref).abs() <= tol).all()
 
 

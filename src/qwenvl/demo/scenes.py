@@ -72,9 +72,10 @@ class Scene:
         return next(b for b in self.blocks if b.number == number)
 
 
-PATCH = 14  # the ViT's patch side: blocks are laid out on this lattice
-GAP = 4  # pixels between neighbouring blocks
-SIZES = tuple(range(224, 281, 28))  # image sides: multiples of 28, so the processor never resizes
+GAP = 4  # pixels between neighbouring blocks, at least
+CELL = 56  # scene pixels per vision token: the demo checkpoint sees scenes at half size (28 px)
+SIDE = 280  # a scene is 5 x 5 cells: 25 vision tokens
+SCALE = 2  # scene pixels per pixel the model sees (``tasks.MAX_PIXELS`` halves a scene)
 
 
 def random_scene(
@@ -83,39 +84,37 @@ def random_scene(
     size: tuple[int, int] | None = None,
     colours: tuple[str, ...] = COLOUR_NAMES,
 ) -> Scene:
-    """A random pyramid scene; ``n_blocks`` 1..10 (None: uniform).
+    """A random pyramid scene; ``n_blocks`` 1..10 (None: uniform), ``size`` (default 280 x 280).
 
-    Blocks sit on the ViT's 14-pixel patch lattice: block pitches are whole patches (3 to 7) and
-    pyramids start on patch corners, so a digit always meets the patch grid at one of a few
-    offsets. A ViT has no translation equivariance inside a patch; with free sub-patch
-    placement the from-scratch demo ViT needed ~10x more samples to read digits (measured:
-    12 % vs 50-60 % digit accuracy after 75 steps). Position and scale still vary, by whole
-    patches; each block also jitters by up to a pixel.
+    Every block fills one 56-px cell of a lattice that, at the half size the demo model sees,
+    is exactly its grid of merged vision tokens: one token per block, the digit always at the
+    same offset to the ViT's patches. Learning from scratch on a CPU hinges on that: a ViT has
+    no translation equivariance inside a patch, and a decoder that must pool a digit from
+    fragments spread over several tokens stayed at chance on full scenes. Rows are centred
+    to the nearest cell (a row of 2 under a row of 1 leans left or right at random); the
+    pyramid's place and the blocks' size (42-48 px) vary, and each block jitters by 2 px.
     """
     n = rng.randint(1, 10) if n_blocks is None else n_blocks
     if not 1 <= n <= 10:
         raise ValueError(f"a scene has 1 to 10 blocks, got {n}")
-    width, height = size or (rng.choice(SIZES), rng.choice(SIZES))
-    rows = rng.choice(row_layouts(n))
-    widest, nrows = max(rows), len(rows)
-    fit = min((width - 16) // (widest * PATCH), (height - 16) // (nrows * PATCH))
-    cap = int(0.42 * min(width, height) + GAP) // PATCH  # a lone block stays a block, not a wall
-    top_k = max(2, min(fit, cap, 7))
-    pitch = PATCH * rng.randint(min(3, top_k), top_k)
-    side = pitch - GAP
-    pyramid_w, pyramid_h = widest * pitch - GAP, nrows * pitch - GAP
-    x0 = PATCH * rng.randint(0, max(0, (width - pyramid_w) // PATCH))
-    y0 = PATCH * rng.randint(0, max(0, (height - pyramid_h) // PATCH))
-    x0, y0 = min(x0, width - pyramid_w), min(y0, height - pyramid_h)
+    width, height = size or (SIDE, SIDE)
+    cols, nrows_max = width // CELL, height // CELL
+    layouts = [r for r in row_layouts(n) if max(r) <= cols and len(r) <= nrows_max]
+    if not layouts:
+        raise ValueError(f"{n} blocks do not fit a {width}x{height} scene of {CELL}-px cells")
+    rows = rng.choice(layouts)
+    widest = max(rows)
+    cx0 = rng.randint(0, cols - widest)
+    cy0 = rng.randint(0, nrows_max - len(rows))
+    side = rng.randint(42, CELL - 2 * GAP)  # with the jitter, gaps stay >= GAP
     numbers = rng.sample(range(10), n)
     blocks = []
     for r, count in enumerate(rows):
-        left = x0 + (widest - count) * pitch // 2
-        top = y0 + r * pitch
+        shift = (widest - count) // 2 + ((widest - count) % 2) * rng.randint(0, 1)
         for c in range(count):
-            jx, jy = rng.randint(-1, 1), rng.randint(-1, 1)
-            x1 = min(max(left + c * pitch + jx, 0), width - side)
-            y1 = min(max(top + jy, 0), height - side)
+            centred = (CELL - side) // 2  # + up to 2 px each way: a pixel where the model looks
+            x1 = (cx0 + shift + c) * CELL + centred + rng.randint(-2, 2)
+            y1 = (cy0 + r) * CELL + centred + rng.randint(-2, 2)
             blocks.append(
                 Block(
                     rng.choice(colours), numbers[len(blocks)], (x1, y1, x1 + side, y1 + side), r, c

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from qwenvl.demo.scenes import COLOUR_NAMES, Scene, random_scene, render
+from qwenvl.demo.scenes import COLOUR_NAMES, SCALE, SIDE, Scene, random_scene, render
 from qwenvl.grounding import grounding_prompt
 from qwenvl.processing.image import smart_resize
 
@@ -30,11 +30,12 @@ TASKS = ("list", "count", "number", "ground", "compare", "when")
 LIST_PROMPT = "Output the color and number of each box."
 COUNT_PROMPT = "How many boxes are there?"
 COMPARE_PROMPT = "Which image has more boxes?"
-# The demo checkpoint's pixel limits (preprocessor_config.json): a 224-280 px scene is seen as
-# is (64-100 vision tokens); video frames at 168x168, 36 tokens per second of clip.
+# The demo checkpoint's pixel limits (preprocessor_config.json): a 280 px scene is seen at half
+# size, 140 px (5 x 5 vision tokens, one per block cell); clips are drawn at 224 px and seen at
+# 112 (16 tokens per second of clip).
 MIN_PIXELS = 56 * 56
-MAX_PIXELS = 280 * 280
-VIDEO_SIDE = 168
+MAX_PIXELS = (SIDE // SCALE) ** 2
+VIDEO_SIDE = 112
 VIDEO_FPS = 2.0
 VIDEO_OPTIONS = {"fps": VIDEO_FPS, "resized_height": VIDEO_SIDE, "resized_width": VIDEO_SIDE}
 
@@ -90,20 +91,16 @@ def ground_answer(box: Sequence[int], number: int) -> str:
     return f"```json\n[\n\t{inner}\n]\n```"
 
 
-def make_sample(
-    task: str, rng: random.Random, max_blocks: int = 10, sides: Sequence[int] = ()
-) -> DemoSample:
-    """One sample of ``task``; ``max_blocks`` < 10 and small ``sides`` (image sides to pick
-    from) give the easier, cheaper scenes of a curriculum."""
-    size = (rng.choice(sides), rng.choice(sides)) if sides else None
+def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSample:
+    """One sample of ``task``; ``max_blocks`` < 10 gives the easier scenes of a curriculum."""
     if task == "list":
-        s = random_scene(rng, rng.randint(1, max_blocks), size)
+        s = random_scene(rng, rng.randint(1, max_blocks))
         return DemoSample(task, [render(s)], None, LIST_PROMPT, list_answer(s), {"scene": s})
     if task == "count":
-        s = random_scene(rng, rng.randint(1, max_blocks), size)
+        s = random_scene(rng, rng.randint(1, max_blocks))
         return DemoSample(task, [render(s)], None, COUNT_PROMPT, str(len(s.blocks)), {"scene": s})
     if task == "number":
-        s = random_scene(rng, rng.randint(1, max_blocks), size)
+        s = random_scene(rng, rng.randint(1, max_blocks))
         unique = [b for b in s.blocks if sum(c.colour == b.colour for c in s.blocks) == 1]
         if not unique:  # recolour one block with a colour nobody else has
             free = [c for c in COLOUR_NAMES if all(b.colour != c for b in s.blocks)]
@@ -117,7 +114,7 @@ def make_sample(
             task, [render(s)], None, number_prompt(b.colour), str(b.number), {"scene": s}
         )
     if task == "ground":
-        s = random_scene(rng, rng.randint(1, max_blocks), size)
+        s = random_scene(rng, rng.randint(1, max_blocks))
         n = rng.choice(s.blocks).number
         box = resized_box(s, n)
         q = grounding_prompt(ground_phrase(n), "qwen2_5_vl")
@@ -134,7 +131,7 @@ def make_sample(
     if task == "when":
         seconds = rng.randint(3, 8)
         n = rng.randint(1, min(seconds, 6, max_blocks))
-        s = random_scene(rng, n, size=(VIDEO_SIDE, VIDEO_SIDE))
+        s = random_scene(rng, n, size=(SCALE * VIDEO_SIDE, SCALE * VIDEO_SIDE))
         times = sorted(rng.sample(range(seconds), n))
         order = list(range(n))
         rng.shuffle(order)  # block order[k] appears at times[k]
@@ -153,7 +150,7 @@ def make_sample(
             frames,
             when_prompt(number),
             str(appear[i]),
-            {"scene": s, "second": appear[i], "shown": shown_per_frame},
+            {"scene": s, "second": appear[i], "shown": shown_per_frame, "number": number},
         )
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 

@@ -2,18 +2,23 @@
 
 Learning to read images through the language-model loss alone stalls (the decoder learns the
 answer format long before it looks at the vision tokens), so the recipe follows the Qwen2.5-VL
-report's staging with a dense signal for the vision side:
+report's staging and adds dense signals on both sides:
 
-1. ``vision``: the ViT and merger alone, on single images, with auxiliary linear heads on every
-   merged vision token that predict what lies under it: the block's colour, digit, row and column
-   (or background). Cheap, and it makes the vision tokens carry linearly readable facts.
-2. ``joint``: the whole model on the task mix (``qwenvl.demo.tasks``) with the language-model loss
-   (each sample's mean token loss, so one-token answers count as much as long lists) plus the
-   auxiliary loss, smaller learning rates for the vision side, and a curriculum from small
-   pyramids to full ones.
+1. ``vision``: the ViT and merger alone, on scenes and 3x3-cell crops around single blocks, with
+   probes on every merged token for what lies under it: the block's colour, digit, row and
+   column (or background). The colour and digit probes are dot products with the decoder's token
+   embeddings of the colour names and digits, so vision tokens start out "saying" them.
+2. ``read``: the whole model on scenes of 1 to 4 blocks (list, number, count, ground).
+3. ``joint``: all six tasks, with a curriculum from 3 blocks to 10.
 
-The auxiliary heads are dropped at export. Everything is deterministic by seed; a run resumes from
-its last checkpoint (``--out``); the final model is written in the released layout.
+In stages 2 and 3 the loss is the answer loss (each sample's mean token loss) plus: the probes;
+the decoder's own output at every block token naming the block (``cell_reading_loss``); one
+head in each of two decoder layers taught to look at the block each answer token reads
+(``attention_loss``); and a probe that makes the decoder name every vision token's place
+(``place_loss``), which grounding and ``when`` answers read.
+
+Everything is deterministic by seed; a run resumes from its last checkpoint (``--out``); the probes
+are dropped at export and the model is written in the released layout.
 """
 
 from __future__ import annotations
@@ -34,17 +39,25 @@ from PIL import Image
 from torch import nn
 
 from qwenvl.demo import checkpoint as demo_ckpt
-from qwenvl.demo.scenes import COLOUR_NAMES, PATCH, Scene, random_scene, render
-from qwenvl.demo.tasks import TASKS, DemoSample, make_sample
+from qwenvl.demo.scenes import CELL, COLOUR_NAMES, SCALE, Scene, random_scene, render
+from qwenvl.demo.tasks import TASKS, DemoSample, ground_phrase, make_sample
+from qwenvl.layers.rotary import apply_rotary
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.processing.prompt import Processor
-from qwenvl.train.data import encode_conversation
+from qwenvl.train.data import Sample, encode_conversation
 from qwenvl.train.packing import IGNORE, collate
 from qwenvl.train.plot import plot_losses
 from qwenvl.train.trainer import Progress
 
 HEADS = {"colour": len(COLOUR_NAMES) + 1, "digit": 11, "row": 5, "col": 5}
 MERGED_PX = 28
+# Decoder layers whose first head is taught where to look (see ``Recipe.attention_loss``): in
+# CUE_LAYER each answer token that reads a block attends to the words of the question that say
+# which block (its colour, or its number); in GUIDED_LAYERS it attends to that block's tokens.
+CUE_LAYER = 1
+GUIDED_LAYERS = (2, 3)
+GUIDED_HEAD = 0
+PLACES = 8  # classes of the decoder's place probe per axis: frame (second), row, column
 
 
 @dataclass
@@ -57,27 +70,26 @@ class Stage:
     tasks: tuple[str, ...] = TASKS
     max_blocks_from: int = 10  # curriculum: max blocks per scene grows linearly to 10
     aux_weight: float = 1.0
+    attention_weight: float = 1.0  # the guided-attention loss
     crops: int = 0  # extra 56x56 crops around one block each, per step (vision stage)
     max_blocks_to: int = 10
-    sides: tuple[int, ...] = ()  # image sides to pick from (default: the full 224-280 scenes)
 
 
 STAGES = (
-    Stage("vision", steps=600, batch=8, lr=3e-3, vision_lr=3e-3, tasks=(), crops=128),
-    # small pictures of 1-3 blocks, many per step: the decoder learns to read on cheap samples
+    Stage("vision", steps=400, batch=16, lr=3e-3, vision_lr=3e-3, tasks=(), crops=64),
+    # few blocks, one token each: the decoder learns to look and copy on easy scenes
     Stage(
         "read",
-        steps=500,
-        batch=48,
+        steps=400,
+        batch=32,
         lr=1.5e-3,
         vision_lr=1e-3,
-        tasks=("list", "number", "count"),
+        tasks=("list", "number", "count", "ground"),
         max_blocks_from=1,
-        max_blocks_to=3,
-        sides=(56, 84, 112),
+        max_blocks_to=4,
     ),
     Stage(
-        "joint", steps=800, batch=8, lr=1.5e-3, vision_lr=1e-3, max_blocks_from=1, aux_weight=1.0
+        "joint", steps=800, batch=32, lr=1.5e-3, vision_lr=1e-3, max_blocks_from=3, aux_weight=1.0
     ),
 )
 
@@ -108,6 +120,8 @@ class AuxHeads(nn.Module):
         self.digit_tokens = torch.tensor(self.digit_ids, dtype=torch.long)
         self.background = nn.Parameter(torch.zeros(dim))
         self.scale = nn.Parameter(torch.ones(()))
+        # on the decoder's vision tokens: their frame, row and column (see Recipe.place_loss)
+        self.where = nn.Linear(dim, 3 * PLACES)
 
     def _bridged(self, x: torch.Tensor, head: int) -> torch.Tensor | None:
         table = self.embed[0]
@@ -205,6 +219,42 @@ def cell_labels(scene: Scene, grid_h: int, grid_w: int) -> torch.Tensor:
     return out
 
 
+def answer_targets(sample: DemoSample) -> list[tuple[int, int, int, int]]:
+    """The answer's character spans that read one block: ``(start, end, block number, group)``,
+    ``group`` being the video's temporal group (its second) where the block appears, or -1."""
+    if sample.task == "list":
+        out, at = [], 0
+        for row in sample.info["scene"].rows:
+            for c, b in enumerate(row):
+                text = f"{b.colour} {b.number}"
+                out.append((at, at + len(text), b.number, -1))
+                at += len(text) + (2 if c < len(row) - 1 else 1)  # ", " or a newline
+        return out
+    if sample.task == "number":
+        return [(0, len(sample.answer), int(sample.answer), -1)]
+    if sample.task == "ground":
+        start = sample.answer.index("[", sample.answer.index("bbox_2d"))
+        return [(start, sample.answer.index("]", start) + 1, sample.info["number"], -1)]
+    if sample.task == "when":
+        return [(0, len(sample.answer), sample.info["number"], sample.info["second"])]
+    return []
+
+
+def question_cue(sample: DemoSample) -> tuple[int, int] | None:
+    """The question's characters that say which block to read: the colour asked for, or the
+    number N of grounding and ``when``; None when the question names no block."""
+    q = sample.question
+    if sample.task == "number":
+        colour = sample.info["scene"].by_number(int(sample.answer)).colour
+        start = q.rindex(colour)
+        return start, start + len(colour)
+    if sample.task in ("ground", "when"):
+        phrase = ground_phrase(sample.info["number"])
+        end = q.index(phrase) + len(phrase)
+        return end - len(str(sample.info["number"])), end
+    return None
+
+
 def sample_scenes(sample: DemoSample) -> list[list[Scene]]:
     """Per vision item of the sample, the scene of each temporal group (images: one)."""
     info = sample.info
@@ -218,24 +268,21 @@ def sample_scenes(sample: DemoSample) -> list[list[Scene]]:
     return [[info["scene"]]]
 
 
-CROP = 56
-
-
 def block_crop(scene: Scene, image: Image.Image, rng: random.Random) -> DemoSample:
-    """A 56x56 cut around one block of ``scene``, on the patch lattice (so the digit meets the
-    patches as in the whole picture): 16 patches that teach the digit for the price of 1/16 of
-    a scene."""
+    """The 3 x 3 cells around one block of ``scene``, on the cell lattice: 9 vision tokens that
+    teach the block's digit and colour for the price of a third of a scene."""
     b = rng.choice(scene.blocks)
-    cx, cy = (b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2
-    x0 = min(max(0, PATCH * round((cx - CROP / 2) / PATCH)), scene.width - CROP)
-    y0 = min(max(0, PATCH * round((cy - CROP / 2) / PATCH)), scene.height - CROP)
+    cx, cy = b.box[0] // CELL, b.box[1] // CELL
+    x0 = CELL * min(max(0, cx - 1), scene.width // CELL - 3)
+    y0 = CELL * min(max(0, cy - 1), scene.height // CELL - 3)
+    size = 3 * CELL
     blocks = tuple(
         replace(o, box=(o.box[0] - x0, o.box[1] - y0, o.box[2] - x0, o.box[3] - y0))
         for o in scene.blocks
-        if o.box[2] > x0 and o.box[0] < x0 + CROP and o.box[3] > y0 and o.box[1] < y0 + CROP
+        if o.box[2] > x0 and o.box[0] < x0 + size and o.box[3] > y0 and o.box[1] < y0 + size
     )
-    crop = replace(scene, width=CROP, height=CROP, blocks=blocks)
-    cut = image.crop((x0, y0, x0 + CROP, y0 + CROP))
+    crop = replace(scene, width=size, height=size, blocks=blocks)
+    cut = image.crop((x0, y0, x0 + size, y0 + size))
     return DemoSample("scene", [cut], None, "", "", {"scene": crop})
 
 
@@ -280,6 +327,9 @@ class Recipe:
             [tok.encode(c) for c in COLOUR_NAMES],
             [tok.encode(str(d))[0] for d in range(10)],
         )
+        self.seen: dict[int, tuple] = {}  # guided layers' inputs of the last forward
+        for i in (CUE_LAYER, *GUIDED_LAYERS):
+            self.model.model.layers[i].self_attn.register_forward_hook(self._keep_inputs)
         self.metrics: list[dict] = []
         self.written = 0  # metrics rows already in metrics.jsonl (this process)
         self.step = 0  # global step over all stages
@@ -303,14 +353,20 @@ class Recipe:
                         stage.tasks[(step * stage.batch + k) % len(stage.tasks)],
                         rng,
                         max_blocks=top,
-                        sides=stage.sides,
                     )
                 )
         return out
 
     # --- losses -------------------------------------------------------------------------------
     def vision_step(self, samples: Sequence[DemoSample]) -> tuple[torch.Tensor, dict]:
-        items = [self.processor.process_image(s.images[0]) for s in samples]
+        items = [  # seen at half size, as the checkpoint's pixel limits show a whole scene
+            self.processor.process_image(
+                s.images[0],
+                resized_height=s.images[0].height // SCALE,
+                resized_width=s.images[0].width // SCALE,
+            )
+            for s in samples
+        ]
         pixels = torch.cat([it.pixel_values for it in items])
         grids = [it.grid_thw for it in items]
         feats = self.model.encode_vision(pixels, grids)
@@ -334,13 +390,16 @@ class Recipe:
             video_feats = m.encode_vision(batch.pixel_values_videos, batch.video_grid_thw)
             aux_feats.append(video_feats)
         # labels in the same order: all images of the batch, then all videos
-        img_labels, vid_labels = [], []
+        img_labels, vid_labels, guide = [], [], []
         for s, e in zip(samples, encoded):
             per_item = sample_scenes(s)
             if s.video is not None:
                 vid_labels.append(item_labels(per_item[0], e.videos[0].grid_thw))
+                mine = [vid_labels[-1]]
             else:
-                img_labels += [item_labels(sc, it.grid_thw) for sc, it in zip(per_item, e.images)]
+                mine = [item_labels(sc, it.grid_thw) for sc, it in zip(per_item, e.images)]
+                img_labels += mine
+            guide.append(self.attention_targets(s, e, mine[0]) if len(mine) == 1 else {})
         aux_labels = img_labels + vid_labels
         embeds = m.embed(batch.input_ids, image_feats, video_feats)
         all_logits = m(batch.input_ids, batch.positions, batch.mask, inputs_embeds=embeds)
@@ -356,16 +415,21 @@ class Recipe:
         aux = self.aux.loss(feats, lab)
         cells = self.cell_reading_loss(batch.input_ids, all_logits, img_labels, vid_labels)
         aux = aux + cells
+        look = self.attention_loss(guide)
+        place = self.place_loss([self.places(e) for e in encoded])
+        aux = aux + place
         metrics = {
-            "lm": float(lm),
-            "aux": float(aux),
-            "cells": float(cells),
+            "lm": lm.item(),
+            "aux": aux.item(),
+            "cells": cells.item(),
+            "look": look.item(),
+            "place": place.item(),
             "tokens": batch.num_tokens,
         }
         for task in set(s.task for s in samples):
             idx = [i for i, s in enumerate(samples) if s.task == task]
-            metrics[f"lm_{task}"] = float(per_sample[idx].mean())
-        return lm + stage.aux_weight * aux, metrics
+            metrics[f"lm_{task}"] = per_sample[idx].mean().item()
+        return lm + stage.aux_weight * aux + stage.attention_weight * look, metrics
 
     def cell_reading_loss(
         self,
@@ -400,6 +464,122 @@ class Recipe:
             total = total - lg.gather(1, digit[:, None]).sum() - lg.gather(1, colour[:, None]).sum()
             count += int(on.sum())
         return total / max(1, 2 * count)
+
+    def _keep_inputs(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.seen[module.layer_idx] = args[:4]  # normed x, cos, sin, mask
+
+    def attention_targets(
+        self, sample: DemoSample, encoded: Sample, labels: torch.Tensor
+    ) -> dict[int, list[tuple[int, torch.Tensor]]]:
+        """Per guided layer, ``(query position, key positions)`` pairs: the position before each
+        answer token that reads a block, and in ``GUIDED_LAYERS`` the vision tokens of that block
+        (``labels``: the sample's cell labels), in ``CUE_LAYER`` the question's tokens that name
+        it."""
+        spans = answer_targets(sample)
+        if not spans:
+            return {}
+        backend = self.processor.tokenizer.backend
+        enc = backend.encode(sample.answer, add_special_tokens=False)
+        answer_at = encoded.targets.nonzero().flatten().tolist()
+        ids = encoded.token_ids
+        if [ids[j] for j in answer_at[: len(enc.ids)]] != enc.ids:
+            return {}  # the answer tokenises differently in context: no guidance
+        token_id = self.config.video_token_id if sample.video else self.config.image_token_id
+        slots = torch.tensor([i for i, t in enumerate(ids) if t == token_id])
+        per_group = encoded.videos[0].grid_thw if sample.video else encoded.images[0].grid_thw
+        group = torch.arange(len(slots)) // (per_group[1] * per_group[2] // 4)
+        blocks = []
+        for (a, b), j in zip(enc.offsets, answer_at):
+            for start, end, number, g in spans:
+                if start <= a and b <= end and b > a:
+                    hit = (labels[:, 4] == number) & ((group == g) if g >= 0 else True)
+                    if bool(hit.any()):
+                        blocks.append((j - 1, slots[hit]))
+        out = {layer: blocks for layer in GUIDED_LAYERS}
+        cue = question_cue(sample)
+        if cue is not None and blocks:
+            question = backend.encode(sample.question, add_special_tokens=False)
+            n = len(question.ids)
+            at = max(
+                (i for i in range(len(ids) - n + 1) if ids[i : i + n] == question.ids), default=-1
+            )
+            words = [
+                at + i for i, (a, b) in enumerate(question.offsets) if a < cue[1] and b > cue[0]
+            ]
+            if at >= 0 and words:
+                out[CUE_LAYER] = [(q, torch.tensor(words)) for q, _ in blocks]
+        return out
+
+    def places(self, encoded: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every vision token's position in the sequence and its ``(frame, row, column)`` within
+        its image or video (in merged tokens; the frame is the clip's second)."""
+        at, where = [], []
+        ids = torch.tensor(encoded.token_ids)
+        for token_id, items in (
+            (self.config.image_token_id, encoded.images),
+            (self.config.video_token_id, encoded.videos),
+        ):
+            slots = (ids == token_id).nonzero().flatten()
+            start = 0
+            for it in items:
+                t, h, w = it.grid_thw
+                n = t * (h // 2) * (w // 2)
+                k = torch.arange(n)
+                hw = (h // 2) * (w // 2)
+                at.append(slots[start : start + n])
+                where.append(torch.stack([k // hw, k % hw // (w // 2), k % (w // 2)], 1))
+                start += n
+        return torch.cat(at), torch.cat(where).clamp(max=PLACES - 1)
+
+    def place_loss(self, places: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The decoder's first guided layer must know where each vision token is.
+
+        Grounding answers pixels and ``when`` answers seconds: both read a block's place, which
+        the decoder only has through M-RoPE's rotations (the ViT's rotary is relative). A probe
+        on the residual stream that the guided heads copy from makes that place explicit.
+        """
+        x = self.seen[GUIDED_LAYERS[0]][0]
+        feats = torch.cat([x[b, at] for b, (at, _) in enumerate(places)]).float()
+        truth = torch.cat([w for _, w in places])
+        logits = self.aux.where(feats).view(-1, 3, PLACES)
+        return F.cross_entropy(logits.flatten(0, 1), truth.flatten())
+
+    def attention_loss(
+        self, targets: Sequence[dict[int, list[tuple[int, torch.Tensor]]]]
+    ) -> torch.Tensor:
+        """Teach one head per guided layer where to look (``attention_targets``).
+
+        The answer-only loss gives the decoder's queries one weak gradient through near-uniform
+        attention over the vision tokens, and on full scenes the decoder stayed at chance;
+        naming the keys to look at makes retrieval a supervised problem, in two hops when the
+        question says which block (cue words, then the block). ``-log`` of the attention mass
+        on the target tokens, averaged over the supervised positions of all guided layers.
+        """
+        total, count = torch.zeros(()), 0
+        for layer in (CUE_LAYER, *GUIDED_LAYERS):
+            x, cos, sin, mask = self.seen[layer]
+            attn = self.model.model.layers[layer].self_attn
+            hd = attn.head_dim
+            qs = slice(GUIDED_HEAD * hd, (GUIDED_HEAD + 1) * hd)
+            kv_head = GUIDED_HEAD // (attn.num_heads // attn.num_kv_heads)
+            ks = slice(kv_head * hd, (kv_head + 1) * hd)
+            for b, per_layer in enumerate(targets):
+                pairs = per_layer.get(layer, [])
+                if not pairs:
+                    continue
+                at = torch.tensor([p for p, _ in pairs])
+                q = F.linear(x[b, at], attn.q_proj.weight[qs], attn.q_proj.bias[qs])
+                k = F.linear(x[b], attn.k_proj.weight[ks], attn.k_proj.bias[ks])
+                q = apply_rotary(q, cos[b, 0, at], sin[b, 0, at])
+                k = apply_rotary(k, cos[b, 0], sin[b, 0])
+                scores = (q.float() @ k.float().T) / math.sqrt(hd)
+                logp = scores.masked_fill(~mask[b, 0, at], float("-inf")).log_softmax(-1)
+                want = torch.zeros_like(logp, dtype=torch.bool)
+                for i, (_, keys) in enumerate(pairs):
+                    want[i, keys] = True
+                total = total - torch.logsumexp(logp.masked_fill(~want, float("-inf")), -1).sum()
+                count += len(pairs)
+        return total / max(1, count)
 
     # --- loop ---------------------------------------------------------------------------------
     def optimizer(self, stage: Stage) -> torch.optim.Optimizer:
@@ -454,22 +634,36 @@ class Recipe:
                     list(self.model.parameters()) + list(self.aux.parameters()), 1.0
                 )
                 opt.step()
+                m["loss"] = loss.item()
+                m = self.merge_metrics(m)
                 m.update(
                     stage=stage.name,
                     step=step + 1,
-                    loss=float(loss),
                     lr=opt.param_groups[-1]["lr"],
                     secs=time.perf_counter() - t0,
                 )
                 self.metrics.append(m)
                 secs = m["secs"] - (self.metrics[-2]["secs"] if step > start else 0.0)
-                tokens_per_s = self.world * m["tokens"] / max(secs, 1e-9)
+                tokens_per_s = m["tokens"] / max(secs, 1e-9)
                 bar.update(step + 1, {**m, "tokens_per_s": tokens_per_s})
                 if self.rank == 0 and ((step + 1) % 50 == 0 or step + 1 == stage.steps):
                     self.save_state(si, step + 1, opt)
                     self.write_metrics()
             bar.close()
         return self.export() if self.rank == 0 else self.out / "model"
+
+    def merge_metrics(self, m: dict) -> dict:
+        """All ranks' metrics of a step: token counts summed, per-task losses from the ranks that
+        had the task, everything else averaged (each rank sees its own share of the tasks)."""
+        if self.world == 1:
+            return m
+        every: list[dict] = [{} for _ in range(self.world)]
+        torch.distributed.all_gather_object(every, m)
+        out = {}
+        for key in dict.fromkeys(k for r in every for k in r):
+            values = [r[key] for r in every if key in r]
+            out[key] = sum(values) if key == "tokens" else sum(values) / len(values)
+        return out
 
     def average_gradients(self, opt: torch.optim.Optimizer) -> None:
         """Data parallelism: one all-reduce of every trained gradient, flattened."""

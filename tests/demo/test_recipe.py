@@ -1,0 +1,167 @@
+"""The demo recipe's extra supervision: where the guided heads must look, checked against the
+model's real attention, and the places the decoder's probe must name."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from qwenvl.demo.scenes import CELL, SIDE
+from qwenvl.demo.tasks import VIDEO_SIDE, make_sample, resized_box
+from qwenvl.demo.train import (
+    CUE_LAYER,
+    GUIDED_HEAD,
+    GUIDED_LAYERS,
+    STAGES,
+    Recipe,
+    answer_targets,
+    item_labels,
+    sample_scenes,
+)
+from qwenvl.layers.rotary import apply_rotary
+from qwenvl.train.data import encode_conversation
+from qwenvl.train.packing import collate
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Recipe:
+    r = Recipe(tmp_path_factory.mktemp("recipe"), seed=5)
+    with torch.no_grad():  # a trained-looking, non-uniform attention
+        for p in r.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return r
+
+
+def test_answer_spans_name_each_block() -> None:
+    rng = random.Random(2)
+    s = make_sample("list", rng, max_blocks=10)
+    spans = answer_targets(s)
+    blocks = s.info["scene"].blocks  # reading order
+    assert [s.answer[a:b] for a, b, _, _ in spans] == [f"{b.colour} {b.number}" for b in blocks]
+    assert [n for _, _, n, g in spans] == [b.number for b in blocks]
+    g = make_sample("ground", rng)
+    ((a, b, n, group),) = answer_targets(g)
+    box = resized_box(g.info["scene"], g.info["number"])
+    assert (g.answer[a:b], n, group) == (json.dumps(box), g.info["number"], -1)
+    w = make_sample("when", rng)
+    assert answer_targets(w) == [(0, len(w.answer), w.info["number"], w.info["second"])]
+    assert answer_targets(make_sample("count", rng)) == []
+
+
+def _forward(r: Recipe, sample):
+    e = encode_conversation(r.processor, sample.messages())
+    b = collate([[e]], r.processor.tokenizer.require_id("<|endoftext|>"))
+    with torch.no_grad():
+        feats = r.model.encode_vision(
+            b.pixel_values if b.pixel_values is not None else b.pixel_values_videos,
+            b.image_grid_thw or b.video_grid_thw,
+        )
+        video = b.pixel_values is None
+        emb = r.model.embed(b.input_ids, None if video else feats, feats if video else None)
+        r.model(b.input_ids, b.positions, b.mask, inputs_embeds=emb)
+    return e, b
+
+
+@pytest.mark.parametrize("task", ["list", "number", "ground", "when"])
+def test_guided_loss_is_the_real_attention_on_the_block(recipe: Recipe, task: str) -> None:
+    """Head 0's attention, recomputed by the loss, reproduces the model's own attention output;
+    the keys are exactly the block's vision tokens; the loss is -log of their mass."""
+    r = recipe
+    s = make_sample(task, random.Random(7))
+    outputs = {}
+
+    def keep(module, args):
+        outputs[module.layer] = args[0]
+
+    hooks = []
+    for i in (CUE_LAYER, *GUIDED_LAYERS):
+        o_proj = r.model.model.layers[i].self_attn.o_proj
+        o_proj.layer = i
+        hooks.append(o_proj.register_forward_pre_hook(keep))
+    try:
+        e, b = _forward(r, s)
+    finally:
+        for h in hooks:
+            h.remove()
+    labels = item_labels(sample_scenes(s)[0], (e.videos or e.images)[0].grid_thw)
+    guide = r.attention_targets(s, e, labels)
+    targets = guide[GUIDED_LAYERS[0]]
+    assert targets and all(guide[layer] == targets for layer in GUIDED_LAYERS)
+    vision_id = r.config.video_token_id if s.video else r.config.image_token_id
+    slots = [i for i, t in enumerate(e.token_ids) if t == vision_id]
+    read = []
+    for q, keys in targets:
+        assert e.targets[q + 1]  # the query predicts an answer token
+        rows = [slots.index(int(k)) for k in keys]
+        assert {int(labels[i, 4]) for i in rows} == {int(labels[rows[0], 4])}  # one block
+        assert len(rows) == int((labels[:, 4] == labels[rows[0], 4]).sum()) or s.video
+        read.append(int(labels[rows[0], 4]))
+    if task == "list":  # every block, in reading order
+        assert list(dict.fromkeys(read)) == [b.number for b in s.info["scene"].blocks]
+    elif task == "when":  # the block asked for, in the second it appears only
+        assert set(read) == {s.info["number"]}
+        assert len(targets[0][1]) == 1
+    else:
+        assert set(read) == {s.info["number"] if task == "ground" else int(s.answer)}
+    tok = r.processor.tokenizer
+    if task == "list":  # the block is named by the answer itself: no cue words
+        assert CUE_LAYER not in guide
+    else:  # the cue: the colour asked for, or the number N, in the question
+        cue = guide[CUE_LAYER]
+        assert [q for q, _ in cue] == [q for q, _ in targets]
+        words = tok.decode([e.token_ids[i] for i in cue[0][1].tolist()]).strip()
+        block = s.info["scene"].by_number(read[0])
+        assert words == (block.colour if task == "number" else str(block.number))
+        assert all(i < min(slots) or i > max(slots) for i in cue[0][1].tolist())
+    expected = []
+    for layer in (CUE_LAYER, *GUIDED_LAYERS):
+        pairs = guide.get(layer, [])
+        x, cos, sin, mask = r.seen[layer]
+        attn = r.model.model.layers[layer].self_attn
+        hd = attn.head_dim
+        # the model's own output of head 0 at the query rows (SDPA, before o_proj)
+        real = outputs[layer][0, :, GUIDED_HEAD * hd : (GUIDED_HEAD + 1) * hd]
+        q = apply_rotary(
+            (attn.q_proj(x)[0, :, GUIDED_HEAD * hd : (GUIDED_HEAD + 1) * hd]), cos[0, 0], sin[0, 0]
+        )
+        kv = GUIDED_HEAD // (attn.num_heads // attn.num_kv_heads)
+        k = apply_rotary(attn.k_proj(x)[0, :, kv * hd : (kv + 1) * hd], cos[0, 0], sin[0, 0])
+        v = attn.v_proj(x)[0, :, kv * hd : (kv + 1) * hd]
+        p = ((q @ k.T) / math.sqrt(hd)).masked_fill(~mask[0, 0], float("-inf")).softmax(-1)
+        torch.testing.assert_close(p @ v, real, atol=1e-4, rtol=1e-4)
+        for at, keys in pairs:
+            expected.append(-math.log(float(p[at, keys].sum())))
+    with torch.no_grad():
+        loss = r.attention_loss([guide])
+    assert float(loss) == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+
+
+def test_places_by_hand(recipe: Recipe) -> None:
+    r = recipe
+    s = make_sample("compare", random.Random(1))
+    e = encode_conversation(r.processor, s.messages())
+    at, where = r.places(e)
+    n = (SIDE // CELL) ** 2  # 25 tokens a scene
+    assert len(at) == 2 * n
+    assert all(e.token_ids[i] == r.config.image_token_id for i in at.tolist())
+    for k in range(n):
+        assert where[k].tolist() == where[n + k].tolist() == [0, k // 5, k % 5]
+    v = make_sample("when", random.Random(3))
+    e = encode_conversation(r.processor, v.messages())
+    at, where = r.places(e)
+    side = VIDEO_SIDE // 28  # 4 x 4 tokens a second
+    assert len(at) == len(v.video) // 2 * side * side
+    k = 2 * side * side + side + 3  # second 2, row 1, column 3
+    assert where[k].tolist() == [2, 1, 3]
+
+
+def test_joint_step_runs_every_task(recipe: Recipe) -> None:
+    rng = random.Random(9)
+    samples = [make_sample(t, rng) for t in ("list", "compare", "when", "ground")]
+    loss, metrics = recipe.joint_step(samples, STAGES[-1])
+    assert torch.isfinite(loss)
+    assert metrics["look"] > 0 and metrics["place"] > 0
