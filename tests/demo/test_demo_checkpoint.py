@@ -8,11 +8,11 @@ as ``LLM``; the example picture must be exactly the scene whose answer the READM
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 
+from hf_demo import hf_generate  # tests/hf_demo.py
 from qwenvl import LLM, SamplingParams
 from qwenvl.demo import checkpoint as demo_ckpt
 from qwenvl.demo.evaluate import EVAL_SEED
@@ -57,62 +57,11 @@ def test_released_file_set(folder) -> None:
     assert cfg.vision_config.depth == 6 and cfg.text_config.num_hidden_layers == 4
 
 
-def _hf_generate(folder, samples, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """Greedy answers of transformers, built only from its own pieces and the folder's files."""
-    from transformers import (
-        AutoTokenizer,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
-    pre = json.loads((folder / "preprocessor_config.json").read_text())
-    proc = Qwen2VLImageProcessorPil(
-        min_pixels=pre["min_pixels"], max_pixels=pre["max_pixels"], patch_size=pre["patch_size"]
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=torch.float32
-        ).eval()
-    merge = model.config.vision_config.spatial_merge_size**2
-    answers = []
-    for s in samples:
-        text = tok.apply_chat_template(
-            s.messages(with_answer=False),
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        pix = proc(images=s.images, return_tensors="pt")
-        parts = text.split("<|image_pad|>")
-        assert len(parts) == len(s.images) + 1
-        expanded = parts[0]
-        for grid, rest in zip(pix["image_grid_thw"], parts[1:]):
-            expanded += "<|image_pad|>" * (int(grid.prod()) // merge) + rest
-        ids = tok(expanded, return_tensors="pt")
-        # what Qwen2_5_VLProcessor adds (it needs torchvision to import): the token types
-        image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        ids["mm_token_type_ids"] = (ids["input_ids"] == image_id).long()
-        with torch.no_grad():
-            gen = model.generate(
-                **ids,
-                pixel_values=pix["pixel_values"],
-                image_grid_thw=pix["image_grid_thw"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-            )
-        prompt = ids["input_ids"][0].tolist()
-        answers.append((prompt, gen[0, len(prompt) :].tolist()))
-    return answers
-
-
 def test_transformers_gives_the_same_greedy_answers(folder, llm) -> None:
     """20 held-out images (the four single-image tasks), answered by both implementations."""
     samples = [sample_at(EVAL_SEED + 1, i, IMAGE_TASKS) for i in range(20)]
     outs = llm.chat([s.messages(False) for s in samples], GREEDY)
-    theirs = _hf_generate(folder, samples, GREEDY.max_tokens)
+    theirs = hf_generate(folder, samples, GREEDY.max_tokens)
     eos = set(json.loads((folder / "generation_config.json").read_text())["eos_token_id"])
     for out, (prompt, generated) in zip(outs, theirs):
         assert out.prompt_token_ids == prompt
