@@ -36,7 +36,11 @@ def test_int8_matches_dequantised_float64(rows: int) -> None:
     ref = x.double() @ deq.T + lin.bias.detach().double()
     out = packed(x)
     assert out.shape == (2, rows, 33)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the AVX2 kernel (up to 16 rows) quantises x to int16 per row: within max|x| / 65534 each
+    kernel = kernels.isa() == "avx2" and 2 * rows <= 16
+    x_err = x.double().abs().amax(-1, keepdim=True) / 65534 if kernel else 0
+    tol = 1e-5 + 1e-5 * ref.abs() + x_err * deq.abs().sum(1)
+    assert bool(((out.double() - ref).abs() <= tol).all())
     # per-row symmetric quantisation: every weight within half a step of its original
     err = (deq - lin.weight.detach().double()).abs()
     assert bool((err <= packed.scale.double()[:, None] / 2 + 1e-7).all())
