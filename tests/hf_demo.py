@@ -9,6 +9,17 @@ import warnings
 
 import torch
 
+# the released Qwen2.5-VL checkpoint's file set, which the demo checkpoint must have exactly
+RELEASED_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
 
 def hf_generate(folder, samples, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
     """Greedy answers of transformers, built only from its own pieces and the folder's files."""

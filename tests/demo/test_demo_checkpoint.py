@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from hf_demo import hf_generate  # tests/hf_demo.py
+from hf_demo import RELEASED_FILES, hf_generate  # tests/hf_demo.py
 from qwenvl import LLM, SamplingParams
 from qwenvl.demo import checkpoint as demo_ckpt
 from qwenvl.demo.evaluate import EVAL_SEED
@@ -22,15 +22,6 @@ from qwenvl.errors import CheckpointError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 IMAGE_TASKS = ("list", "count", "number", "ground")
-RELEASED_FILES = {
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "preprocessor_config.json",
-    "chat_template.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from hf_demo import hf_generate  # tests/hf_demo.py
+from hf_demo import RELEASED_FILES, hf_generate  # tests/hf_demo.py
 from qwenvl import LLM, SamplingParams
 from qwenvl.demo import default_model_path, example_image_path, example_scene
 from qwenvl.demo.evaluate import EVAL_SEED, score
@@ -39,15 +39,7 @@ def llm() -> LLM:
 
 def test_default_model_is_the_shipped_demo(llm) -> None:
     assert llm.path == default_model_path()
-    assert {p.name for p in default_model_path().iterdir()} == {
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-        "chat_template.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    }
+    assert {p.name for p in default_model_path().iterdir()} == RELEASED_FILES
     config = json.loads((default_model_path() / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl"
 
