@@ -11,17 +11,9 @@ import pytest
 import torch
 
 from qwenvl.demo.scenes import CELL, SIDE
+from qwenvl.demo.supervision import answer_targets, item_labels, sample_scenes
 from qwenvl.demo.tasks import VIDEO_SIDE, make_sample, resized_box
-from qwenvl.demo.train import (
-    CUE_LAYER,
-    GUIDED_HEAD,
-    GUIDED_LAYERS,
-    STAGES,
-    Recipe,
-    answer_targets,
-    item_labels,
-    sample_scenes,
-)
+from qwenvl.demo.train import CUE_LAYER, GUIDED_HEAD, GUIDED_LAYERS, STAGES, Recipe
 from qwenvl.layers.rotary import apply_rotary
 from qwenvl.train.data import encode_conversation
 from qwenvl.train.packing import collate
@@ -159,12 +151,39 @@ def test_places_by_hand(recipe: Recipe) -> None:
     assert where[k].tolist() == [2, 1, 3]
 
 
+def test_readout_targets_are_the_read_blocks_place(recipe: Recipe) -> None:
+    """Grounding: every token of the box's numbers is supervised with the block's cell (in
+    vision tokens: scene pixels // CELL); ``when``: the answer digit with the second it appears."""
+    r = recipe
+    rng = random.Random(5)
+    g, w, n = make_sample("ground", rng), make_sample("when", rng), make_sample("number", rng)
+    encoded = [encode_conversation(r.processor, s.messages()) for s in (g, w, n)]
+    guides = [
+        r.attention_targets(
+            s, e, item_labels(sample_scenes(s)[0], (e.videos or e.images)[0].grid_thw)
+        )
+        for s, e in zip((g, w, n), encoded)
+    ]
+    got = Recipe.readout_targets((g, w, n), [r.places(e) for e in encoded], guides)
+    box = g.info["scene"].by_number(g.info["number"]).box
+    ground = [(q, t.tolist()) for b, q, t in got if b == 0]
+    tokenizer = r.processor.tokenizer.backend
+    read = tokenizer.decode([encoded[0].token_ids[q + 1] for q, _ in ground])
+    assert read == json.dumps(resized_box(g.info["scene"], g.info["number"]))[1:-1]
+    assert all(t == [0, box[1] // CELL, box[0] // CELL] for _, t in ground)
+    when = [(q, t.tolist()) for b, q, t in got if b == 1]
+    block = w.info["scene"].by_number(w.info["number"]).box
+    assert [t for _, t in when] == [[w.info["second"], block[1] // CELL, block[0] // CELL]]
+    assert encoded[1].token_ids[when[0][0] + 1] == tokenizer.encode(w.answer).ids[0]
+    assert not [b for b, _, _ in got if b == 2]  # reading what a block is needs no place
+
+
 def test_joint_step_runs_every_task(recipe: Recipe) -> None:
     rng = random.Random(9)
     samples = [make_sample(t, rng) for t in ("list", "compare", "when", "ground")]
     loss, metrics = recipe.joint_step(samples, STAGES[-1])
     assert torch.isfinite(loss)
-    assert metrics["look"] > 0 and metrics["place"] > 0
+    assert metrics["look"] > 0 and metrics["place"] > 0 and metrics["found"] > 0
 
 
 def test_retraining_is_deterministic_and_resumable(tmp_path) -> None:

@@ -20,6 +20,7 @@ from qwenvl.demo.scenes import (
     render,
     row_layouts,
 )
+from qwenvl.demo.supervision import AuxHeads, batch_labels, block_crop, cell_labels
 from qwenvl.demo.tasks import (
     MAX_PIXELS,
     MIN_PIXELS,
@@ -31,7 +32,6 @@ from qwenvl.demo.tasks import (
     sample_at,
     write_jsonl,
 )
-from qwenvl.demo.train import AuxHeads, batch_labels, block_crop, cell_labels
 from qwenvl.processing.image import smart_resize
 
 
