@@ -86,3 +86,28 @@ def test_cli_chat_defaults_to_the_demo(capsys) -> None:
 
     assert main(["chat", "--image", str(example_image_path()), LIST_PROMPT]) == 0
     assert capsys.readouterr().out.strip() == list_answer(example_scene())
+
+
+def test_cli_ground_finds_and_draws_boxes_on_the_example(tmp_path, capsys) -> None:
+    """``qwenvl ground`` on the README picture: each asked-for box overlaps where the block was
+    drawn (IoU >= 0.5, in original pixels), and ``--out`` draws it there."""
+    from PIL import Image
+
+    from qwenvl.cli.main import main
+    from qwenvl.demo.evaluate import iou
+    from qwenvl.demo.tasks import ground_phrase
+
+    scene = example_scene()
+    original = Image.open(example_image_path()).convert("RGB")
+    for block in scene.blocks[::3]:
+        out = tmp_path / f"box{block.number}.png"
+        phrase = ground_phrase(block.number)
+        argv = ["ground", "--image", str(example_image_path()), "--json", "--out", str(out)]
+        assert main([*argv, phrase]) == 0
+        (found,) = json.loads(capsys.readouterr().out)
+        assert found["type"] == "box" and found["label"] == phrase
+        assert iou(found["bbox"], block.box) >= 0.5, (found, block)
+        drawn = Image.open(out).convert("RGB")
+        x1, y1, x2, y2 = (round(v) for v in found["bbox"])
+        bottom = ((x1 + x2) // 2, y2 - 1)  # the drawn rectangle's bottom edge
+        assert drawn.getpixel(bottom) != original.getpixel(bottom)

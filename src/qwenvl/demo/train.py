@@ -16,8 +16,9 @@ In stages 2 and 3 the loss is the answer loss (each sample's mean token loss) pl
 the decoder's own output at every block token naming the block (``cell_reading_loss``); one
 head in each of two decoder layers taught to look at the block each answer token reads
 (``attention_loss``); a probe that makes the decoder name every vision token's place
-(``place_loss``); and one that makes grounding and ``when`` answers carry the place of the block
-they read (``readout_loss``). The targets themselves live in ``qwenvl.demo.supervision``.
+(``place_loss``); one that makes grounding and ``when`` answers carry the place of the block
+they read (``readout_loss``); and the tokens that write that place (a box's numbers, a second)
+weighed as a whole sample (``span_loss``). The targets live in ``qwenvl.demo.supervision``.
 
 Everything is deterministic by seed; a run resumes from its last checkpoint (``--out``); the probes
 are dropped at export and the model is written in the released layout.
@@ -225,7 +226,9 @@ class Recipe:
         look = self.attention_loss(guide)
         places = [self.places(e) for e in encoded]
         place = self.place_loss(places)
-        found = self.readout_loss(samples, places, guide)
+        read_out = self.readout_targets(samples, places, guide)
+        found = self.readout_loss(read_out)
+        spans = self.span_loss(batch.input_ids, all_logits, read_out)
         aux = aux + place + found
         metrics = {
             "lm": lm.item(),
@@ -234,12 +237,14 @@ class Recipe:
             "look": look.item(),
             "place": place.item(),
             "found": found.item(),
+            "spans": spans.item(),
             "tokens": batch.num_tokens,
         }
         for task in set(s.task for s in samples):
             idx = [i for i, s in enumerate(samples) if s.task == task]
             metrics[f"lm_{task}"] = per_sample[idx].mean().item()
-        return lm + stage.aux_weight * aux + stage.attention_weight * look, metrics
+        total = lm + spans + stage.aux_weight * aux + stage.attention_weight * look
+        return total, metrics
 
     def cell_reading_loss(
         self,
@@ -355,27 +360,46 @@ class Recipe:
         logits = self.aux.where(feats).view(-1, 3, PLACES)
         return F.cross_entropy(logits.flatten(0, 1), truth.flatten())
 
-    def readout_loss(
-        self,
-        samples: Sequence[DemoSample],
-        places: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        targets: Sequence[dict[int, list[tuple[int, torch.Tensor]]]],
-    ) -> torch.Tensor:
+    def readout_loss(self, read_out: Sequence[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
         """Grounding and ``when`` answers must carry the place of the block they read.
 
         With the guided head on the right block and the place explicit in the block's stream,
         grounding still answered the layouts' most common box: the head copied what the block
         *is* (what ``list`` and ``number`` reward) and not where it is. A probe on the last
-        guided layer's attention output at those answer tokens must name the block's frame, row
-        and column, so the copy carries the place the coordinate digits are written from.
+        guided layer's attention output at those answer tokens (``readout_targets``) must name
+        the block's frame, row and column, so the copy carries the place the coordinate digits
+        are written from.
         """
         out = self.said[GUIDED_LAYERS[-1]]
-        at = self.readout_targets(samples, places, targets)
-        if not at:
+        if not read_out:
             return out.new_zeros((), dtype=torch.float32)
-        feats = torch.stack([out[b, q] for b, q, _ in at]).float()
+        feats = torch.stack([out[b, q] for b, q, _ in read_out]).float()
         logits = self.aux.find(feats).view(-1, 3, PLACES)
-        return F.cross_entropy(logits.flatten(0, 1), torch.stack([w for _, _, w in at]).flatten())
+        truth = torch.stack([w for _, _, w in read_out]).flatten()
+        return F.cross_entropy(logits.flatten(0, 1), truth)
+
+    @staticmethod
+    def span_loss(
+        input_ids: torch.Tensor,
+        logits: torch.Tensor,
+        read_out: Sequence[tuple[int, int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The mean token loss of the answer tokens that write a place (a box's numbers, a
+        second), per sample, averaged over those samples.
+
+        The answer loss is each sample's mean over its tokens: a grounding answer's ~12 number
+        tokens share it with ~30 tokens of fixed JSON that are learnt in the first steps, so
+        each number weighed ~20 times less than a count's one digit, and the box stayed at the
+        layouts' prior while every other task learnt. This term gives them a sample's weight.
+        """
+        if not read_out:
+            return logits.new_zeros((), dtype=torch.float32)
+        rows = torch.tensor([b for b, _, _ in read_out])
+        at = torch.tensor([q for _, q, _ in read_out])
+        tok = F.cross_entropy(logits[rows, at].float(), input_ids[rows, at + 1], reduction="none")
+        per_sample = torch.zeros(int(rows.max()) + 1).index_add_(0, rows, tok)
+        count = torch.bincount(rows)
+        return (per_sample[count > 0] / count[count > 0]).mean()
 
     @staticmethod
     def readout_targets(
