@@ -178,6 +178,34 @@ def test_readout_targets_are_the_read_blocks_place(recipe: Recipe) -> None:
     assert not [b for b, _, _ in got if b == 2]  # reading what a block is needs no place
 
 
+def test_span_loss_weighs_each_samples_place_tokens_as_one(recipe: Recipe) -> None:
+    """By hand: per sample, the mean of -log p(next token) over its box numbers (or second);
+    then the mean over samples, so a 12-token box and a 1-token second weigh the same."""
+    r = recipe
+    rng = random.Random(6)
+    samples = [make_sample(t, rng) for t in ("ground", "count", "when")]
+    encoded = [encode_conversation(r.processor, s.messages()) for s in samples]
+    guides = [
+        r.attention_targets(
+            s, e, item_labels(sample_scenes(s)[0], (e.videos or e.images)[0].grid_thw)
+        )
+        for s, e in zip(samples, encoded)
+    ]
+    read_out = Recipe.readout_targets(samples, [r.places(e) for e in encoded], guides)
+    torch.manual_seed(0)
+    ids = torch.zeros(3, max(len(e.token_ids) for e in encoded), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        ids[b, : len(e.token_ids)] = torch.tensor(e.token_ids)
+    logits = torch.randn(*ids.shape, r.config.text.vocab_size)
+    per_sample = {}
+    for b, q, _ in read_out:
+        nll = -logits[b, q].log_softmax(-1)[encoded[b].token_ids[q + 1]]
+        per_sample.setdefault(b, []).append(float(nll))
+    assert sorted(per_sample) == [0, 2] and len(per_sample[2]) == 1 and len(per_sample[0]) > 8
+    want = sum(sum(v) / len(v) for v in per_sample.values()) / 2
+    assert float(Recipe.span_loss(ids, logits, read_out)) == pytest.approx(want, rel=1e-5)
+
+
 def test_joint_step_runs_every_task(recipe: Recipe) -> None:
     rng = random.Random(9)
     samples = [make_sample(t, rng) for t in ("list", "compare", "when", "ground")]
