@@ -14,7 +14,8 @@ def _need_kernels() -> None:
         pytest.skip("qwenvl CPU kernels unavailable (no compiler, or QWENVL_KERNELS=0)")
 
 
-SHAPES = [(1, 3), (257, 1537), (64, 8), (9, 40)]  # (N, K): tails in both, and exact widths
+SHAPES = [(1, 3), (257, 1537), (64, 8), (9, 40), (64, 48), (24, 2064)]  # (N, K): tails, exact
+# widths, and multiples of the 8 x 16 int8 tile (one and more than one 1024-wide K block)
 
 
 def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -43,21 +44,40 @@ def test_linear_bf16(m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bo
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_int8(m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bool) -> None:
+@pytest.mark.parametrize("tiled", [False, True])
+def test_linear_int8(
+    m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bool, tiled: bool
+) -> None:
+    if tiled and not kernels.can_tile(n, k):
+        pytest.skip("shape not a multiple of the 8 x 16 tile")
     g = torch.Generator().manual_seed(m * 1000 + n + k + 7)
     x = torch.randn(m, k, generator=g).to(x_dtype)
     q, scale = kernels.quantize_int8(torch.randn(n, k, generator=g))
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = kernels.linear_int8(x, q, scale, bias)
+    y = kernels.linear_int8(x, kernels.tile_int8(q) if tiled else q, scale, bias)
     assert y.dtype == x_dtype and y.shape == (m, n)
     w = q.double() * scale.double()[:, None]
     ref = _ref(x, w, bias)
-    # on AVX2, x is quantised to int16 per row (rounding error <= max|x| / 65534 an element), a
-    # bound far below the int8 weights' own; elsewhere the fp32 accumulation bound alone
-    x_err = x.double().abs().amax(1, keepdim=True) / 65534 if kernels.isa() == "avx2" else 0
+    # on AVX2 and in the tiled kernel, x is quantised to int16 per row (rounding error <=
+    # max|x| / 65534 an element), a bound far below the int8 weights' own; elsewhere the fp32
+    # accumulation bound alone
+    int16 = tiled or kernels.isa() == "avx2"
+    x_err = x.double().abs().amax(1, keepdim=True) / 65534 if int16 else 0
     tol = 1e-4 * k**0.5 + x_err * w.abs().sum(1)[None, :]
     tol = tol + (2e-2 * ref.abs() if x_dtype == torch.bfloat16 else 0)
     assert ((y.double() - ref).abs() <= tol).all()
+
+
+def test_tile_int8_layout_by_hand() -> None:
+    q = torch.arange(16 * 32, dtype=torch.int32).remainder(251).sub(125).to(torch.int8).view(16, 32)
+    t = kernels.tile_int8(q)
+    assert t.shape == (2, 2, 8, 16)
+    for n in range(16):
+        for k in range(32):  # row n, column k sits at tile n // 8, step k // 16
+            assert t[n // 8, k // 16, n % 8, k % 16] == q[n, k]
+    assert torch.equal(kernels.untile_int8(t), q)
+    with pytest.raises(ValueError, match="N % 8"):
+        kernels.tile_int8(q[:15])
 
 
 def test_quantize_int8_round_trip() -> None:

@@ -27,17 +27,21 @@ def test_bf16_matches_float64(rows: int, bias: bool) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 4, 40])
+@pytest.mark.parametrize("out_features", [33, 40])  # 40 rows are stored tiled (8 x 16 steps)
 @needs_kernels
-def test_int8_matches_dequantised_float64(rows: int) -> None:
-    lin = nn.Linear(96, 33)
+def test_int8_matches_dequantised_float64(rows: int, out_features: int) -> None:
+    lin = nn.Linear(96, out_features)
     packed = PackedLinear(lin.weight, lin.bias, "int8")
+    tiled = out_features % 8 == 0
+    assert packed.qweight.dim() == (4 if tiled else 2)
     x = torch.randn(2, rows, 96)  # leading dims are flattened and restored
-    deq = packed.qweight.double() * packed.scale.double()[:, None]
+    deq = packed.int8_rows().double() * packed.scale.double()[:, None]
     ref = x.double() @ deq.T + lin.bias.detach().double()
     out = packed(x)
-    assert out.shape == (2, rows, 33)
-    # the AVX2 kernel (up to 16 rows) quantises x to int16 per row: within max|x| / 65534 each
-    kernel = kernels.isa() == "avx2" and 2 * rows <= 16
+    assert out.shape == (2, rows, out_features)
+    # the AVX2 and the tiled kernels (up to 16 rows) quantise x to int16 per row: within
+    # max|x| / 65534 each
+    kernel = (kernels.isa() == "avx2" or tiled) and 2 * rows <= 16
     x_err = x.double().abs().amax(-1, keepdim=True) / 65534 if kernel else 0
     tol = 1e-5 + 1e-5 * ref.abs() + x_err * deq.abs().sum(1)
     assert bool(((out.double() - ref).abs() <= tol).all())

@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["MAX_M", "available", "linear_bf16", "linear_int8", "quantize_int8"]
+__all__ = [
+    "MAX_M",
+    "available",
+    "linear_bf16",
+    "linear_int8",
+    "quantize_int8",
+    "tile_int8",
+    "untile_int8",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +118,8 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
 def linear_int8(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``(x @ q.T) * scale + bias`` for int8 q [N, K] and fp32 scale [N]; result in x's dtype."""
+    """``(x @ q.T) * scale + bias`` for int8 q [N, K] (or tiled: ``tile_int8(q)``) and fp32 scale
+    [N]; result in x's dtype."""
     return _require().linear_int8(x, q, scale, bias)
 
 
@@ -132,3 +141,27 @@ def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Te
         q[r : r + rows_per_chunk] = torch.round(wf / s[:, None]).clamp_(-127, 127).to(torch.int8)
         scale[r : r + rows_per_chunk] = s
     return q, scale
+
+
+TILE = (8, 16)  # rows x columns of one step of the tiled int8 layout
+
+
+def can_tile(n: int, k: int) -> bool:
+    return n % TILE[0] == 0 and k % TILE[1] == 0
+
+
+def tile_int8(q: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` int8 -> ``[N/8, K/16, 8, 16]``: every 8 output rows become one sequential
+    stream (16 columns of each row in turn), which the decode GEMV reads at DRAM speed even when
+    rows are short. Needs ``can_tile(N, K)``."""
+    n, k = q.shape
+    if not can_tile(n, k):
+        raise ValueError(f"tile_int8 needs N % 8 == 0 and K % 16 == 0, got {tuple(q.shape)}")
+    r, c = TILE
+    return q.view(n // r, r, k // c, c).permute(0, 2, 1, 3).contiguous()
+
+
+def untile_int8(qt: torch.Tensor) -> torch.Tensor:
+    """The ``[N, K]`` view back (a copy) of a ``tile_int8`` weight."""
+    nt, kt, r, c = qt.shape
+    return qt.permute(0, 2, 1, 3).reshape(nt * r, kt * c)

@@ -318,6 +318,101 @@ void run_i16(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, c
 }
 #endif
 
+
+// int8 weights in 8-row tiles: qt[N/8][K/16][8][16], so each tile of 8 output rows is ONE
+// sequential stream (16 bytes of row 0, 16 of row 1, ..., then the next 16 columns). In the row
+// layout a tile is 8 streams K bytes apart; with short rows (K = 1536: the q/k/v, o, gate/up and
+// LM-head weights, 2/3 of a decode step's bytes) they end before the hardware prefetchers ramp
+// up. x is quantised to int16 per row as in run_i16; one 16-column step is 8 vpmaddwd, and the
+// 8 row sums are reduced together (hadd tree) per K block.
+constexpr int kTileRows = 8, kTileCols = 16;
+
+#if defined(__AVX2__)
+inline void tile_step(__m256i xv, const int8_t* p, __m256i* a) {
+  for (int r = 0; r < kTileRows; ++r) {
+    const __m256i wv =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * 16)));
+    a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(xv, wv));
+  }
+}
+
+// The 8 accumulators' lane sums as one vector [sum a0, ..., sum a7].
+inline __m256 reduce8(const __m256i* a) {
+  const __m256i h1 = _mm256_hadd_epi32(a[0], a[1]), h2 = _mm256_hadd_epi32(a[2], a[3]);
+  const __m256i h3 = _mm256_hadd_epi32(a[4], a[5]), h4 = _mm256_hadd_epi32(a[6], a[7]);
+  const __m256i h5 = _mm256_hadd_epi32(h1, h2), h6 = _mm256_hadd_epi32(h3, h4);
+  const __m256i lo = _mm256_permute2x128_si256(h5, h6, 0x20);
+  const __m256i hi = _mm256_permute2x128_si256(h5, h6, 0x31);
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+}
+#endif
+
+void run_tiled(const int16_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* qt,
+               int64_t N, const float* scale, const float* bias, float* y) {
+  const int64_t steps = K / kTileCols, tiles = N / kTileRows, kc = KC / kTileCols;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int8_t* base = qt + t * steps * (kTileRows * kTileCols);
+      float acc[kMaxM][kTileRows] = {};
+      for (int64_t s0 = 0; s0 < steps; s0 += kc) {
+        const int64_t s1 = std::min(s0 + kc, steps);
+        for (int64_t m = 0; m < M; ++m) {  // m > 0 re-reads the block from L1 (8 KB)
+          const int16_t* xm = xq + m * K;
+#if defined(__AVX2__)
+          __m256i a[kTileRows];
+          for (int r = 0; r < kTileRows; ++r) a[r] = _mm256_setzero_si256();
+          for (int64_t st = s0; st < s1; ++st) {
+            const int8_t* p = base + st * (kTileRows * kTileCols);
+#if GEMV_PF > 0
+            if (m == 0) {
+              _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(p + 1024 + 64), _MM_HINT_T0);
+            }
+#endif
+            const __m256i xv =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + st * kTileCols));
+            tile_step(xv, p, a);
+          }
+          float sums[kTileRows];
+          _mm256_storeu_ps(sums, reduce8(a));
+          for (int r = 0; r < kTileRows; ++r) acc[m][r] += xs[m] * sums[r];
+#else
+          for (int64_t st = s0; st < s1; ++st) {
+            const int8_t* p = base + st * (kTileRows * kTileCols);
+            for (int r = 0; r < kTileRows; ++r) {
+              int32_t d = 0;
+              for (int c = 0; c < kTileCols; ++c)
+                d += static_cast<int32_t>(xm[st * kTileCols + c]) * p[r * kTileCols + c];
+              acc[m][r] += xs[m] * static_cast<float>(d);
+            }
+          }
+#endif
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int r = 0; r < kTileRows; ++r) {
+          const int64_t n = t * kTileRows + r;
+          float v = acc[m][r] * scale[n];
+          if (bias) v += bias[n];
+          y[m * N + n] = v;
+        }
+    }
+  });
+}
+
+// Per-row symmetric int16 quantisation of x (error <= max|x| / 65534 per element).
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(x[m * K + k]));
+    const float s = mx > 0.f ? mx / 32767.f : 1.f;
+    xs[m] = s;
+    const float inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k)
+      xq[m * K + k] = static_cast<int16_t>(std::lrintf(x[m * K + k] * inv));
+  }
+}
+
 // Shared checks; returns x as contiguous fp32 and bias as fp32 (or undefined).
 std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, const at::Tensor& w,
                                           const std::optional<at::Tensor>& bias) {
@@ -357,6 +452,25 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(q.scalar_type() == at::kChar, "qwenvl linear_int8: qweight must be int8, got ",
               q.scalar_type());
+  if (q.dim() == 4) {  // tiled [N/8, K/16, 8, 16]
+    TORCH_CHECK(q.size(2) == kTileRows && q.size(3) == kTileCols && q.is_contiguous(),
+                "qwenvl linear_int8: tiled qweight must be contiguous [N/8, K/16, 8, 16], got ",
+                q.sizes());
+    const int64_t N = q.size(0) * kTileRows, K = q.size(1) * kTileCols;
+    TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
+                    scale.dim() == 1 && scale.size(0) == N,
+                "qwenvl linear_int8: scale must be a float32 CPU tensor of shape [", N, "]");
+    auto [xf, b] = prepare(x, q.view({N, K}), bias);
+    at::Tensor s = scale.contiguous();
+    const int64_t M = xf.size(0);
+    std::vector<int16_t> xq(M * K);
+    float xs[kMaxM];
+    quantize_rows_i16(xf.data_ptr<float>(), M, K, xq.data(), xs);
+    at::Tensor y = at::empty({M, N}, xf.options());
+    run_tiled(xq.data(), xs, M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(),
+              b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+    return y.to(x.scalar_type());
+  }
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
                   scale.size(0) == q.size(0),
               "qwenvl linear_int8: scale must be a float32 CPU tensor of shape [", q.size(0),

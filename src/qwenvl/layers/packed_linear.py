@@ -51,6 +51,8 @@ class PackedLinear(nn.Module):
         w = weight.detach()
         if mode == "int8":
             q, scale = kernels.quantize_int8(w)
+            if kernels.can_tile(*q.shape):  # one sequential stream per 8 rows (decode GEMV)
+                q = kernels.tile_int8(q)
             self.register_buffer("qweight", q)
             self.register_buffer("scale", scale)
         else:
@@ -60,14 +62,24 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"
 
+    def int8_rows(self) -> torch.Tensor:
+        """The int8 weight as ``[out, in]`` (a copy when it is stored tiled)."""
+        q = self.qweight
+        return kernels.untile_int8(q) if q.dim() == 4 else q
+
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight expanded to ``dtype`` (int8: dequantised), in a scratch buffer that the
         next call overwrites: use it at once."""
         stored = self.qweight if self.mode == "int8" else self.weight
-        out = _scratch(stored.numel(), dtype, stored.device).view(stored.shape)
-        if self.mode == "int8":
-            return torch.mul(self.qweight, self.scale.to(dtype)[:, None], out=out)
-        return out.copy_(self.weight)
+        out = _scratch(stored.numel(), dtype, stored.device)
+        if self.mode != "int8":
+            return out.view(stored.shape).copy_(self.weight)
+        scale = self.scale.to(dtype)
+        if stored.dim() == 4:  # tiled: permuted back to [out/8, 8, in/16, 16] by the multiply
+            q = stored.permute(0, 2, 1, 3)
+            torch.mul(q, scale.view(q.shape[0], q.shape[1], 1, 1), out=out.view(q.shape))
+            return out.view(self.out_features, self.in_features)
+        return torch.mul(stored, scale[:, None], out=out.view(stored.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
