@@ -151,6 +151,16 @@ def test_places_by_hand(recipe: Recipe) -> None:
     assert where[k].tolist() == [2, 1, 3]
 
 
+def _guides(r: Recipe, samples, encoded) -> list:
+    """The recipe's attention targets of single-item samples, from their scenes' cell labels."""
+    return [
+        r.attention_targets(
+            s, e, item_labels(sample_scenes(s)[0], (e.videos or e.images)[0].grid_thw)
+        )
+        for s, e in zip(samples, encoded)
+    ]
+
+
 def test_readout_targets_are_the_read_blocks_place(recipe: Recipe) -> None:
     """Grounding: every token of the box's numbers is supervised with the block's cell (in
     vision tokens: scene pixels // CELL); ``when``: the answer digit with the second it appears."""
@@ -158,12 +168,7 @@ def test_readout_targets_are_the_read_blocks_place(recipe: Recipe) -> None:
     rng = random.Random(5)
     g, w, n = make_sample("ground", rng), make_sample("when", rng), make_sample("number", rng)
     encoded = [encode_conversation(r.processor, s.messages()) for s in (g, w, n)]
-    guides = [
-        r.attention_targets(
-            s, e, item_labels(sample_scenes(s)[0], (e.videos or e.images)[0].grid_thw)
-        )
-        for s, e in zip((g, w, n), encoded)
-    ]
+    guides = _guides(r, (g, w, n), encoded)
     got = Recipe.readout_targets((g, w, n), [r.places(e) for e in encoded], guides)
     box = g.info["scene"].by_number(g.info["number"]).box
     ground = [(q, t.tolist()) for b, q, t in got if b == 0]
@@ -185,12 +190,7 @@ def test_span_loss_weighs_each_samples_place_tokens_as_one(recipe: Recipe) -> No
     rng = random.Random(6)
     samples = [make_sample(t, rng) for t in ("ground", "count", "when")]
     encoded = [encode_conversation(r.processor, s.messages()) for s in samples]
-    guides = [
-        r.attention_targets(
-            s, e, item_labels(sample_scenes(s)[0], (e.videos or e.images)[0].grid_thw)
-        )
-        for s, e in zip(samples, encoded)
-    ]
+    guides = _guides(r, samples, encoded)
     read_out = Recipe.readout_targets(samples, [r.places(e) for e in encoded], guides)
     torch.manual_seed(0)
     ids = torch.zeros(3, max(len(e.token_ids) for e in encoded), dtype=torch.long)

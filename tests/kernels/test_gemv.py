@@ -43,7 +43,8 @@ def test_linear_bf16(m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bo
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 @pytest.mark.parametrize(
     "n,k,tiled",
-    [(n, k, False) for n, k in SHAPES] + [(n, k, True) for n, k in SHAPES if n % 8 + k % 16 == 0],
+    [(n, k, False) for n, k in SHAPES]
+    + [(n, k, True) for n, k in SHAPES if kernels.can_tile(n, k)],
 )
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])

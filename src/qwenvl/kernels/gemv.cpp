@@ -206,6 +206,19 @@ void run(const float* x, int64_t M, int64_t K, const WT* w, int64_t N, const flo
     run_tiles<Vec::NR, Vec::MR>(x, M, K, w, N, scale, bias, y);
 }
 
+// Per-row symmetric int16 quantisation of x (error <= max|x| / 65534 per element).
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(x[m * K + k]));
+    const float s = mx > 0.f ? mx / 32767.f : 1.f;
+    xs[m] = s;
+    const float inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k)
+      xq[m * K + k] = static_cast<int16_t>(std::lrintf(x[m * K + k] * inv));
+  }
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 // int8 weights on AVX2: widening each weight to fp32 costs two instructions per 8 weights, so the
 // fp path is bound by arithmetic, not DRAM. Instead x is quantised to int16 once per call (per
@@ -280,18 +293,9 @@ void tile_i16(const float* x, const int16_t* xq, const float* xs, int64_t M, int
 
 void run_i16(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* scale,
              const float* bias, float* y) {
-  // per-row symmetric int16 quantisation of x
   std::vector<int16_t> xq(M * K);
   float xs[kMaxM];
-  for (int64_t m = 0; m < M; ++m) {
-    float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(x[m * K + k]));
-    const float s = mx > 0.f ? mx / 32767.f : 1.f;
-    xs[m] = s;
-    const float inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k)
-      xq[m * K + k] = static_cast<int16_t>(std::lrintf(x[m * K + k] * inv));
-  }
+  quantize_rows_i16(x, M, K, xq.data(), xs);
   const int64_t tiles_1 = (N + Vec::NR1 - 1) / Vec::NR1, tiles_m = (N + 1) / 2;
   const int16_t* q = xq.data();
   if (M == 1) {
@@ -398,19 +402,6 @@ void run_tiled(const int16_t* xq, const float* xs, int64_t M, int64_t K, const i
         }
     }
   });
-}
-
-// Per-row symmetric int16 quantisation of x (error <= max|x| / 65534 per element).
-void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
-  for (int64_t m = 0; m < M; ++m) {
-    float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(x[m * K + k]));
-    const float s = mx > 0.f ? mx / 32767.f : 1.f;
-    xs[m] = s;
-    const float inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k)
-      xq[m * K + k] = static_cast<int16_t>(std::lrintf(x[m * K + k] * inv));
-  }
 }
 
 // Shared checks; returns x as contiguous fp32 and bias as fp32 (or undefined).
