@@ -2,9 +2,9 @@
 
 A decode step multiplies a handful of rows by every weight matrix, so it is bound by how fast the
 weights stream from memory; ``gemv.cpp`` reads each weight once for all (<= 16) rows and widens
-bf16/int8 in registers. The extension is compiled with ``-march=native`` on first use and cached
-under ``~/.cache/qwenvl/kernels/<hash>``; without a compiler (or with ``QWENVL_KERNELS=0``)
-``available()`` is False and callers keep using torch.
+bf16/int8 in registers. The extension is compiled with ``-march=native`` (``QWENVL_KERNELS_MARCH``
+overrides it) on first use and cached under ``~/.cache/qwenvl/kernels/<hash>``; without a compiler
+(or with ``QWENVL_KERNELS=0``) ``available()`` is False and callers keep using torch.
 """
 
 from __future__ import annotations
@@ -49,9 +49,15 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _march() -> str:
+    """The -march of the build: ``native`` unless ``QWENVL_KERNELS_MARCH`` names another (e.g.
+    ``x86-64`` for the portable scalar path, which the tests check on machines that have SIMD)."""
+    return os.environ.get("QWENVL_KERNELS_MARCH", "native")
+
+
 def _build_dir() -> Path:
     key = "\n".join(
-        [_SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags()]
+        [_SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags(), _march()]
     ).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     path = Path.home() / ".cache" / "qwenvl" / "kernels" / digest
@@ -79,7 +85,7 @@ def _load() -> Any | None:
                     build_directory=str(_build_dir()),
                     # -fopenmp: at::parallel_for is inline OpenMP, serial without it; the
                     # libgomp.so.1 it needs is the one torch has already loaded
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,  # registers torch.ops.qwenvl_gemv.*
                     verbose=False,
