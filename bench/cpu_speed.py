@@ -397,7 +397,8 @@ def measure(framework: str, model, inputs: Inputs, args, only: set[str]) -> dict
     if "vit" in only:
         im = inputs.image.images[0]
         vit = (lambda: qwenvl_vit(model, im)) if is_q else (lambda: hf_vit(model, im))
-        vit()
+        if not args.no_vit_warmup:
+            vit()
         t = best(vit, reps)
         res["vit_s"] = t
         log(f"  {framework} ViT alone ({im.pixel_values.shape[0]} patches): {t:.3f} s")
@@ -563,6 +564,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None,
                     help="timed runs per measurement after the warm-up (best kept); "
                          "default 1")  # fmt: skip
+    ap.add_argument(
+        "--no-vit-warmup",
+        action="store_true",
+        help="time the first ViT pass (a compute-bound pass of minutes, e.g. transformers in "
+        "bf16 on a CPU without bf16 units, gains nothing from a warm-up)",
+    )
     ap.add_argument(
         "--check",
         action="store_true",
