@@ -20,7 +20,7 @@ import pytest
 from qwenvl import kernels
 
 TESTS = Path(__file__).parent
-HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja")
+HAVE_COMPILER = all(shutil.which(t) for t in (os.environ.get("CXX", "c++"), "ninja"))
 ENABLED = os.environ.get("QWENVL_KERNELS", "1") != "0"
 X86 = platform.machine() in ("x86_64", "AMD64")
 
