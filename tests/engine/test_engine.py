@@ -8,6 +8,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl import SamplingParams
@@ -165,6 +166,36 @@ def test_different_images_with_equal_token_ids_share_no_blocks(llms):
     hits = engine.stats["prefix_cache_hits"]
     run(engine, [a])
     assert engine.stats["prefix_cache_hits"] - hits == full_blocks
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_cpu_decode_kernels_match_the_torch_ops(family, llms, monkeypatch):
+    """Decode steps on the CPU go through ``qwenvl.kernels`` (RMSNorm, rotary + paged-cache
+    write + attention in one call); their logits are the torch ops' to float32 rounding."""
+    from qwenvl import kernels
+
+    if not kernels.available():
+        pytest.skip("qwenvl CPU kernels unavailable")
+    llm = llms(family)
+    prompts = [llm.processor.prepare_chat(c) for c in convs()[:3]]
+
+    def logits_of_every_step() -> list[torch.Tensor]:
+        engine = engine_for(llm, enable_prefix_caching=False)
+        seen, inner = [], engine.runner.run
+        engine.runner.run = lambda *a: seen.append(inner(*a)) or seen[-1]
+        run(engine, prompts)
+        return seen
+
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    fused = logits_of_every_step()
+    assert len(calls) >= 9 * llm.model.config.text.num_hidden_layers  # 9+ all-decode steps
+    monkeypatch.setattr(kernels, "applies", lambda *t: False)
+    plain = logits_of_every_step()
+    assert len(fused) == len(plain)
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 def test_abort_returns_every_block(llms):

@@ -1,4 +1,4 @@
-"""The GEMV extension builds wherever it can, for every SIMD path, and its portable path is right.
+"""The CPU kernel extension builds wherever it can, for every SIMD path; its portable path is right.
 
 The kernel tests skip where the extension is unavailable (no compiler), so without these checks a
 source that stops compiling would turn CI's kernel tests into skips instead of failures. And a
@@ -20,6 +20,7 @@ import pytest
 from qwenvl import kernels
 
 TESTS = Path(__file__).parent
+SOURCES = Path(kernels.__file__).parent
 HAVE_COMPILER = all(shutil.which(t) for t in (os.environ.get("CXX", "c++"), "ninja"))
 ENABLED = os.environ.get("QWENVL_KERNELS", "1") != "0"
 X86 = platform.machine() in ("x86_64", "AMD64")
@@ -33,13 +34,13 @@ def test_extension_builds_where_a_compiler_is_present() -> None:
 
 @pytest.mark.skipif(not (HAVE_COMPILER and ENABLED and X86), reason="needs an x86 C++ toolchain")
 def test_scalar_path_passes_the_kernel_tests(tmp_path) -> None:
-    """Build for plain x86-64 (no AVX) in a fresh process and run the GEMV tests against it."""
+    """Build for plain x86-64 (no AVX) in a fresh process and run the kernel tests against it."""
     env = {**os.environ, "QWENVL_KERNELS_MARCH": "x86-64", "HOME": str(tmp_path)}
     code = (
         "import sys, pytest; from qwenvl import kernels; "
         "assert kernels.isa() == 'scalar', kernels.isa(); "
         "sys.exit(pytest.main(['-q', '-o', 'addopts=', '-p', 'no:cacheprovider', "
-        f"{str(TESTS / 'test_gemv.py')!r}]))"
+        f"{str(TESTS / 'test_gemv.py')!r}, {str(TESTS / 'test_decode_ops.py')!r}]))"
     )
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -60,7 +61,7 @@ def test_every_simd_path_compiles(march: str) -> None:
         f"-march={march}",
         "-fopenmp",
         *includes,
-        str(Path(kernels.__file__).with_name("gemv.cpp")),
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    for source in ("gemv.cpp", "decode.cpp"):
+        r = subprocess.run([*cmd, str(SOURCES / source)], capture_output=True, text=True)
+        assert r.returncode == 0, source + ":\n" + r.stderr[-3000:]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenvl import kernels
 from qwenvl.layers.attention import causal_attention
 from qwenvl.models.qwen2_vl.config import TextConfig
 
@@ -84,6 +85,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # [D] int64
     decode_keys: torch.Tensor | None  # [D, max_ctx] int64
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_ctx] bool
+    decode_lens: torch.Tensor | None  # [D] int64: valid keys per decode row
 
     @classmethod
     def build(
@@ -112,8 +114,9 @@ class AttentionMetadata:
                     mask = (pos.unsqueeze(0) <= q_pos).view(1, 1, n, ctx).to(device)
                 prefills.append((row, n, keys.to(device), mask))
             row += n
-        decode_rows = decode_keys = decode_mask = None
+        decode_rows = decode_keys = decode_mask = decode_lens = None
         if dec_rows:
+            decode_lens = torch.tensor([len(k) for k in dec_keys], device=device)
             width = max(len(k) for k in dec_keys)
             decode_keys = torch.zeros(len(dec_keys), width, dtype=torch.long)
             decode_mask = torch.zeros(len(dec_keys), 1, 1, width, dtype=torch.bool)
@@ -122,7 +125,14 @@ class AttentionMetadata:
                 decode_mask[i, :, :, : len(k)] = True
             decode_rows = torch.tensor(dec_rows, device=device)
             decode_keys, decode_mask = decode_keys.to(device), decode_mask.to(device)
-        return cls(torch.cat(slots).to(device), prefills, decode_rows, decode_keys, decode_mask)
+        return cls(
+            torch.cat(slots).to(device),
+            prefills,
+            decode_rows,
+            decode_keys,
+            decode_mask,
+            decode_lens,
+        )
 
 
 class PagedContext:
@@ -131,6 +141,37 @@ class PagedContext:
     def __init__(self, cache: PagedKVCache, meta: AttentionMetadata) -> None:
         self.cache = cache
         self.meta = meta
+
+    def fused_decode(self, q: torch.Tensor) -> bool:
+        """Whether ``attend_decode`` serves this step: every token is a decode query, and the
+        queries and the cache are float32 on the CPU (``kernels.applies``)."""
+        meta = self.meta
+        return not meta.prefills and kernels.applies(q, self.cache.k[0])
+
+    def attend_decode(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """``attend`` for an all-decode step in one kernel call, rotary included: ``q [T,
+        H*D]``, ``k, v [T, Hkv*D]`` before rotary, ``cos, sin [T, D]`` -> ``[T, H*D]``."""
+        meta = self.meta
+        return kernels.decode_attention(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            self.cache.k[layer],
+            self.cache.v[layer],
+            meta.slots,
+            meta.decode_keys,
+            meta.decode_lens,
+        )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write ``k, v [T, Hkv, D]`` to their slots, then attend ``q [T, H, D]`` -> ``[T, H,

@@ -1,10 +1,13 @@
-"""CPU decode GEMV kernels (bf16 and int8 weights), built on first use.
+"""CPU decode kernels, built on first use: GEMV over bf16 and int8 weights, and the small ops.
 
 A decode step multiplies a handful of rows by every weight matrix, so it is bound by how fast the
 weights stream from memory; ``gemv.cpp`` reads each weight once for all (<= 16) rows and widens
-bf16/int8 in registers. The extension is compiled with ``-march=native`` (``QWENVL_KERNELS_MARCH``
-overrides it) on first use and cached under ``~/.cache/qwenvl/kernels/<hash>``; without a compiler
-(or with ``QWENVL_KERNELS=0``) ``available()`` is False and callers keep using torch.
+bf16/int8 in registers. ``decode.cpp`` does the rest of a decoder layer's float32 work (RMSNorm,
+the SwiGLU gate, rotary + paged-cache write + attention) in one call each, where eager torch
+spends more time dispatching ops than computing. The extension is compiled with
+``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first use and cached under
+``~/.cache/qwenvl/kernels/<hash>``; without a compiler (or with ``QWENVL_KERNELS=0``)
+``available()`` is False and callers keep using torch.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import torch
 
 __all__ = [
     "MAX_M",
+    "applies",
     "available",
+    "decode_attention",
     "linear_bf16",
     "linear_int8",
     "quantize_int8",
+    "rms_norm",
+    "silu_mul",
     "tile_int8",
     "untile_int8",
 ]
@@ -32,7 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_M = 16  # rows of x the kernels take; callers use torch.matmul above it
-_SOURCE = Path(__file__).with_name("gemv.cpp")
+_SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "decode.cpp")]
 _lock = threading.Lock()
 _module: Any | None = None
 _tried = False
@@ -55,9 +62,17 @@ def _march() -> str:
     return os.environ.get("QWENVL_KERNELS_MARCH", "native")
 
 
+def _cflags() -> list[str]:
+    # -fopenmp: at::parallel_for is inline OpenMP, serial without it (the libgomp.so.1 it needs
+    # is the one torch has already loaded); -fno-trapping-math lets float selects vectorise
+    # (decode.cpp's exp)
+    return ["-O3", f"-march={_march()}", "-fopenmp", "-fno-trapping-math"]
+
+
 def _build_dir() -> Path:
+    sources = [p.read_text() for p in _SOURCES]
     key = "\n".join(
-        [_SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags(), _march()]
+        [*sources, torch.__version__, platform.machine(), _cpu_flags(), *_cflags()]
     ).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     path = Path.home() / ".cache" / "qwenvl" / "kernels" / digest
@@ -81,11 +96,9 @@ def _load() -> Any | None:
 
                 cpp_extension.load(
                     name="qwenvl_gemv",
-                    sources=[str(_SOURCE)],
+                    sources=[str(p) for p in _SOURCES],
                     build_directory=str(_build_dir()),
-                    # -fopenmp: at::parallel_for is inline OpenMP, serial without it; the
-                    # libgomp.so.1 it needs is the one torch has already loaded
-                    extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
+                    extra_cflags=_cflags(),
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,  # registers torch.ops.qwenvl_gemv.*
                     verbose=False,
@@ -109,6 +122,17 @@ def isa() -> str | None:
     return None if mod is None else str(mod.isa())
 
 
+def applies(*tensors: torch.Tensor) -> bool:
+    """True where ``rms_norm``/``silu_mul``/``decode_attention`` may stand in for the torch ops:
+    float32 CPU tensors that autograd does not track (inference), with the extension built."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+        if t.requires_grad and torch.is_grad_enabled():
+            return False
+    return available()
+
+
 def _require() -> Any:
     mod = _load()
     if mod is None:
@@ -127,6 +151,36 @@ def linear_int8(
     """``(x @ q.T) * scale + bias`` for int8 q [N, K] (or tiled: ``tile_int8(q)``) and fp32 scale
     [N]; result in x's dtype."""
     return _require().linear_int8(x, q, scale, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x * rsqrt(mean(x^2, -1) + eps)`` over the last dim; float32 CPU tensors, no
+    autograd."""
+    return _require().rms_norm(x, weight, eps)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` for ``x = [g | u]`` split in halves of the last dim; float32 CPU."""
+    return _require().silu_mul(x)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    keys: torch.Tensor,
+    lens: torch.Tensor,
+) -> torch.Tensor:
+    """One decode token per row ``t``: rotary (rotate-half, ``cos/sin [T, D]``) on ``q [T, H*D]``
+    and ``k [T, Hkv*D]``; ``k``/``v`` written to cache slot ``slots[t]`` of ``k_cache/v_cache
+    [slots, Hkv, D]``; then GQA attention (scale ``D**-0.5``) over the slots ``keys[t,
+    :lens[t]]``. Returns ``[T, H*D]``. float32 CPU tensors; q/k/v rows may be strided views."""
+    return _require().decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, keys, lens)
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """RMSNorm as the reference computes it: statistics in float32, the weight applied in the input
-dtype.
+dtype. Float32 inference on the CPU takes the one-call kernel (``qwenvl.kernels.rms_norm``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from qwenvl import kernels
 
 
 class RMSNorm(nn.Module):
@@ -15,6 +17,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.applies(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qwenvl import kernels
 from qwenvl.layers.attention import causal_attention
 from qwenvl.layers.norm import RMSNorm
 from qwenvl.layers.rotary import apply_rotary
@@ -51,6 +52,9 @@ class Attention(nn.Module):
             )
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if kv is not None and kv.fused_decode(q):  # CPU float32 decode: one kernel call
+            out = kv.attend_decode(self.layer_idx, q[0], k[0], v[0], cos[0, 0], sin[0, 0])
+            return self.o_proj(out.view(b, n, -1))
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -75,7 +79,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:  # packed for CPU decoding: one weight read
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if kernels.applies(gate_up):
+                return self.down_proj(kernels.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

@@ -1,0 +1,235 @@
+// The small float32 ops of a CPU decode step, each one call instead of a chain of torch ops.
+//
+// At batch 1 a decoder layer's work besides its four GEMVs is a few thousand flops, but in eager
+// torch it is ~40 ops (RMSNorm is 7, rotary 12, the paged-cache write, gather, GQA expansion,
+// masked SDPA and scatter another 15), each 5-20 us of dispatch on a small CPU: a third of a
+// 2B-shape decode step went there. These ops do the same arithmetic in one pass each:
+//   rms_norm          y = w * (x * rsqrt(mean(x^2) + eps))               (rows in parallel)
+//   silu_mul          y = silu(g) * u for gu = [g | u]                    (the SwiGLU gate)
+//   decode_attention  rotary on q and k, k/v written to their cache slots, then each token's
+//                     GQA attention over its keys; one task per (token, kv head).
+// Plain loops with 8 independent accumulators, which the compiler vectorises for the -march of
+// the build (gemv.cpp's flags); float32 only: callers fall back to torch for other dtypes.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 8;
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float sum(const float* a, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l];
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
+// exp(x) to ~2 ulp, branch-free so that loops over it vectorise (std::exp is a scalar call, and
+// 9k of them, the SwiGLU gate of one token, took longer than torch's whole silu-and-mul):
+// x = n ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-7 polynomial, 2^n from the exponent
+// bits. Inputs are clamped to [-87.3, 88.7], so the result is a normal float; NaN stays NaN.
+// The selects vectorise only with -fno-trapping-math, which the build passes.
+inline float exp_f32(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + std::copysign(0.5f, t));
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = (p * r * r + r) + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              "qwenvl decode ops: ", what, " must be a float32 CPU tensor, got ", t.scalar_type(),
+              " on ", t.device());
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_f32(x, "x");
+  check_f32(w, "weight");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D, "qwenvl rms_norm: weight must be [", D, "], got ",
+              w.sizes());
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t rows = D ? xc.numel() / D : 0;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const float* xr = xp + r * D;
+                       float* yr = yp + r * D;
+                       const float inv = 1.f / std::sqrt(dot(xr, xr, D) / D + e);
+                       for (int64_t i = 0; i < D; ++i) yr[i] = wp[i] * (xr[i] * inv);
+                     }
+                   });
+  return y;
+}
+
+at::Tensor silu_mul(const at::Tensor& gu) {
+  check_f32(gu, "x");
+  const int64_t D2 = gu.size(-1);
+  TORCH_CHECK(D2 % 2 == 0, "qwenvl silu_mul: the last dimension must be even, got ", D2);
+  const int64_t D = D2 / 2;
+  const at::Tensor xc = gu.contiguous();
+  std::vector<int64_t> shape(xc.sizes().begin(), xc.sizes().end());
+  shape.back() = D;
+  at::Tensor y = at::empty(shape, xc.options());
+  const int64_t rows = D ? xc.numel() / D2 : 0;
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const float* g = xp + r * D2;
+                       const float* u = g + D;
+                       float* yr = yp + r * D;
+                       for (int64_t i = 0; i < D; ++i) yr[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
+                     }
+                   });
+  return y;
+}
+
+// Rotate-half rotary: out[j] = x[j] cos[j] - x[j + D/2] sin[j] (j < D/2), x[j] cos[j] +
+// x[j - D/2] sin[j] (j >= D/2).
+inline void rotary(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t j = 0; j < h; ++j) out[j] = x[j] * c[j] - x[j + h] * s[j];
+  for (int64_t j = h; j < D; ++j) out[j] = x[j] * c[j] + x[j - h] * s[j];
+}
+
+// q [T, H*D], k and v [T, Hkv*D] (rows may be strided: views into a fused qkv output), cos/sin
+// [T, D]; caches [slots, Hkv, D]; token t writes its k/v to slots[t] and attends to
+// keys[t, :lens[t]] (which include slots[t]). Returns [T, H*D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& keys,
+                            const at::Tensor& lens) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&cos, "cos"}, {&sin, "sin"},
+                         {&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
+    check_f32(*t, name);
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(),
+              "qwenvl decode_attention: caches must be contiguous [slots, kv_heads, head_dim]");
+  const int64_t T = q.size(0), Hkv = k_cache.size(1), D = k_cache.size(2), S = k_cache.size(0);
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && q.size(1) % D == 0 &&
+                  k.size(1) == Hkv * D && v.size(1) == Hkv * D && k.size(0) == T && v.size(0) == T,
+              "qwenvl decode_attention: q must be [T, H*D] and k, v [T, Hkv*D] with D = ", D);
+  TORCH_CHECK(q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1,
+              "qwenvl decode_attention: q, k and v rows must be contiguous");
+  const int64_t H = q.size(1) / D;
+  TORCH_CHECK(H % Hkv == 0, "qwenvl decode_attention: ", H, " heads for ", Hkv, " kv heads");
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  TORCH_CHECK(c.sizes() == at::IntArrayRef({T, D}) && s.sizes() == c.sizes(),
+              "qwenvl decode_attention: cos and sin must be [T, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && keys.scalar_type() == at::kLong &&
+                  lens.scalar_type() == at::kLong && slots.numel() == T && keys.dim() == 2 &&
+                  keys.size(0) == T && lens.numel() == T,
+              "qwenvl decode_attention: slots [T], keys [T, W] and lens [T] must be int64");
+  const at::Tensor sl = slots.contiguous(), ky = keys.contiguous(), ln = lens.contiguous();
+  const int64_t W = ky.size(1);
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  const int64_t* kyp = ky.data_ptr<int64_t>();
+  const int64_t* lnp = ln.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(slp[t] >= 0 && slp[t] < S, "qwenvl decode_attention: slot out of range");
+    TORCH_CHECK(lnp[t] >= 1 && lnp[t] <= W, "qwenvl decode_attention: bad key count ", lnp[t]);
+    for (int64_t j = 0; j < lnp[t]; ++j)
+      TORCH_CHECK(kyp[t * W + j] >= 0 && kyp[t * W + j] < S,
+                  "qwenvl decode_attention: key slot out of range");
+  }
+  const int64_t G = H / Hkv;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::Tensor out = at::empty({T, H * D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
+  // Each task writes its own (slot, kv head) and reads only its own sequence's keys: no races.
+  at::parallel_for(0, T * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qr(G * D), score;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / Hkv, g = i % Hkv, n = lnp[t];
+      const float *ct = cp + t * D, *st = sp + t * D;
+      rotary(kp + t * ks + g * D, ct, st, D, kc + (slp[t] * Hkv + g) * D);
+      std::copy_n(vp + t * vs + g * D, D, vc + (slp[t] * Hkv + g) * D);
+      for (int64_t h = 0; h < G; ++h) rotary(qp + t * qs + (g * G + h) * D, ct, st, D, &qr[h * D]);
+      score.assign(G * n, 0.f);
+      const int64_t* kt = kyp + t * W;
+      for (int64_t j = 0; j < n; ++j) {  // each key row is read once for the G query heads
+        const float* kr = kc + (kt[j] * Hkv + g) * D;
+        for (int64_t h = 0; h < G; ++h) score[h * n + j] = dot(&qr[h * D], kr, D) * scale;
+      }
+      for (int64_t h = 0; h < G; ++h) {
+        float* sc = &score[h * n];
+        const float mx = *std::max_element(sc, sc + n);
+        for (int64_t j = 0; j < n; ++j) sc[j] = exp_f32(sc[j] - mx);
+        const float inv = 1.f / sum(sc, n);
+        for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+      }
+      float* ot = op + t * H * D + g * G * D;
+      std::fill_n(ot, G * D, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vr = vc + (kt[j] * Hkv + g) * D;
+        for (int64_t h = 0; h < G; ++h) {
+          const float p = score[h * n + j];
+          float* oh = ot + h * D;
+          for (int64_t d = 0; d < D; ++d) oh[d] += p * vr[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qwenvl_gemv, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slots, Tensor keys, Tensor lens) -> Tensor",
+      &decode_attention);
+}
