@@ -68,3 +68,16 @@ def test_pack_linears_replaces_only_the_decoder(checkpoints) -> None:
 def test_bad_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="int8"):
         PackedLinear(torch.zeros(2, 2), None, "int4")
+
+
+def test_prefill_path_works_inside_and_then_outside_inference_mode() -> None:
+    """The GEMM path's scratch buffer, first made under inference_mode (an engine prefill), must
+    still take writes from a later call outside it (scoring, training code)."""
+    lin = nn.Linear(48, 4000)  # a weight larger than any earlier test's, so the buffer is new
+    packed = PackedLinear(lin.weight, None, "bf16")
+    x = torch.randn(20, 48)
+    with torch.inference_mode():
+        a = packed(x).clone()
+    with torch.no_grad():
+        b = packed(x)
+    torch.testing.assert_close(a, b)

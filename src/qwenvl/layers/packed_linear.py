@@ -35,7 +35,10 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
         bufs = _local.bufs = {}
     buf = bufs.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor even when first needed under inference_mode: an inference tensor
+        # could not be written to by a later call outside it
+        with torch.inference_mode(False):
+            buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -83,18 +86,19 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        bias = self.bias
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
-            x2 = x2.contiguous()
-            if self.mode == "int8":
-                y = kernels.linear_int8(x2, self.qweight, self.scale, bias)
-            else:
-                y = kernels.linear_bf16(x2, self.weight, bias)
-        else:
-            b = None if bias is None else bias.to(x.dtype)
-            y = F.linear(x2, self.dense_weight(x.dtype), b)
+        y = self.mm(x.reshape(-1, self.in_features))
         return y.view(*shape[:-1], self.out_features)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for a 2-D ``x [rows, in]``, without the module call around it."""
+        bias = self.bias
+        if x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
+            x = x.contiguous()
+            if self.mode == "int8":
+                return kernels.linear_int8(x, self.qweight, self.scale, bias)
+            return kernels.linear_bf16(x, self.weight, bias)
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype), b)
 
 
 def decoder_linears(model: nn.Module) -> list[str]:
