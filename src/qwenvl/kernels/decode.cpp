@@ -27,26 +27,26 @@ namespace {
 
 constexpr int kLanes = 8;
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// sum of f(i) over [0, n) in kLanes independent partial sums, so that the loop vectorises
+// (a single float accumulator is a chain the compiler may not reorder).
+template <class F>
+inline float lane_sum(int64_t n, const F& f) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(i + l);
   float s = 0.f;
   for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += f(i);
   return s;
 }
 
+inline float dot(const float* a, const float* b, int64_t n) {
+  return lane_sum(n, [=](int64_t i) { return a[i] * b[i]; });
+}
+
 inline float sum(const float* a, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l];
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; i < n; ++i) s += a[i];
-  return s;
+  return lane_sum(n, [=](int64_t i) { return a[i]; });
 }
 
 // exp(x) to ~2 ulp, branch-free so that loops over it vectorise (std::exp is a scalar call, and
