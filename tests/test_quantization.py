@@ -94,3 +94,22 @@ def test_int8_quality_against_bf16(variants) -> None:
 def test_quantization_errors(bf16_checkpoint) -> None:
     with pytest.raises(ConfigError, match="int4"):
         LLM(bf16_checkpoint, quantization="int4")
+
+
+@pytest.mark.parametrize("mode", ["auto", "int8"])
+def test_packed_decode_steps_run_the_fused_layers(variants, mode, monkeypatch) -> None:
+    """Decode steps of <= 16 tokens go through ``kernels.decode_layers``; a step of 18 takes the
+    module path. Each prompt's greedy tokens equal its own run alone (batch invariance)."""
+    llm = variants[mode]
+    rows = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda x, *a: rows.append(len(x)) or real(x, *a))
+    prompts = [f"Count the boxes: {' '.join(str(j) for j in range(i % 5))}" for i in range(18)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    together = llm.generate(prompts, params)
+    assert rows.count(18) == 0  # the 18-token decode steps ran the modules
+    rows.clear()
+    alone = [llm.generate([p], params)[0] for p in prompts[:5]]
+    assert rows == [1] * 4 * len(alone)  # every decode step of a single prompt: 4 per prompt
+    for x, y in zip(together, alone):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids

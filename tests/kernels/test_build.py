@@ -62,6 +62,6 @@ def test_every_simd_path_compiles(march: str) -> None:
         "-fopenmp",
         *includes,
     ]
-    for source in ("gemv.cpp", "decode.cpp"):
+    for source in ("gemv.cpp", "decode.cpp", "layers.cpp"):
         r = subprocess.run([*cmd, str(SOURCES / source)], capture_output=True, text=True)
         assert r.returncode == 0, source + ":\n" + r.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""The decode step's small CPU ops (``decode.cpp``) against float64 math written out here."""
+"""The decode step's CPU ops (``decode.cpp``) and the fused decoder layers (``layers.cpp``)
+against float64 math written out here."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from qwenvl import kernels
+from qwenvl.layers.packed_linear import PackedLinear
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,3 +145,146 @@ def test_applies_only_to_untracked_float32_cpu_tensors() -> None:
     assert not kernels.applies(x, w)
     with torch.no_grad():
         assert kernels.applies(x, w)
+
+
+# --- decode_layers: a packed decoder's layers for one decode step in one call -------------------
+def _decoder(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inter: int, mode: str):
+    """Random packed layers as ``TextModel.decode_packed`` passes them: per layer 14 params
+    (norm1, qkv w/scale/bias, o, norm2, gate_up, down), plus the float64 weights they hold."""
+    g = torch.Generator().manual_seed(layers + hidden + inter)
+
+    def linear(n: int, k: int, bias: bool):
+        w = torch.randn(n, k, generator=g) / math.sqrt(k)
+        b = torch.randn(n, generator=g) * 0.1 if bias else None
+        p = PackedLinear(w, b, mode)
+        dense = p.int8_rows().double() * p.scale.double()[:, None] if mode == "int8" else None
+        dense = p.weight.double() if dense is None else dense
+        return list(p.kernel_params()), (dense, None if b is None else p.bias.double())
+
+    params, ref = [], []
+    for _ in range(layers):
+        n1, n2 = (1 + 0.1 * torch.randn(hidden, generator=g) for _ in range(2))
+        qkv, qkv_ref = linear((heads + 2 * kv_heads) * d, hidden, True)
+        o, o_ref = linear(hidden, heads * d, False)
+        gu, gu_ref = linear(2 * inter, hidden, False)
+        down, down_ref = linear(hidden, inter, False)
+        params += [n1, *qkv, *o, n2, *gu, *down]
+        ref.append((n1.double(), qkv_ref, o_ref, n2.double(), gu_ref, down_ref))
+    return params, ref
+
+
+def _decoder_reference(x, cos, sin, ref, k_caches, v_caches, slots, keys, lens, heads, eps):
+    """Float64 layers: RMSNorm, q/k/v with bias, attention (``_reference``), residuals, SwiGLU."""
+    x = x.double()
+    d = cos.shape[1]
+    kv_heads = k_caches[0].shape[1]
+
+    def norm(v, w):
+        return w * v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+
+    def lin(v, wb):
+        w, b = wb
+        return v @ w.T + (0 if b is None else b)
+
+    kcs, vcs = [], []
+    for i, (n1, qkv, o, n2, gu, down) in enumerate(ref):
+        q, k, v = lin(norm(x, n1), qkv).split([heads * d, kv_heads * d, kv_heads * d], -1)
+        kc, vc, attn = _reference(q, k, v, cos, sin, k_caches[i], v_caches[i], slots, keys, lens)
+        kcs.append(kc)
+        vcs.append(vc)
+        x = x + lin(attn, o)
+        g_, u = lin(norm(x, n2), gu).chunk(2, -1)
+        x = x + lin(g_ / (1 + torch.exp(-g_)) * u, down)
+    return x, kcs, vcs
+
+
+@pytest.mark.parametrize(
+    "mode,t,hidden,heads,kv_heads,d,inter,ctx",
+    [
+        ("bf16", 1, 64, 4, 2, 16, 96, [9]),
+        ("bf16", 3, 48, 6, 3, 8, 40, [1, 5, 12]),  # leftover rows (N % 8), odd K
+        ("int8", 2, 64, 4, 2, 16, 96, [4, 7]),  # tiled int8 (N % 8 == 0, K % 16 == 0)
+        ("int8", 1, 40, 4, 1, 10, 36, [6]),  # row-layout int8 (K = 40 is not a multiple of 16)
+    ],
+)
+def test_decode_layers_match_float64(mode, t, hidden, heads, kv_heads, d, inter, ctx) -> None:
+    layers, eps = 3, 1e-6
+    params, ref = _decoder(layers, hidden, heads, kv_heads, d, inter, mode)
+    cases = [_case(t, heads, kv_heads, d, ctx, seed=i) for i in range(layers)]
+    _, _, _, cos, sin, _, _, slots, keys, lens = cases[0]
+    k_caches, v_caches = [c[5] for c in cases], [c[6] for c in cases]
+    x = torch.randn(t, hidden, generator=torch.Generator().manual_seed(7))
+    want, kc_ref, vc_ref = _decoder_reference(
+        x, cos, sin, ref, k_caches, v_caches, slots, keys, lens, heads, eps
+    )
+    out = x.clone()
+    kernels.decode_layers(out, cos, sin, params, k_caches, v_caches, slots, keys, lens, heads, eps)
+    # int8: x is multiplied as int16 (relative error <= 1/65534 of the row's largest value)
+    tol = 1e-5 if mode == "bf16" else 2e-4
+    scale = want.abs().max().item()
+    assert torch.allclose(out.double(), want, rtol=tol, atol=tol * scale)
+    for got, exp in zip(k_caches + v_caches, kc_ref + vc_ref):
+        assert torch.allclose(got.double(), exp, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_decode_layers_equal_the_single_ops_bit_for_bit(mode) -> None:
+    """The fused call runs the same functions as the single ops, only threads split differently:
+    every output is computed the same way, so the results are identical."""
+    heads, kv_heads, d, hidden, inter, t = 8, 2, 16, 128, 192, 2
+    params, _ = _decoder(2, hidden, heads, kv_heads, d, inter, mode)
+    cases = [_case(t, heads, kv_heads, d, [5, 9], seed=i) for i in range(2)]
+    _, _, _, cos, sin, _, _, slots, keys, lens = cases[0]
+    x = torch.randn(t, hidden)
+    caches = [[c[5].clone() for c in cases], [c[6].clone() for c in cases]]
+
+    def mm(h, w, scale, bias):
+        if mode == "int8":
+            return kernels.linear_int8(h, w, scale, bias)
+        return kernels.linear_bf16(h, w, bias)
+
+    y = x.clone()
+    for i in range(2):
+        p = params[14 * i : 14 * (i + 1)]
+        q, k, v = mm(kernels.rms_norm(y, p[0], 1e-6), *p[1:4]).split(
+            [heads * d, kv_heads * d, kv_heads * d], -1
+        )
+        kc, vc = caches[0][i], caches[1][i]
+        attn = kernels.decode_attention(q, k, v, cos, sin, kc, vc, slots, keys, lens)
+        y = y + mm(attn, *p[4:7])
+        y = y + mm(kernels.silu_mul(mm(kernels.rms_norm(y, p[7], 1e-6), *p[8:11])), *p[11:14])
+    out = x.clone()
+    k_caches, v_caches = [c[5] for c in cases], [c[6] for c in cases]
+    kernels.decode_layers(out, cos, sin, params, k_caches, v_caches, slots, keys, lens, heads, 1e-6)
+    assert torch.equal(out, y)
+    assert all(torch.equal(a, b) for a, b in zip(k_caches + v_caches, caches[0] + caches[1]))
+
+
+def test_decode_layers_reject_bad_input_before_writing() -> None:
+    heads, kv_heads, d, hidden, inter = 4, 2, 8, 32, 48
+    params, _ = _decoder(2, hidden, heads, kv_heads, d, inter, "bf16")
+    cases = [_case(1, heads, kv_heads, d, [4], seed=i) for i in range(2)]
+    _, _, _, cos, sin, _, _, slots, keys, lens = cases[0]
+    k_caches, v_caches = [c[5] for c in cases], [c[6] for c in cases]
+    x = torch.randn(1, hidden)
+    before = [x.clone(), *(c.clone() for c in k_caches + v_caches)]
+
+    def call(params=params, x=x, slots=slots, heads=heads, caches=k_caches):
+        kernels.decode_layers(x, cos, sin, params, caches, v_caches, slots, keys, lens, heads, 1e-6)
+
+    with pytest.raises(RuntimeError, match="14 per layer"):
+        call(params=params[:-1])
+    with pytest.raises(RuntimeError, match="must be \\[32, 32\\]"):  # o_proj of the wrong shape
+        call(params=params[:4] + [params[4][:, :16].contiguous()] + params[5:])
+    with pytest.raises(RuntimeError, match="bfloat16 or int8"):
+        call(params=params[:1] + [params[1].float()] + params[2:])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        call(slots=slots + 1000)
+    with pytest.raises(RuntimeError, match="heads"):
+        call(heads=3)
+    with pytest.raises(RuntimeError, match="caches"):
+        call(caches=k_caches[:1])
+    with pytest.raises(RuntimeError, match="T <= 16"):
+        call(x=torch.randn(17, hidden))
+    after = [x, *k_caches, *v_caches]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

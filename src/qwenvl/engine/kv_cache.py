@@ -173,6 +173,32 @@ class PagedContext:
             meta.decode_lens,
         )
 
+    def decode_layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        params: list[torch.Tensor | None],
+        num_heads: int,
+        eps: float,
+    ) -> None:
+        """A packed decoder's layers for an all-decode step in one kernel call (``x [T, H]``
+        updated in place; ``kernels.decode_layers``), attending over this cache."""
+        meta = self.meta
+        kernels.decode_layers(
+            x,
+            cos,
+            sin,
+            params,
+            self.cache.k,
+            self.cache.v,
+            meta.slots,
+            meta.decode_keys,
+            meta.decode_lens,
+            num_heads,
+            eps,
+        )
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write ``k, v [T, Hkv, D]`` to their slots, then attend ``q [T, H, D]`` -> ``[T, H,
         D]``."""

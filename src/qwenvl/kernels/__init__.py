@@ -4,7 +4,8 @@ A decode step multiplies a handful of rows by every weight matrix, so it is boun
 weights stream from memory; ``gemv.cpp`` reads each weight once for all (<= 16) rows and widens
 bf16/int8 in registers. ``decode.cpp`` does the rest of a decoder layer's float32 work (RMSNorm,
 the SwiGLU gate, rotary + paged-cache write + attention) in one call each, where eager torch
-spends more time dispatching ops than computing. The extension is compiled with
+spends more time dispatching ops than computing; ``layers.cpp`` runs a packed decoder's layers
+for a decode step in one call, threads forked once. The extension is compiled with
 ``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first use and cached under
 ``~/.cache/qwenvl/kernels/<hash>``; without a compiler (or with ``QWENVL_KERNELS=0``)
 ``available()`` is False and callers keep using torch.
@@ -27,6 +28,7 @@ __all__ = [
     "applies",
     "available",
     "decode_attention",
+    "decode_layers",
     "linear_bf16",
     "linear_int8",
     "quantize_int8",
@@ -39,7 +41,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_M = 16  # rows of x the kernels take; callers use torch.matmul above it
-_SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "decode.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "decode.cpp", "layers.cpp")]
+_HEADERS = [Path(__file__).with_name("kernels.h")]
 _lock = threading.Lock()
 _module: Any | None = None
 _tried = False
@@ -70,7 +73,7 @@ def _cflags() -> list[str]:
 
 
 def _build_dir() -> Path:
-    sources = [p.read_text() for p in _SOURCES]
+    sources = [p.read_text() for p in (*_SOURCES, *_HEADERS)]
     key = "\n".join(
         [*sources, torch.__version__, platform.machine(), _cpu_flags(), *_cflags()]
     ).encode()
@@ -181,6 +184,29 @@ def decode_attention(
     [slots, Hkv, D]``; then GQA attention (scale ``D**-0.5``) over the slots ``keys[t,
     :lens[t]]``. Returns ``[T, H*D]``. float32 CPU tensors; q/k/v rows may be strided views."""
     return _require().decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, keys, lens)
+
+
+def decode_layers(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    params: list[torch.Tensor | None],
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    slots: torch.Tensor,
+    keys: torch.Tensor,
+    lens: torch.Tensor,
+    num_heads: int,
+    eps: float,
+) -> None:
+    """A packed Qwen2 decoder's layers for one decode token per row of ``x [T<=16, hidden]``
+    (updated in place to the last layer's output, before the final norm): per layer ``params``
+    holds 14 entries, ``input_layernorm.weight``, q/k/v, o, ``post_attention_layernorm.weight``,
+    gate/up and down, each linear as (weight, scale, bias) of ``PackedLinear.kernel_params``.
+    Attention as ``decode_attention`` with ``k_caches[l]``/``v_caches[l]``. One parallel region
+    for all layers (layers.cpp)."""
+    _require().decode_layers(x, cos, sin, params, k_caches, v_caches, slots, keys, lens,
+                             num_heads, eps)  # fmt: skip
 
 
 @torch.no_grad()

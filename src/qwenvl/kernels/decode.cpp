@@ -16,6 +16,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +25,7 @@
 #include <limits>
 #include <vector>
 
+namespace qwenvl {
 namespace {
 
 constexpr int kLanes = 8;
@@ -74,6 +77,80 @@ inline float exp_f32(float x) {
   return e * scale;
 }
 
+// Rotate-half rotary: out[j] = x[j] cos[j] - x[j + D/2] sin[j] (j < D/2), x[j] cos[j] +
+// x[j - D/2] sin[j] (j >= D/2).
+inline void rotary(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t j = 0; j < h; ++j) out[j] = x[j] * c[j] - x[j + h] * s[j];
+  for (int64_t j = h; j < D; ++j) out[j] = x[j] * c[j] + x[j - h] * s[j];
+}
+
+}  // namespace
+
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t D, float* y, int64_t r0,
+                   int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * D;
+    float* yr = y + r * D;
+    const float inv = 1.f / std::sqrt(dot(xr, xr, D) / D + eps);
+    for (int64_t i = 0; i < D; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+void silu_mul_span(const float* g, const float* u, float* y, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) y[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
+}
+
+int64_t check_attention_indices(const DecodeAttention& a) {
+  int64_t most = 0;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int64_t n = a.lens[t];
+    TORCH_CHECK(a.slots[t] >= 0 && a.slots[t] < a.S, "qwenvl decode_attention: slot out of range");
+    TORCH_CHECK(n >= 1 && n <= a.W, "qwenvl decode_attention: bad key count ", n);
+    for (int64_t j = 0; j < n; ++j)
+      TORCH_CHECK(a.keys[t * a.W + j] >= 0 && a.keys[t * a.W + j] < a.S,
+                  "qwenvl decode_attention: key slot out of range");
+    most = std::max(most, n);
+  }
+  return most;
+}
+
+void attention_task(const DecodeAttention& a, int64_t i, float* scratch) {
+  const int64_t Hkv = a.Hkv, D = a.D, G = a.H / Hkv;
+  const int64_t t = i / Hkv, g = i % Hkv, n = a.lens[t], slot = a.slots[t];
+  const float *ct = a.cos + t * D, *st = a.sin + t * D;
+  float* qr = scratch;           // [G, D] rotated queries
+  float* score = scratch + G * D;  // [G, n]
+  rotary(a.k + t * a.ks + g * D, ct, st, D, a.k_cache + (slot * Hkv + g) * D);
+  std::copy_n(a.v + t * a.vs + g * D, D, a.v_cache + (slot * Hkv + g) * D);
+  for (int64_t h = 0; h < G; ++h) rotary(a.q + t * a.qs + (g * G + h) * D, ct, st, D, qr + h * D);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t* kt = a.keys + t * a.W;
+  for (int64_t j = 0; j < n; ++j) {  // each key row is read once for the G query heads
+    const float* kr = a.k_cache + (kt[j] * Hkv + g) * D;
+    for (int64_t h = 0; h < G; ++h) score[h * n + j] = dot(qr + h * D, kr, D) * scale;
+  }
+  for (int64_t h = 0; h < G; ++h) {
+    float* sc = score + h * n;
+    const float mx = *std::max_element(sc, sc + n);
+    for (int64_t j = 0; j < n; ++j) sc[j] = exp_f32(sc[j] - mx);
+    const float inv = 1.f / sum(sc, n);
+    for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
+  }
+  float* ot = a.out + t * a.H * D + g * G * D;
+  std::fill_n(ot, G * D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vr = a.v_cache + (kt[j] * Hkv + g) * D;
+    for (int64_t h = 0; h < G; ++h) {
+      const float p = score[h * n + j];
+      float* oh = ot + h * D;
+      for (int64_t d = 0; d < D; ++d) oh[d] += p * vr[d];
+    }
+  }
+}
+
+namespace {
+
 void check_f32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
               "qwenvl decode ops: ", what, " must be a float32 CPU tensor, got ", t.scalar_type(),
@@ -94,14 +171,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   float* yp = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       const float* xr = xp + r * D;
-                       float* yr = yp + r * D;
-                       const float inv = 1.f / std::sqrt(dot(xr, xr, D) / D + e);
-                       for (int64_t i = 0; i < D; ++i) yr[i] = wp[i] * (xr[i] * inv);
-                     }
-                   });
+                   [&](int64_t r0, int64_t r1) { rms_norm_rows(xp, wp, e, D, yp, r0, r1); });
   return y;
 }
 
@@ -119,22 +189,10 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
                    [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       const float* g = xp + r * D2;
-                       const float* u = g + D;
-                       float* yr = yp + r * D;
-                       for (int64_t i = 0; i < D; ++i) yr[i] = g[i] / (1.f + exp_f32(-g[i])) * u[i];
-                     }
+                     for (int64_t r = r0; r < r1; ++r)
+                       silu_mul_span(xp + r * D2, xp + r * D2 + D, yp + r * D, 0, D);
                    });
   return y;
-}
-
-// Rotate-half rotary: out[j] = x[j] cos[j] - x[j + D/2] sin[j] (j < D/2), x[j] cos[j] +
-// x[j - D/2] sin[j] (j >= D/2).
-inline void rotary(const float* x, const float* c, const float* s, int64_t D, float* out) {
-  const int64_t h = D / 2;
-  for (int64_t j = 0; j < h; ++j) out[j] = x[j] * c[j] - x[j + h] * s[j];
-  for (int64_t j = h; j < D; ++j) out[j] = x[j] * c[j] + x[j - h] * s[j];
 }
 
 // q [T, H*D], k and v [T, Hkv*D] (rows may be strided: views into a fused qkv output), cos/sin
@@ -166,66 +224,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                   keys.size(0) == T && lens.numel() == T,
               "qwenvl decode_attention: slots [T], keys [T, W] and lens [T] must be int64");
   const at::Tensor sl = slots.contiguous(), ky = keys.contiguous(), ln = lens.contiguous();
-  const int64_t W = ky.size(1);
-  const int64_t* slp = sl.data_ptr<int64_t>();
-  const int64_t* kyp = ky.data_ptr<int64_t>();
-  const int64_t* lnp = ln.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(slp[t] >= 0 && slp[t] < S, "qwenvl decode_attention: slot out of range");
-    TORCH_CHECK(lnp[t] >= 1 && lnp[t] <= W, "qwenvl decode_attention: bad key count ", lnp[t]);
-    for (int64_t j = 0; j < lnp[t]; ++j)
-      TORCH_CHECK(kyp[t * W + j] >= 0 && kyp[t * W + j] < S,
-                  "qwenvl decode_attention: key slot out of range");
-  }
-  const int64_t G = H / Hkv;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::Tensor out = at::empty({T, H * D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
+  const DecodeAttention a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                          c.data_ptr<float>(), s.data_ptr<float>(), q.stride(0), k.stride(0),
+                          v.stride(0), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                          sl.data_ptr<int64_t>(), ky.data_ptr<int64_t>(), ln.data_ptr<int64_t>(),
+                          T, H, Hkv, D, ky.size(1), S, out.data_ptr<float>()};
+  const int64_t most = check_attention_indices(a);
+  const int64_t G = H / Hkv;
   // Each task writes its own (slot, kv head) and reads only its own sequence's keys: no races.
   at::parallel_for(0, T * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qr(G * D), score;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / Hkv, g = i % Hkv, n = lnp[t];
-      const float *ct = cp + t * D, *st = sp + t * D;
-      rotary(kp + t * ks + g * D, ct, st, D, kc + (slp[t] * Hkv + g) * D);
-      std::copy_n(vp + t * vs + g * D, D, vc + (slp[t] * Hkv + g) * D);
-      for (int64_t h = 0; h < G; ++h) rotary(qp + t * qs + (g * G + h) * D, ct, st, D, &qr[h * D]);
-      score.assign(G * n, 0.f);
-      const int64_t* kt = kyp + t * W;
-      for (int64_t j = 0; j < n; ++j) {  // each key row is read once for the G query heads
-        const float* kr = kc + (kt[j] * Hkv + g) * D;
-        for (int64_t h = 0; h < G; ++h) score[h * n + j] = dot(&qr[h * D], kr, D) * scale;
-      }
-      for (int64_t h = 0; h < G; ++h) {
-        float* sc = &score[h * n];
-        const float mx = *std::max_element(sc, sc + n);
-        for (int64_t j = 0; j < n; ++j) sc[j] = exp_f32(sc[j] - mx);
-        const float inv = 1.f / sum(sc, n);
-        for (int64_t j = 0; j < n; ++j) sc[j] *= inv;
-      }
-      float* ot = op + t * H * D + g * G * D;
-      std::fill_n(ot, G * D, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* vr = vc + (kt[j] * Hkv + g) * D;
-        for (int64_t h = 0; h < G; ++h) {
-          const float p = score[h * n + j];
-          float* oh = ot + h * D;
-          for (int64_t d = 0; d < D; ++d) oh[d] += p * vr[d];
-        }
-      }
-    }
+    std::vector<float> scratch(G * (D + most));
+    for (int64_t i = i0; i < i1; ++i) attention_task(a, i, scratch.data());
   });
   return out;
 }
 
 }  // namespace
+}  // namespace qwenvl
 
 TORCH_LIBRARY_FRAGMENT(qwenvl_gemv, m) {
+  using namespace qwenvl;
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
   m.def(

@@ -10,6 +10,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,9 +22,9 @@
 #include <immintrin.h>
 #endif
 
+namespace qwenvl {
 namespace {
 
-constexpr int64_t kMaxM = 16;
 constexpr int kMaxNR = 8;
 #ifndef GEMV_KC
 #define GEMV_KC 1024
@@ -149,7 +151,7 @@ constexpr int rem(int c, int mr) { return c < mr ? c : 1; }
 // K is blocked so the NR_ x KC weight tile, read from DRAM once, is reused from L1 by every group.
 template <int NR_, int MR_, class WT>
 void tile(const float* x, int64_t M, int64_t K, const WT* w, const float* scale,
-          const float* bias, float* y, int64_t N, int64_t n) {
+          const float* bias, float* y, int64_t N, int64_t n, bool accumulate) {
   float acc[kMaxM][kMaxNR] = {};
   const WT* wt = w + n * K;
   const int64_t kv = K - K % Vec::W;
@@ -174,48 +176,22 @@ void tile(const float* x, int64_t M, int64_t K, const WT* w, const float* scale,
       for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * w_to_f32(wt[r * K + k]);
       if (scale) s *= scale[n + r];
       if (bias) s += bias[n + r];
-      y[m * N + n + r] = s;
+      float& out = y[m * N + n + r];
+      out = accumulate ? out + s : s;
     }
 }
 
-// Splits N over threads in tiles of NR_ rows; leftover rows (N % NR_) go one at a time.
+// Units [u0, u1) of NR_ output rows each; the last unit may be short (its rows go one at a time).
 template <int NR_, int MR_, class WT>
-void run_tiles(const float* x, int64_t M, int64_t K, const WT* w, int64_t N, const float* scale,
-               const float* bias, float* y) {
-  const int64_t tiles = (N + NR_ - 1) / NR_;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t * NR_;
-      if (n + NR_ <= N) {
-        tile<NR_, MR_>(x, M, K, w, scale, bias, y, N, n);
-      } else {
-        for (int64_t j = n; j < N; ++j) tile<1, MR_>(x, M, K, w, scale, bias, y, N, j);
-      }
+void tiles_span(const float* x, int64_t M, int64_t K, const WT* w, int64_t N, const float* scale,
+                const float* bias, float* y, int64_t u0, int64_t u1, bool accumulate) {
+  for (int64_t t = u0; t < u1; ++t) {
+    const int64_t n = t * NR_;
+    if (n + NR_ <= N) {
+      tile<NR_, MR_>(x, M, K, w, scale, bias, y, N, n, accumulate);
+    } else {
+      for (int64_t j = n; j < N; ++j) tile<1, MR_>(x, M, K, w, scale, bias, y, N, j, accumulate);
     }
-  });
-}
-
-// Tile shape by M: one x row wants many weight streams; more rows want more x rows per weight
-// vector so the widening and the loads are shared by more FMAs.
-template <class WT>
-void run(const float* x, int64_t M, int64_t K, const WT* w, int64_t N, const float* scale,
-         const float* bias, float* y) {
-  if (M == 1)
-    run_tiles<Vec::NR1, 1>(x, M, K, w, N, scale, bias, y);
-  else
-    run_tiles<Vec::NR, Vec::MR>(x, M, K, w, N, scale, bias, y);
-}
-
-// Per-row symmetric int16 quantisation of x (error <= max|x| / 65534 per element).
-void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
-  for (int64_t m = 0; m < M; ++m) {
-    float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(x[m * K + k]));
-    const float s = mx > 0.f ? mx / 32767.f : 1.f;
-    xs[m] = s;
-    const float inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k)
-      xq[m * K + k] = static_cast<int16_t>(std::lrintf(x[m * K + k] * inv));
   }
 }
 
@@ -264,7 +240,7 @@ inline void micro_i16(const int16_t* x, int64_t K, const int8_t* w, int64_t k0, 
 template <int NR_, int MR_>
 void tile_i16(const float* x, const int16_t* xq, const float* xs, int64_t M, int64_t K,
               const int8_t* w, const float* scale, const float* bias, float* y, int64_t N,
-              int64_t n) {
+              int64_t n, bool accumulate) {
   float acc[kMaxM][kMaxNR] = {};
   const int8_t* wt = w + n * K;
   const int64_t kv = K - K % 16;
@@ -287,37 +263,27 @@ void tile_i16(const float* x, const int16_t* xq, const float* xs, int64_t M, int
       for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * static_cast<float>(wt[r * K + k]);
       s *= scale[n + r];
       if (bias) s += bias[n + r];
-      y[m * N + n + r] = s;
+      float& out = y[m * N + n + r];
+      out = accumulate ? out + s : s;
     }
 }
 
-void run_i16(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, const float* scale,
-             const float* bias, float* y) {
-  std::vector<int16_t> xq(M * K);
-  float xs[kMaxM];
-  quantize_rows_i16(x, M, K, xq.data(), xs);
-  const int64_t tiles_1 = (N + Vec::NR1 - 1) / Vec::NR1, tiles_m = (N + 1) / 2;
-  const int16_t* q = xq.data();
-  if (M == 1) {
-    at::parallel_for(0, tiles_1, 16, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t * Vec::NR1;
-        if (n + Vec::NR1 <= N)
-          tile_i16<Vec::NR1, 1>(x, q, xs, M, K, w, scale, bias, y, N, n);
-        else
-          for (int64_t j = n; j < N; ++j) tile_i16<1, 1>(x, q, xs, M, K, w, scale, bias, y, N, j);
-      }
-    });
-  } else {
-    at::parallel_for(0, tiles_m, 16, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t * 2;
-        if (n + 2 <= N)
-          tile_i16<2, 4>(x, q, xs, M, K, w, scale, bias, y, N, n);
-        else
-          tile_i16<1, 4>(x, q, xs, M, K, w, scale, bias, y, N, n);
-      }
-    });
+// Units of NR1 output rows for one x row, of 2 rows (x rows in groups of 4) for more.
+void i16_span(const Rows& x, int64_t K, const int8_t* w, int64_t N, const float* scale,
+              const float* bias, float* y, int64_t u0, int64_t u1, bool accumulate) {
+  const int64_t M = x.M;
+  const int nr = M == 1 ? Vec::NR1 : 2;
+  for (int64_t t = u0; t < u1; ++t) {
+    const int64_t n = t * nr;
+    if (M == 1 && n + nr <= N)
+      tile_i16<Vec::NR1, 1>(x.x, x.xq, x.xs, M, K, w, scale, bias, y, N, n, accumulate);
+    else if (M == 1)
+      for (int64_t j = n; j < N; ++j)
+        tile_i16<1, 1>(x.x, x.xq, x.xs, M, K, w, scale, bias, y, N, j, accumulate);
+    else if (n + nr <= N)
+      tile_i16<2, 4>(x.x, x.xq, x.xs, M, K, w, scale, bias, y, N, n, accumulate);
+    else
+      tile_i16<1, 4>(x.x, x.xq, x.xs, M, K, w, scale, bias, y, N, n, accumulate);
   }
 }
 #endif
@@ -327,7 +293,7 @@ void run_i16(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, c
 // sequential stream (16 bytes of row 0, 16 of row 1, ..., then the next 16 columns). In the row
 // layout a tile is 8 streams K bytes apart; with short rows (K = 1536: the q/k/v, o, gate/up and
 // LM-head weights, 2/3 of a decode step's bytes) they end before the hardware prefetchers ramp
-// up. x is quantised to int16 per row as in run_i16; one 16-column step is 8 vpmaddwd, and the
+// up. x is quantised to int16 per row as in i16_span; one 16-column step is 8 vpmaddwd, and the
 // 8 row sums are reduced together (hadd tree) per K block.
 constexpr int kTileRows = 8, kTileCols = 16;
 
@@ -351,133 +317,192 @@ inline __m256 reduce8(const __m256i* a) {
 }
 #endif
 
-void run_tiled(const int16_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* qt,
-               int64_t N, const float* scale, const float* bias, float* y) {
-  const int64_t steps = K / kTileCols, tiles = N / kTileRows, kc = KC / kTileCols;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int8_t* base = qt + t * steps * (kTileRows * kTileCols);
-      float acc[kMaxM][kTileRows] = {};
-      for (int64_t s0 = 0; s0 < steps; s0 += kc) {
-        const int64_t s1 = std::min(s0 + kc, steps);
-        for (int64_t m = 0; m < M; ++m) {  // m > 0 re-reads the block from L1 (8 KB)
-          const int16_t* xm = xq + m * K;
+// Units [u0, u1) of 8 output rows each.
+void tiled_span(const int16_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* qt,
+                int64_t N, const float* scale, const float* bias, float* y, int64_t u0,
+                int64_t u1, bool accumulate) {
+  const int64_t steps = K / kTileCols, kc = KC / kTileCols;
+  for (int64_t t = u0; t < u1; ++t) {
+    const int8_t* base = qt + t * steps * (kTileRows * kTileCols);
+    float acc[kMaxM][kTileRows] = {};
+    for (int64_t s0 = 0; s0 < steps; s0 += kc) {
+      const int64_t s1 = std::min(s0 + kc, steps);
+      for (int64_t m = 0; m < M; ++m) {  // m > 0 re-reads the block from L1 (8 KB)
+        const int16_t* xm = xq + m * K;
 #if defined(__AVX2__)
-          __m256i a[kTileRows];
-          for (int r = 0; r < kTileRows; ++r) a[r] = _mm256_setzero_si256();
-          for (int64_t st = s0; st < s1; ++st) {
-            const int8_t* p = base + st * (kTileRows * kTileCols);
+        __m256i a[kTileRows];
+        for (int r = 0; r < kTileRows; ++r) a[r] = _mm256_setzero_si256();
+        for (int64_t st = s0; st < s1; ++st) {
+          const int8_t* p = base + st * (kTileRows * kTileCols);
 #if GEMV_PF > 0
-            if (m == 0) {
-              _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(p + 1024 + 64), _MM_HINT_T0);
-            }
-#endif
-            const __m256i xv =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + st * kTileCols));
-            tile_step(xv, p, a);
+          if (m == 0) {
+            _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(p + 1024 + 64), _MM_HINT_T0);
           }
-          float sums[kTileRows];
-          _mm256_storeu_ps(sums, reduce8(a));
-          for (int r = 0; r < kTileRows; ++r) acc[m][r] += xs[m] * sums[r];
+#endif
+          const __m256i xv =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + st * kTileCols));
+          tile_step(xv, p, a);
+        }
+        float sums[kTileRows];
+        _mm256_storeu_ps(sums, reduce8(a));
+        for (int r = 0; r < kTileRows; ++r) acc[m][r] += xs[m] * sums[r];
 #else
-          for (int64_t st = s0; st < s1; ++st) {
-            const int8_t* p = base + st * (kTileRows * kTileCols);
-            for (int r = 0; r < kTileRows; ++r) {
-              int32_t d = 0;
-              for (int c = 0; c < kTileCols; ++c)
-                d += static_cast<int32_t>(xm[st * kTileCols + c]) * p[r * kTileCols + c];
-              acc[m][r] += xs[m] * static_cast<float>(d);
-            }
+        for (int64_t st = s0; st < s1; ++st) {
+          const int8_t* p = base + st * (kTileRows * kTileCols);
+          for (int r = 0; r < kTileRows; ++r) {
+            int32_t d = 0;
+            for (int c = 0; c < kTileCols; ++c)
+              d += static_cast<int32_t>(xm[st * kTileCols + c]) * p[r * kTileCols + c];
+            acc[m][r] += xs[m] * static_cast<float>(d);
           }
+        }
 #endif
-        }
       }
-      for (int64_t m = 0; m < M; ++m)
-        for (int r = 0; r < kTileRows; ++r) {
-          const int64_t n = t * kTileRows + r;
-          float v = acc[m][r] * scale[n];
-          if (bias) v += bias[n];
-          y[m * N + n] = v;
-        }
     }
-  });
+    for (int64_t m = 0; m < M; ++m)
+      for (int r = 0; r < kTileRows; ++r) {
+        const int64_t n = t * kTileRows + r;
+        float v = acc[m][r] * scale[n];
+        if (bias) v += bias[n];
+        float& out = y[m * N + n];
+        out = accumulate ? out + v : v;
+      }
+  }
 }
 
+}  // namespace
+
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(x[m * K + k]));
+    const float s = mx > 0.f ? mx / 32767.f : 1.f;
+    xs[m] = s;
+    const float inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k)
+      xq[m * K + k] = static_cast<int16_t>(std::lrintf(x[m * K + k] * inv));
+  }
+}
+
+bool wants_i16(const Weight& w) {
+#ifdef GEMV_I16
+  return w.kind != WeightKind::kBF16;
+#else
+  return w.kind == WeightKind::kInt8Tiled;
+#endif
+}
+
+// Tile shape by M: one x row wants many weight streams; more rows want more x rows per weight
+// vector so the widening and the loads are shared by more FMAs.
+int64_t gemv_units(const Weight& w, int64_t M) {
+  if (w.kind == WeightKind::kInt8Tiled) return w.N / kTileRows;
+#ifdef GEMV_I16
+  if (w.kind == WeightKind::kInt8Rows) return M == 1 ? (w.N + Vec::NR1 - 1) / Vec::NR1 : (w.N + 1) / 2;
+#endif
+  const int64_t nr = M == 1 ? Vec::NR1 : Vec::NR;
+  return (w.N + nr - 1) / nr;
+}
+
+void gemv_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate) {
+  const int64_t M = x.M, K = w.K, N = w.N;
+  switch (w.kind) {
+    case WeightKind::kInt8Tiled:
+      tiled_span(x.xq, x.xs, M, K, static_cast<const int8_t*>(w.data), N, w.scale, w.bias, y, u0,
+                 u1, accumulate);
+      return;
+    case WeightKind::kInt8Rows: {
+      const auto* q = static_cast<const int8_t*>(w.data);
+#ifdef GEMV_I16
+      i16_span(x, K, q, N, w.scale, w.bias, y, u0, u1, accumulate);
+#else
+      if (M == 1)
+        tiles_span<Vec::NR1, 1>(x.x, M, K, q, N, w.scale, w.bias, y, u0, u1, accumulate);
+      else
+        tiles_span<Vec::NR, Vec::MR>(x.x, M, K, q, N, w.scale, w.bias, y, u0, u1, accumulate);
+#endif
+      return;
+    }
+    case WeightKind::kBF16: {
+      const auto* b = static_cast<const uint16_t*>(w.data);
+      if (M == 1)
+        tiles_span<Vec::NR1, 1>(x.x, M, K, b, N, nullptr, w.bias, y, u0, u1, accumulate);
+      else
+        tiles_span<Vec::NR, Vec::MR>(x.x, M, K, b, N, nullptr, w.bias, y, u0, u1, accumulate);
+      return;
+    }
+  }
+}
+
+namespace {
+
 // Shared checks; returns x as contiguous fp32 and bias as fp32 (or undefined).
-std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, const at::Tensor& w,
+std::pair<at::Tensor, at::Tensor> prepare(const at::Tensor& x, int64_t N, int64_t K,
                                           const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qwenvl gemv: tensors must be on CPU");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "qwenvl gemv: x must be [M,K] and w [N,K], got x ",
-              x.sizes(), " and w ", w.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "qwenvl gemv: tensors must be on CPU");
+  TORCH_CHECK(x.dim() == 2, "qwenvl gemv: x must be [M,K], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "qwenvl gemv: x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, "qwenvl gemv: M must be in [1, ", kMaxM,
               "], got ", x.size(0), " (use torch.matmul for larger batches)");
-  TORCH_CHECK(x.size(1) == w.size(1), "qwenvl gemv: K mismatch, x ", x.sizes(), " w ", w.sizes());
-  TORCH_CHECK(w.is_contiguous(), "qwenvl gemv: weight must be contiguous");
+  TORCH_CHECK(x.size(1) == K, "qwenvl gemv: K mismatch, x ", x.sizes(), " w [", N, ", ", K, "]");
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == w.size(0),
-                "qwenvl gemv: bias must be a CPU tensor of shape [", w.size(0), "], got ",
-                bias->sizes());
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N,
+                "qwenvl gemv: bias must be a CPU tensor of shape [", N, "], got ", bias->sizes());
     TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "qwenvl gemv: bias must be floating");
     b = bias->to(at::kFloat).contiguous();
   }
   return {x.to(at::kFloat).contiguous(), b};
 }
 
+// y = x @ W^T (+ bias) for a checked weight, threads over the GEMV's units.
+at::Tensor linear(const at::Tensor& x, Weight w, const std::optional<at::Tensor>& bias) {
+  auto [xf, b] = prepare(x, w.N, w.K, bias);
+  w.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t M = xf.size(0);
+  std::vector<int16_t> xq;
+  float xs[kMaxM];
+  Rows rows{xf.data_ptr<float>(), nullptr, xs, M};
+  if (wants_i16(w)) {
+    xq.resize(M * w.K);
+    quantize_rows_i16(rows.x, M, w.K, xq.data(), xs);
+    rows.xq = xq.data();
+  }
+  at::Tensor y = at::empty({M, w.N}, xf.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, gemv_units(w, M), 16,
+                   [&](int64_t u0, int64_t u1) { gemv_span(w, rows, yp, u0, u1, false); });
+  return y.to(x.scalar_type());
+}
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w,
                        const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
+              "qwenvl linear_bf16: w must be a contiguous CPU [N, K] tensor, got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "qwenvl linear_bf16: w must be bfloat16, got ",
               w.scalar_type());
-  auto [xf, b] = prepare(x, w, bias);
-  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  run(xf.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
-      N, nullptr, b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-  return y.to(x.scalar_type());
+  return linear(x, {WeightKind::kBF16, w.data_ptr(), nullptr, nullptr, w.size(0), w.size(1)},
+                bias);
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(q.scalar_type() == at::kChar, "qwenvl linear_int8: qweight must be int8, got ",
-              q.scalar_type());
-  if (q.dim() == 4) {  // tiled [N/8, K/16, 8, 16]
-    TORCH_CHECK(q.size(2) == kTileRows && q.size(3) == kTileCols && q.is_contiguous(),
-                "qwenvl linear_int8: tiled qweight must be contiguous [N/8, K/16, 8, 16], got ",
-                q.sizes());
-    const int64_t N = q.size(0) * kTileRows, K = q.size(1) * kTileCols;
-    TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
-                    scale.dim() == 1 && scale.size(0) == N,
-                "qwenvl linear_int8: scale must be a float32 CPU tensor of shape [", N, "]");
-    auto [xf, b] = prepare(x, q.view({N, K}), bias);
-    at::Tensor s = scale.contiguous();
-    const int64_t M = xf.size(0);
-    std::vector<int16_t> xq(M * K);
-    float xs[kMaxM];
-    quantize_rows_i16(xf.data_ptr<float>(), M, K, xq.data(), xs);
-    at::Tensor y = at::empty({M, N}, xf.options());
-    run_tiled(xq.data(), xs, M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(),
-              b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-    return y.to(x.scalar_type());
-  }
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.device().is_cpu(),
+              "qwenvl linear_int8: qweight must be an int8 CPU tensor, got ", q.scalar_type());
+  TORCH_CHECK(q.is_contiguous() && (q.dim() == 2 || (q.dim() == 4 && q.size(2) == kTileRows &&
+                                                      q.size(3) == kTileCols)),
+              "qwenvl linear_int8: qweight must be contiguous [N, K] or tiled [N/8, K/16, 8, 16], "
+              "got ", q.sizes());
+  const bool tiled = q.dim() == 4;
+  const int64_t N = tiled ? q.size(0) * kTileRows : q.size(0);
+  const int64_t K = tiled ? q.size(1) * kTileCols : q.size(1);
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
-                  scale.size(0) == q.size(0),
-              "qwenvl linear_int8: scale must be a float32 CPU tensor of shape [", q.size(0),
+                  scale.size(0) == N && scale.is_contiguous(),
+              "qwenvl linear_int8: scale must be a contiguous float32 CPU tensor of shape [", N,
               "], got ", scale.scalar_type(), " ", scale.sizes());
-  auto [xf, b] = prepare(x, q, bias);
-  at::Tensor s = scale.contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1), N = q.size(0);
-  at::Tensor y = at::empty({M, N}, xf.options());
-#ifdef GEMV_I16
-  run_i16(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(),
-          b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-#else
-  run(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, s.data_ptr<float>(),
-      b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-#endif
-  return y.to(x.scalar_type());
+  const auto kind = tiled ? WeightKind::kInt8Tiled : WeightKind::kInt8Rows;
+  return linear(x, {kind, q.data_ptr(), scale.data_ptr<float>(), nullptr, N, K}, bias);
 }
 
 const char* isa() {
@@ -491,8 +516,10 @@ const char* isa() {
 }
 
 }  // namespace
+}  // namespace qwenvl
 
 TORCH_LIBRARY(qwenvl_gemv, m) {
+  using namespace qwenvl;
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor", &linear_bf16);
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None) -> Tensor", &linear_int8);
   m.def("isa() -> str", [] { return std::string(isa()); });

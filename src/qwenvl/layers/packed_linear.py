@@ -89,6 +89,12 @@ class PackedLinear(nn.Module):
         y = self.mm(x.reshape(-1, self.in_features))
         return y.view(*shape[:-1], self.out_features)
 
+    def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight, scale, bias) as ``kernels.decode_layers`` takes them (scale: int8 only)."""
+        if self.mode == "int8":
+            return self.qweight, self.scale, self.bias
+        return self.weight, None, self.bias
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` for a 2-D ``x [rows, in]``, without the module call around it."""
         bias = self.bias

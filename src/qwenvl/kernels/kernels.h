@@ -1,0 +1,67 @@
+// What the kernel sources share: the GEMV over a span of its work units (gemv.cpp) and the
+// decode step's small float32 ops on raw pointers (decode.cpp), so that layers.cpp can run a whole
+// decoder inside one parallel region. The torch ops of gemv.cpp and decode.cpp are these same
+// functions under an at::parallel_for.
+#pragma once
+
+#include <cstdint>
+
+namespace qwenvl {
+
+constexpr int64_t kMaxM = 16;  // rows of x a GEMV takes (kernels.MAX_M)
+
+enum class WeightKind { kBF16, kInt8Rows, kInt8Tiled };
+
+// A packed weight: bf16 [N, K]; int8 [N, K] or tiled [N/8, K/16, 8, 16] with fp32 scale [N];
+// optional fp32 bias [N].
+struct Weight {
+  WeightKind kind;
+  const void* data;
+  const float* scale;
+  const float* bias;
+  int64_t N, K;
+};
+
+// The rows x [M, K] of one GEMV, and their int16 quantisation (xq [M, K], row scales xs [M])
+// where the weight's path multiplies in int16 (wants_i16).
+struct Rows {
+  const float* x;
+  const int16_t* xq;
+  const float* xs;
+  int64_t M;
+};
+
+bool wants_i16(const Weight& w);
+// Per-row symmetric int16 quantisation of x (error <= max|x| / 65534 per element).
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs);
+// The GEMV is split into independent units (tiles of output rows); threads take spans of them.
+int64_t gemv_units(const Weight& w, int64_t M);
+// y[M, N] (row stride N) = x @ W^T * scale + bias for the output rows of units [u0, u1); with
+// accumulate, added to y instead (a residual connection folded into the GEMV).
+void gemv_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate);
+
+// RMSNorm of rows [r0, r1) of x [*, D]: y = w * x * rsqrt(mean(x^2) + eps).
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t D, float* y, int64_t r0,
+                   int64_t r1);
+// y[i] = silu(g[i]) * u[i] for i in [i0, i1).
+void silu_mul_span(const float* g, const float* u, float* y, int64_t i0, int64_t i1);
+
+// One decode step's attention for a layer: token t's q [H*D] (row stride qs) and k/v [Hkv*D]
+// (strides ks, vs) before rotary; cos/sin [T, D]; caches [S, Hkv, D]; token t writes slot
+// slots[t] and attends to keys[t, :lens[t]] (row stride W); out [T, H*D].
+struct DecodeAttention {
+  const float *q, *k, *v, *cos, *sin;
+  int64_t qs, ks, vs;
+  float *k_cache, *v_cache;
+  const int64_t *slots, *keys, *lens;
+  int64_t T, H, Hkv, D, W, S;
+  float* out;
+};
+// Task i = (token i / Hkv, kv head i % Hkv): rotary, cache write and the G = H / Hkv query
+// heads' attention. scratch holds G * D + G * lens[t] floats. Tasks touch disjoint data.
+void attention_task(const DecodeAttention& a, int64_t i, float* scratch);
+// Throws (before anything is written) unless the slots and key slots are in [0, S) and every
+// lens[t] in [1, W]; returns the largest lens[t].
+int64_t check_attention_indices(const DecodeAttention& a);
+
+}  // namespace qwenvl
