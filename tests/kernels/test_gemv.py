@@ -111,3 +111,16 @@ def test_bad_inputs() -> None:
         kernels.linear_int8(torch.zeros(1, 8), q, torch.ones(4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="M must be"):
         kernels.linear_int8(torch.zeros(17, 8), q, torch.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float32])
+def test_huge_page_copy_is_an_aligned_owned_copy(dtype) -> None:
+    src = (torch.randn(1500, 1500) * 50).to(dtype)  # >= 2 MB for every dtype here
+    copy = kernels.huge_page_copy(src)
+    assert copy.data_ptr() % kernels.HUGE_PAGE == 0 and copy.is_contiguous()
+    assert copy.dtype == dtype and torch.equal(copy, src)
+    expected = src.clone()
+    del src  # the copy owns its memory
+    assert torch.equal(copy, expected)
+    small = torch.randn(10)
+    assert kernels.huge_page_copy(small) is small  # below one huge page: left as it is

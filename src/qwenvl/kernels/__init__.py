@@ -29,6 +29,7 @@ __all__ = [
     "available",
     "decode_attention",
     "decode_layers",
+    "huge_page_copy",
     "linear_bf16",
     "linear_int8",
     "quantize_int8",
@@ -141,6 +142,19 @@ def _require() -> Any:
     if mod is None:
         raise RuntimeError("qwenvl CPU kernels are unavailable (see the earlier warning)")
     return mod
+
+
+HUGE_PAGE = 2 * 2**20
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a CPU tensor of >= 2 MB in 2 MB-aligned memory advised for 2 MB pages
+    (Linux transparent huge pages, ``madvise`` mode), which the decode GEMVs stream a few percent
+    faster than 4 KB pages; ``t`` itself when smaller, not on the CPU, or without the
+    extension."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE or not available():
+        return t
+    return _require().huge_page_copy(t)
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

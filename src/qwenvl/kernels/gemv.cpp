@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include "kernels.h"
@@ -15,8 +16,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -387,10 +394,9 @@ void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float*
 
 bool wants_i16(const Weight& w) {
 #ifdef GEMV_I16
-  return w.kind != WeightKind::kBF16;
-#else
-  return w.kind == WeightKind::kInt8Tiled;
+  if (w.kind == WeightKind::kInt8Rows) return true;
 #endif
+  return w.kind == WeightKind::kInt8Tiled;
 }
 
 // Tile shape by M: one x row wants many weight streams; more rows want more x rows per weight
@@ -398,7 +404,8 @@ bool wants_i16(const Weight& w) {
 int64_t gemv_units(const Weight& w, int64_t M) {
   if (w.kind == WeightKind::kInt8Tiled) return w.N / kTileRows;
 #ifdef GEMV_I16
-  if (w.kind == WeightKind::kInt8Rows) return M == 1 ? (w.N + Vec::NR1 - 1) / Vec::NR1 : (w.N + 1) / 2;
+  if (w.kind == WeightKind::kInt8Rows)
+    return M == 1 ? (w.N + Vec::NR1 - 1) / Vec::NR1 : (w.N + 1) / 2;
 #endif
   const int64_t nr = M == 1 ? Vec::NR1 : Vec::NR;
   return (w.N + nr - 1) / nr;
@@ -505,6 +512,26 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return linear(x, {kind, q.data_ptr(), scale.data_ptr<float>(), nullptr, N, K}, bias);
 }
 
+// A contiguous copy of t in memory the kernel may back with 2 MB pages (Linux transparent huge
+// pages in their default "madvise" mode): streaming gigabytes of weights through 4 KB pages costs
+// a TLB miss every 4 KB; the 2B-shape decode GEMVs ran 2-6 % faster from 2 MB pages (median of
+// interleaved runs). The memory is 2 MB aligned and advised before it is first touched, so the
+// copy's page faults take huge pages while the kernel has them (else 4 KB pages, as before).
+at::Tensor huge_page_copy(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "qwenvl huge_page_copy: a CPU tensor is required");
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+  const size_t size = std::max<size_t>(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, size) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, size, MADV_HUGEPAGE);  // advice only: an error leaves ordinary pages
+#endif
+  at::Tensor out = at::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
+  out.copy_(t);
+  return out;
+}
+
 const char* isa() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -523,4 +550,5 @@ TORCH_LIBRARY(qwenvl_gemv, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor", &linear_bf16);
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale, Tensor? bias=None) -> Tensor", &linear_int8);
   m.def("isa() -> str", [] { return std::string(isa()); });
+  m.def("huge_page_copy(Tensor t) -> Tensor", &huge_page_copy);
 }

@@ -56,10 +56,10 @@ class PackedLinear(nn.Module):
             q, scale = kernels.quantize_int8(w)
             if kernels.can_tile(*q.shape):  # one sequential stream per 8 rows (decode GEMV)
                 q = kernels.tile_int8(q)
-            self.register_buffer("qweight", q)
+            self.register_buffer("qweight", kernels.huge_page_copy(q))
             self.register_buffer("scale", scale)
         else:
-            self.register_buffer("weight", w.to(torch.bfloat16).contiguous())
+            self.register_buffer("weight", kernels.huge_page_copy(w.to(torch.bfloat16)))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def extra_repr(self) -> str:
