@@ -90,10 +90,12 @@ class PackedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(weight, scale, bias) as ``kernels.decode_layers`` takes them (scale: int8 only)."""
+        """(weight, scale, bias) as ``kernels.decode_layers`` takes them (scale: int8 only), read
+        from the buffer dict: ``nn.Module.__getattr__`` is slow enough to show in a decode step."""
+        b = self._buffers
         if self.mode == "int8":
-            return self.qweight, self.scale, self.bias
-        return self.weight, None, self.bias
+            return b["qweight"], b["scale"], b["bias"]
+        return b["weight"], None, b["bias"]
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` for a 2-D ``x [rows, in]``, without the module call around it."""
