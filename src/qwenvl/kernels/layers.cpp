@@ -161,6 +161,11 @@ void decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
       scratch(nt, std::vector<float>((H / Hkv) * (D + most)));
   std::vector<std::vector<int16_t>> xq(nt, std::vector<int16_t>(T * widest));
   std::vector<std::vector<float>> xs(nt, std::vector<float>(kMaxM));
+  std::vector<float*> kp(L), vp(L);
+  for (int64_t l = 0; l < L; ++l) {
+    kp[l] = k_caches[l].data_ptr<float>();
+    vp[l] = v_caches[l].data_ptr<float>();
+  }
   float* xp = x.data_ptr<float>();
   float *gup = gu.data_ptr<float>(), *actp = act.data_ptr<float>();
   const float e = static_cast<float>(eps);
@@ -185,8 +190,8 @@ void decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
       rms_norm_rows(xp, ly.norm1, e, Hd, hp, 0, T);
       gemv(ly.qkv, hp, qp, false);
 #pragma omp barrier
-      att.k_cache = k_caches[l].data_ptr<float>();
-      att.v_cache = v_caches[l].data_ptr<float>();
+      att.k_cache = kp[l];
+      att.v_cache = vp[l];
       const auto [i0, i1] = share(T * Hkv, tid, n);
       for (int64_t i = i0; i < i1; ++i) attention_task(att, i, scratch[tid].data());
 #pragma omp barrier
