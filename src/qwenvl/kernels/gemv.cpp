@@ -380,15 +380,23 @@ void tiled_span(const int16_t* xq, const float* xs, int64_t M, int64_t K, const 
 
 }  // namespace
 
+// Written to vectorise (8 partial maxima; nearbyint, which rounds like lrintf but inlines to
+// vroundps): it runs once per int8 GEMV per thread, and the scalar loop took ~20 us for K = 8960.
 void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  constexpr int kLanes = 8;
   for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float part[kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes)
+      for (int l = 0; l < kLanes; ++l) part[l] = std::max(part[l], std::fabs(xr[k + l]));
     float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::abs(x[m * K + k]));
+    for (int l = 0; l < kLanes; ++l) mx = std::max(mx, part[l]);
+    for (; k < K; ++k) mx = std::max(mx, std::fabs(xr[k]));
     const float s = mx > 0.f ? mx / 32767.f : 1.f;
     xs[m] = s;
     const float inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k)
-      xq[m * K + k] = static_cast<int16_t>(std::lrintf(x[m * K + k] * inv));
+    for (k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::nearbyint(xr[k] * inv));
   }
 }
 
