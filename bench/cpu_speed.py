@@ -191,14 +191,19 @@ def measure_machine(reps: int, max_s: float) -> dict[str, float]:
     return out
 
 
+def record_bandwidth(machine: dict[str, Any], bw: float) -> None:
+    """Keep a reading (GB/s); the decode bound uses the highest of the run."""
+    samples = machine.setdefault("dram_read_GBps_samples", [machine["dram_read_GBps"]])
+    samples.append(bw)
+    machine["dram_read_GBps"] = max(samples)
+
+
 def remeasure_bandwidth(machine: dict[str, Any], reps: int = 5) -> None:
     """Read bandwidth again after a framework's measurements: on a shared machine it moves by
     20 % or more between minutes, and the decode bound takes the highest reading of the run, so
     that a quiet moment of the machine is never mistaken for the bound of a busy one."""
     bw = read_bandwidth(reps) / 1e9
-    samples = machine.setdefault("dram_read_GBps_samples", [machine["dram_read_GBps"]])
-    samples.append(bw)
-    machine["dram_read_GBps"] = max(samples)
+    record_bandwidth(machine, bw)
     log(f"  machine: DRAM read bandwidth now {bw:.1f} GB/s (highest of the run "
         f"{machine['dram_read_GBps']:.1f}, used for the bound)")  # fmt: skip
 
@@ -447,7 +452,6 @@ def decode_rounds(llm, model, inputs: Inputs, args, machine: dict[str, Any], byt
     for b in (1, 4):  # warm-up
         decode_once("qwenvl", llm, inputs, b, n)
         decode_once("transformers", model, inputs, b, n)
-    samples = machine.setdefault("dram_read_GBps_samples", [machine["dram_read_GBps"]])
     shares = []
     for i in range(args.repeat):
         log(f"  round {i + 1}/{args.repeat}")
@@ -457,7 +461,8 @@ def decode_rounds(llm, model, inputs: Inputs, args, machine: dict[str, Any], byt
             rate = log_decode("qwenvl", b, n, r, inputs)
             if before is not None:
                 after = read_bandwidth(3) / 1e9
-                samples += [before, after]
+                record_bandwidth(machine, before)
+                record_bandwidth(machine, after)
                 shares.append(rate * bytes_tok / (max(before, after) * 1e9))
                 log(f"    bandwidth around it {before:.1f} / {after:.1f} GB/s: "
                     f"{100 * shares[-1]:.0f}% of that bound")  # fmt: skip
@@ -467,7 +472,6 @@ def decode_rounds(llm, model, inputs: Inputs, args, machine: dict[str, Any], byt
             rate = log_decode("transformers", b, n, r, inputs)
             if rate > h.get(f"decode_b{b}_tok_s", 0):
                 h[f"decode_b{b}_tok_s"], h[f"decode_b{b}_tokens"] = rate, r["tokens"]
-    machine["dram_read_GBps"] = max(samples)
     q["decode_b1_share_adjacent"] = shares
     return q, h
 
