@@ -14,8 +14,9 @@ def _need_kernels() -> None:
         pytest.skip("qwenvl CPU kernels unavailable (no compiler, or QWENVL_KERNELS=0)")
 
 
-SHAPES = [(1, 3), (257, 1537), (64, 8), (9, 40), (64, 48), (24, 2064)]  # (N, K): tails, exact
-# widths, and multiples of the 8 x 16 int8 tile (one and more than one 1024-wide K block)
+SHAPES = [(1, 3), (257, 1537), (64, 8), (9, 40), (64, 48), (24, 2064), (16, 4640)]  # (N, K): tails,
+# exact widths, and multiples of the 8 x 16 int8 tile (one and more than one K block: 1024 wide
+# for bf16 and tiled int8, 4096 for int8 rows)
 
 
 def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -67,6 +68,22 @@ def test_linear_int8(
     tol = 1e-4 * k**0.5 + x_err * w.abs().sum(1)[None, :]
     tol = tol + (2e-2 * ref.abs() if x_dtype == torch.bfloat16 else 0)
     assert ((y.double() - ref).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("m", [1, 5])
+def test_linear_int8_extreme_values_do_not_overflow(tiled: bool, m: int) -> None:
+    # every product at its largest (|-128 * 32767|, x quantised to int16 at full scale) in the
+    # same accumulator lane, over K large enough for several blocks of int32 accumulation: a
+    # block too long for int32 would wrap around and give a wrong sign or size
+    k = 8208 if tiled else 8213
+    q = torch.full((16, k), -128, dtype=torch.int8)
+    q[1::2] = 127
+    scale = torch.linspace(0.5, 2.0, 16)
+    x = torch.ones(m, k) * torch.arange(1, m + 1)[:, None]
+    y = kernels.linear_int8(x, kernels.tile_int8(q) if tiled else q, scale)
+    ref = _ref(x, q.double() * scale.double()[:, None], None)
+    assert ((y.double() - ref).abs() <= 1e-5 * ref.abs()).all()
 
 
 def test_tile_int8_layout_by_hand() -> None:

@@ -50,6 +50,21 @@ def test_int8_matches_dequantised_float64(rows: int, out_features: int) -> None:
     assert bool((err <= packed.scale.double()[:, None] / 2 + 1e-7).all())
 
 
+@pytest.mark.parametrize("in_features,tiled", [(4096, True), (4112, False), (4100, False)])
+def test_int8_layout_follows_row_length(in_features: int, tiled: bool) -> None:
+    # rows up to 4 KB are tiled for the decode GEMV; longer ones (a down projection) and widths
+    # off the 16-column grid stay rows; both multiply the same
+    lin = nn.Linear(in_features, 16, bias=False)
+    packed = PackedLinear(lin.weight, None, "int8")
+    assert packed.qweight.dim() == (4 if tiled else 2)
+    assert packed.int8_rows().shape == (16, in_features)
+    deq = packed.int8_rows().double() * packed.scale.double()[:, None]
+    x = torch.randn(3, in_features)
+    ref = x.double() @ deq.T
+    tol = 1e-4 + x.double().abs().amax(-1, keepdim=True) / 65534 * deq.abs().sum(1)
+    assert bool(((packed(x).double() - ref).abs() <= tol).all())
+
+
 def test_pack_linears_replaces_only_the_decoder(checkpoints) -> None:
     from qwenvl.checkpoint import load_model
 

@@ -246,8 +246,18 @@ def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Te
 TILE = (8, 16)  # rows x columns of one step of the tiled int8 layout
 
 
+TILE_MAX_K = 4096  # longer rows stream faster in the row layout (see tiles_pay)
+
+
 def can_tile(n: int, k: int) -> bool:
     return n % TILE[0] == 0 and k % TILE[1] == 0
+
+
+def tiles_pay(n: int, k: int) -> bool:
+    """Whether an int8 ``[n, k]`` weight decodes faster tiled: rows of up to 4 KB end before the
+    hardware prefetchers ramp up (the tiled 2B-shape gate/up GEMV: 0.84 of a plain read against
+    0.64 in rows), while longer rows stream better as rows (K = 8960: 0.84 against 0.80)."""
+    return can_tile(n, k) and k <= TILE_MAX_K
 
 
 def tile_int8(q: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ class PackedLinear(nn.Module):
         w = weight.detach()
         if mode == "int8":
             q, scale = kernels.quantize_int8(w)
-            if kernels.can_tile(*q.shape):  # one sequential stream per 8 rows (decode GEMV)
+            if kernels.tiles_pay(*q.shape):  # one sequential stream per 8 short rows (decode)
                 q = kernels.tile_int8(q)
             self.register_buffer("qweight", kernels.huge_page_copy(q))
             self.register_buffer("scale", scale)
