@@ -47,6 +47,7 @@ from released_shapes import (  # bench/released_shapes.py
 )
 
 IMAGE_SIZE = (1280, 720)  # width, height
+UNQUANTIZED = "qwenvl unquantized"  # with --quantization: the same model without, in the rounds
 DECODE_PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how a language model generates text, step by step.",
@@ -441,39 +442,52 @@ def measure(framework: str, model, inputs: Inputs, args, only: set[str]) -> dict
     return res
 
 
-def decode_rounds(llm, model, inputs: Inputs, args, machine: dict[str, Any], bytes_tok: int):
-    """The decode rows of both frameworks in alternation: each round reads the bandwidth, runs
-    qwenvl batch 1, reads it again, then transformers batch 1, qwenvl and transformers batch 4.
-    Measured one framework after the other, minutes apart, a shared machine's bandwidth moves
-    by 20 % or more between them; in rounds both see the same minutes. Best round per row, as
-    elsewhere; qwenvl's batch-1 share of the bound is also taken against the higher of the two
-    readings around each of its runs (the machine's bandwidth while it ran)."""
-    n, q, h = args.decode_tokens, {}, {}
+def decode_rounds(
+    entries: dict[str, tuple[str, Any]],
+    inputs: Inputs,
+    args,
+    machine: dict[str, Any],
+    bytes_tok: int,
+) -> dict[str, dict[str, Any]]:
+    """The decode rows of every entry (label -> (framework, model)) in alternation: each round
+    runs batch 1 of every entry in turn, then batch 4. Measured one model after the other,
+    minutes apart, a shared machine's bandwidth moves by 20 % or more between them; in rounds
+    they all see the same minutes. Best round per row, as elsewhere. The first entry is the
+    qwenvl model under test: bandwidth is read just before and after each of its batch-1 runs,
+    and its share of the bound is also taken against the higher of those two readings (the
+    machine's bandwidth while it ran). Each round's batch-1 rates are kept, so ratios can be
+    taken within a round."""  # fmt: skip
+    n = args.decode_tokens
+    out: dict[str, dict[str, Any]] = {label: {} for label in entries}
+    first = next(iter(entries))
     for b in (1, 4):  # warm-up
-        decode_once("qwenvl", llm, inputs, b, n)
-        decode_once("transformers", model, inputs, b, n)
-    shares = []
+        for framework, model in entries.values():
+            decode_once(framework, model, inputs, b, n)
+    shares, per_round = [], []
     for i in range(args.repeat):
         log(f"  round {i + 1}/{args.repeat}")
         for b in (1, 4):
-            before = read_bandwidth(3) / 1e9 if b == 1 else None
-            r = decode_once("qwenvl", llm, inputs, b, n)
-            rate = log_decode("qwenvl", b, n, r, inputs)
-            if before is not None:
-                after = read_bandwidth(3) / 1e9
-                record_bandwidth(machine, before)
-                record_bandwidth(machine, after)
-                shares.append(rate * bytes_tok / (max(before, after) * 1e9))
-                log(f"    bandwidth around it {before:.1f} / {after:.1f} GB/s: "
-                    f"{100 * shares[-1]:.0f}% of that bound")  # fmt: skip
-            if rate > q.get(f"decode_b{b}_tok_s", 0):
-                q[f"decode_b{b}_tok_s"], q[f"decode_b{b}_tokens"] = rate, r["tokens"]
-            r = decode_once("transformers", model, inputs, b, n)
-            rate = log_decode("transformers", b, n, r, inputs)
-            if rate > h.get(f"decode_b{b}_tok_s", 0):
-                h[f"decode_b{b}_tok_s"], h[f"decode_b{b}_tokens"] = rate, r["tokens"]
-    q["decode_b1_share_adjacent"] = shares
-    return q, h
+            rates = {}
+            for label, (framework, model) in entries.items():
+                watch = b == 1 and label == first
+                before = read_bandwidth(3) / 1e9 if watch else 0.0
+                r = decode_once(framework, model, inputs, b, n)
+                rate = rates[label] = log_decode(label, b, n, r, inputs)
+                if watch:
+                    after = read_bandwidth(3) / 1e9
+                    record_bandwidth(machine, before)
+                    record_bandwidth(machine, after)
+                    shares.append(rate * bytes_tok / (max(before, after) * 1e9))
+                    log(f"    bandwidth around it {before:.1f} / {after:.1f} GB/s: "
+                        f"{100 * shares[-1]:.0f}% of that bound")  # fmt: skip
+                res = out[label]
+                if rate > res.get(f"decode_b{b}_tok_s", 0):
+                    res[f"decode_b{b}_tok_s"], res[f"decode_b{b}_tokens"] = rate, r["tokens"]
+            if b == 1:
+                per_round.append(rates)
+    out[first]["decode_b1_share_adjacent"] = shares
+    out[first]["decode_b1_rounds"] = per_round
+    return out
 
 
 # --- bounds -------------------------------------------------------------------------------------
@@ -604,11 +618,24 @@ def report(results: dict[str, Any]) -> None:
         "bound: decode b1 = DRAM bandwidth / LM bytes read per token (tok/s); ViT = FLOPs / "
         "GEMM peak of the qwenvl dtype (s). qwenvl/bound = share of it reached."
     )
+    quant = results["settings"].get("quantization")
     for family, fam in results["families"].items():
-        shares = fam.get("qwenvl", {}).get("decode_b1_share_adjacent")
+        q = fam.get("qwenvl", {})
+        shares = q.get("decode_b1_share_adjacent")
         if shares:
             log(f"{family}: decode batch 1 against the bandwidth read around each run (rounds): "
                 f"{', '.join(f'{100 * s:.0f}%' for s in shares)}")  # fmt: skip
+        for other in ("transformers", UNQUANTIZED):
+            per = [r["qwenvl"] / r[other] for r in q.get("decode_b1_rounds", []) if other in r]
+            if per:
+                log(f"{family}: decode batch 1 qwenvl / {other} within each round: "
+                    f"{', '.join(f'{p:.2f}x' for p in per)}")  # fmt: skip
+        u = fam.get(UNQUANTIZED, {})
+        if u and q.get("decode_b1_tok_s"):
+            for b in (1, 4):
+                qv, uv = q[f"decode_b{b}_tok_s"], u[f"decode_b{b}_tok_s"]
+                log(f"{family}: decode batch {b} {quant} {qv:.2f} tok/s vs unquantized "
+                    f"{uv:.2f}: {qv / uv:.2f}x (best round of each)")  # fmt: skip
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -710,15 +737,24 @@ def main() -> None:
         inputs = build_inputs(llm)
         bytes_tok = lm_bytes_per_token(llm)
         rest, rounds = only, None
-        if "decode" in only and not args.skip_transformers:  # both frameworks in memory
-            model = load_hf(path, family, args.hf_dtype)
-            rounds = decode_rounds(llm, model, inputs, args, machine, bytes_tok)
-            del model
+        entries: dict[str, tuple[str, Any]] = {"qwenvl": ("qwenvl", llm)}
+        if "decode" in only:  # the models decode side by side, in rounds
+            if not args.skip_transformers:
+                entries["transformers"] = ("transformers", load_hf(path, family, args.hf_dtype))
+            if args.quantization:
+                entries[UNQUANTIZED] = (
+                    "qwenvl", load_qwenvl(path, args.dtype, None, args.max_pixels)
+                )  # fmt: skip
+        if len(entries) > 1:
+            rounds = decode_rounds(entries, inputs, args, machine, bytes_tok)
+            entries.clear()
             gc.collect()
             rest = only - {"decode"}
+            if UNQUANTIZED in rounds:
+                fam[UNQUANTIZED] = rounds[UNQUANTIZED]
         q = measure("qwenvl", llm, inputs, args, rest)
         if rounds:
-            q.update(rounds[0])
+            q.update(rounds["qwenvl"])
         q["preprocess_s"] = inputs.preprocess_s
         fam["qwenvl"] = q
         grid = inputs.image.images[0].grid_thw
@@ -728,7 +764,7 @@ def main() -> None:
         remeasure_bandwidth(machine)
 
         if not args.skip_transformers:
-            h = fam["transformers"] = rounds[1] if rounds else {}
+            h = fam["transformers"] = rounds.get("transformers", {}) if rounds else {}
             if rest:
                 t0 = time.perf_counter()
                 model = load_hf(path, family, args.hf_dtype)
