@@ -244,8 +244,6 @@ def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Te
 
 
 TILE = (8, 16)  # rows x columns of one step of the tiled int8 layout
-
-
 TILE_MAX_K = 4096  # longer rows stream faster in the row layout (see tiles_pay)
 
 
@@ -255,8 +253,8 @@ def can_tile(n: int, k: int) -> bool:
 
 def tiles_pay(n: int, k: int) -> bool:
     """Whether an int8 ``[n, k]`` weight decodes faster tiled: rows of up to 4 KB end before the
-    hardware prefetchers ramp up (the tiled 2B-shape gate/up GEMV: 0.84 of a plain read against
-    0.64 in rows), while longer rows stream better as rows (K = 8960: 0.84 against 0.80)."""
+    hardware prefetchers ramp up (a 4096x1536 GEMV at batch 1: 0.84 of a plain read against 0.64
+    in rows), while longer rows stream better as rows (1536x8960: 0.84 against 0.80)."""
     return can_tile(n, k) and k <= TILE_MAX_K
 
 

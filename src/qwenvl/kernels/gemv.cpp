@@ -327,8 +327,8 @@ inline void tile_step(__m256i xv, const int8_t* p, __m256i* a) {
   }
 }
 
-// The 8 accumulators' lane sums as one vector [sum a0, ..., sum a7], added in fp32: one lane
-// holds at most KC / 16 pairs (fits int32, see KC16), the sum of eight lanes may not.
+// The 8 accumulators' lane sums as one vector [sum a0, ..., sum a7], added in fp32: a lane holds
+// at most KC / 16 vpmaddwd sums of 2 * 128 * 32767 (fits int32), eight lanes together may not.
 inline __m256 reduce8(const __m256i* a) {
   __m256 f[kTileRows];
   for (int r = 0; r < kTileRows; ++r) f[r] = _mm256_cvtepi32_ps(a[r]);
