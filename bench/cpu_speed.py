@@ -356,12 +356,16 @@ def hf_vit(model, image) -> torch.Tensor:
 
 
 # --- one framework over one family --------------------------------------------------------------
-def decode_once(framework: str, model, inputs: Inputs, b: int, n: int) -> dict[str, Any]:
-    """One greedy decode of the first b prompts for n new tokens."""
-    prompts = inputs.decode[:b]
+def run_prompts(framework: str, model, prompts: list, n: int) -> dict[str, Any]:
+    """One greedy run of text prompts for n new tokens by either framework, timed inside."""
     if framework == "qwenvl":
         return qwenvl_run(model, prompts, n)
     return hf_run(model, hf_batch([p.token_ids for p in prompts]), n)
+
+
+def decode_once(framework: str, model, inputs: Inputs, b: int, n: int) -> dict[str, Any]:
+    """One greedy decode of the first b prompts for n new tokens."""
+    return run_prompts(framework, model, inputs.decode[:b], n)
 
 
 def log_decode(framework: str, b: int, n: int, r: dict[str, Any], inputs: Inputs) -> float:
@@ -378,11 +382,6 @@ def measure(framework: str, model, inputs: Inputs, args, only: set[str]) -> dict
     reps = args.repeat
     res: dict[str, Any] = {}
     is_q = framework == "qwenvl"
-
-    def run(prompts, ids, max_tokens):
-        if is_q:
-            return qwenvl_run(model, prompts, max_tokens)
-        return hf_run(model, hf_batch(ids), max_tokens)
 
     def timed(fn, key, reps=reps):
         fn()  # warm-up
@@ -412,7 +411,7 @@ def measure(framework: str, model, inputs: Inputs, args, only: set[str]) -> dict
         log(f"  {framework} 8 concurrent requests: {rate:.2f} tok/s aggregate "
             f"({n} new each, {r['total_s']:.2f} s wall, prefill included)")  # fmt: skip
     if "ttft" in only:
-        r = timed(lambda: run([inputs.long], [inputs.long.token_ids], 1), "ttft")
+        r = timed(lambda: run_prompts(framework, model, [inputs.long], 1), "ttft")
         res["ttft_text512_s"] = r["ttft"]
         log(f"  {framework} TTFT 512-token text prompt: {r['ttft']:.3f} s")
     if "image" in only:
