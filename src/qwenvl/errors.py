@@ -26,6 +26,16 @@ class MediaError(QwenVLError, ValueError):
     """An image or video cannot be used: unreadable, unsupported, too large, unreachable."""
 
 
+class MediaTooLargeError(MediaError):
+    """Media over a size limit: encoded bytes, decoded pixels, or a decompression bomb. The
+    server answers these with 413; the type, not the message's wording, decides that."""
+
+
+class MediaTimeoutError(MediaError):
+    """Fetching media took longer than the policy's deadline (connect, headers and body
+    together)."""
+
+
 class PromptError(QwenVLError, ValueError):
     """Messages, tools or sampling options that cannot be turned into a prompt."""
 

@@ -158,12 +158,24 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         add_vision_id: bool = False,
+        special_tokens_in_content: bool = False,
     ) -> list[RequestOutput]:
-        """Generate a reply for one conversation or a list of them (batched)."""
+        """Generate a reply for one conversation or a list of them (batched).
+
+        Special-token strings in message text (``<|im_end|>``...) are read as plain text, so
+        whoever writes a message cannot end its turn or fake another role; only trusted callers
+        should set ``special_tokens_in_content=True`` (transformers' behaviour). ``generate``'s raw
+        prompts are trusted: their special-token strings are the markers.
+        """
         conversations = self._conversations(messages)
         params = self._params(sampling_params, len(conversations))
         prompts = self._prepare_chats(
-            conversations, params, tools, add_generation_prompt, add_vision_id
+            conversations,
+            params,
+            tools,
+            add_generation_prompt,
+            add_vision_id,
+            special_tokens_in_content,
         )
         return self._run(prompts, params, tools=tools)
 
@@ -187,11 +199,15 @@ class LLM:
         *,
         tools: list[dict[str, Any]] | None = None,
         add_vision_id: bool = False,
+        special_tokens_in_content: bool = False,
     ) -> Iterator[StreamEvent]:
-        """Yield text deltas of one conversation's reply as they are generated."""
+        """Yield text deltas of one conversation's reply as they are generated (message text is
+        plain text, as in :meth:`chat`)."""
         conversations = self._conversations(messages)
         params = self._params(sampling_params, len(conversations))
-        prompts = self._prepare_chats(conversations, params, tools, True, add_vision_id)
+        prompts = self._prepare_chats(
+            conversations, params, tools, True, add_vision_id, special_tokens_in_content
+        )
         yield from self._generator(prompts, params)
 
     # --- internals ---------------------------------------------------------------------------
@@ -219,6 +235,7 @@ class LLM:
         tools: Any,
         add_generation_prompt: bool,
         add_vision_id: bool,
+        special_tokens_in_content: bool = False,
     ) -> list[PromptInputs]:
         """Conversations -> prompts; each is sized from its media headers against the context
         (minus its ``max_tokens``) before any pixel is decoded."""
@@ -232,6 +249,7 @@ class LLM:
                         add_generation_prompt=add_generation_prompt,
                         add_vision_id=add_vision_id,
                         max_prompt_tokens=self._budget(p),
+                        special_tokens_in_content=special_tokens_in_content,
                     )
                 )
             except PromptError as e:

@@ -26,6 +26,9 @@ GREEDY_TEMPERATURE = 1e-5
 
 _T = TypeVar("_T")
 
+# seed: what a 64-bit signed integer holds (OpenAI's and vLLM's range)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 def _track_explicit_fields(cls: type[_T]) -> type[_T]:
     """Wrap the dataclass ``__init__`` so each instance records which fields its caller passed."""
@@ -108,6 +111,8 @@ class SamplingParams:
 
         if self.n < 1:
             raise PromptError(f"n must be at least 1, got {self.n}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise PromptError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.temperature < 0.0:
             raise PromptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -16,7 +16,8 @@ import json
 import logging
 import operator
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
-from qwenvl.errors import ConfigError
+from qwenvl.errors import ConfigError, ContextLengthError, PromptError
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ QWEN_NON_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|file_sep|>",
 )
 _REPLACEMENT_CHAR = "\ufffd"
+# Prompts of up to this many characters are tokenized at once; longer ones are first counted in
+# chunks of _CHUNK_CHARS, stopping at the limit. A chunk cut inside a word may count a few
+# tokens more than the whole would (_HARD_SPLIT_SLACK each), so those cuts never refuse a prompt
+# that fits.
+_EXACT_COUNT_CHARS = 1 << 18
+_CHUNK_CHARS = 1 << 15
+_CHUNKS_PER_BATCH = 8
+_HARD_SPLIT_SLACK = 8
 # transformers' Qwen2Tokenizer defaults, used when tokenizer_config.json does not set a token.
 _DEFAULT_EOS = "<|endoftext|>"
 _DEFAULT_PAD = "<|endoftext|>"
@@ -145,9 +154,151 @@ class Tokenizer:
             model_max_length=max_len if isinstance(max_len, int) and max_len < 1 << 40 else None,
         )
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens in it are parsed, nothing is prepended."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of `text`, nothing prepended.
+
+        ``special=True`` parses special-token strings written in the text (``<|im_end|>``) as the
+        special tokens, as transformers does: only for trusted text (a raw prompt, a template).
+        ``special=False`` encodes them as the plain characters they are.
+        """
+        return self._encodings([text], special)[0].ids
+
+    def encode_marked(
+        self,
+        text: str,
+        control: Sequence[tuple[int, int]] | None = None,
+        *,
+        limit: int | None = None,
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of `text` where only the ``control`` spans are special.
+
+        ``control`` lists ``(start, end)`` spans of `text` that each hold one special token (the
+        chat template's own markers); everything between them is plain text, so a special-token
+        string typed in a message stays text. ``None`` parses every special-token string (trusted
+        text). Encoding the pieces apart gives the same ids as encoding the whole, because the
+        backend splits at special tokens before anything else.
+
+        ``limit``: raise `ContextLengthError` as soon as the text is known to need more tokens,
+        without tokenizing all of a huge text first.
+        """
+        if control is None:
+            spans = [(m.start(), m.end()) for m in self._special_pattern.finditer(text)]
+        else:
+            spans = sorted(control)
+        pieces: list[tuple[int, int]] = []  # plain text between the control tokens
+        pos = 0
+        for a, b in spans:
+            pieces.append((pos, a))
+            pos = b
+        pieces.append((pos, len(text)))
+        if limit is not None:
+            self._refuse_over(text, pieces, len(spans), limit)
+        encs = self._encodings([text[a:b] for a, b in pieces], special=False)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for k, ((a, _), enc) in enumerate(zip(pieces, encs)):
+            ids.extend(enc.ids)
+            offsets.extend((a + s, a + e) for s, e in enc.offsets)
+            if k < len(spans):
+                s, e = spans[k]
+                ids.append(self.require_special(text[s:e]))
+                offsets.append((s, e))
+        return ids, offsets
+
+    def require_special(self, token: str) -> int:
+        """The id of the special token `token`; a `PromptError` if it is not one."""
+        token_id = self.special_tokens.get(token)
+        if token_id is None:
+            raise PromptError(f"{token!r} is not a special token of this tokenizer")
+        return token_id
+
+    def _encodings(self, texts: Sequence[str], special: bool) -> list[tokenizers.Encoding]:
+        # encode_batch releases the GIL (encode does not): a long prompt tokenized in a worker
+        # thread must not stall the server's event loop.
+        backend = self.backend if special else self._plain_backend
+        return backend.encode_batch(list(texts), add_special_tokens=False)
+
+    def _refuse_over(
+        self, text: str, pieces: list[tuple[int, int]], extra: int, limit: int
+    ) -> None:
+        """Raise `ContextLengthError` if `text`'s pieces surely need more than `limit` tokens.
+
+        First a bound from characters alone (no token is longer than ``max_token_chars``), which
+        costs nothing; then, for texts long enough to matter, a count over chunks that stops once
+        past the limit, so the work is bounded by the limit, not by the text's length.
+        """
+        chars = sum(b - a for a, b in pieces)
+        floor = -(-chars // self.max_token_chars) + extra
+        if floor > limit:
+            raise ContextLengthError(
+                f"the prompt's text is {chars} characters, at least {floor} tokens, but at most "
+                f"{limit} fit; shorten it"
+            )
+        if chars <= _EXACT_COUNT_CHARS:
+            return
+        counted, hard = extra, 0
+        chunks = [c for a, b in pieces for c in self._chunks(text, a, b)]
+        for k in range(0, len(chunks), _CHUNKS_PER_BATCH):
+            batch = chunks[k : k + _CHUNKS_PER_BATCH]
+            hard += sum(h for _, _, h in batch)
+            encs = self._encodings([text[a:b] for a, b, _ in batch], special=False)
+            counted += sum(len(enc.ids) for enc in encs)
+            if counted - _HARD_SPLIT_SLACK * hard > limit:
+                raise ContextLengthError(
+                    f"the prompt's text ({chars} characters) needs more than {limit} tokens, "
+                    "the most that fit; shorten it"
+                )
+
+    def _chunks(self, text: str, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """``(a, b, hard)`` chunks of ``text[start:end]``: cut before a space that starts a word
+        (where Qwen's pre-tokenizer cuts too, so the counts add up exactly), else anywhere
+        (``hard``: the count may be off by a few tokens there)."""
+        a = start
+        while end - a > _CHUNK_CHARS:
+            b = a + _CHUNK_CHARS
+            cut = self._safe_cut(text, b - 1024, b) if self._qwen_pretokenizer else None
+            yield a, cut or b, cut is None
+            a = cut or b
+        if a < end:
+            yield a, end, False
+
+    @staticmethod
+    def _safe_cut(text: str, lo: int, hi: int) -> int | None:
+        for j in range(hi - 1, lo, -1):
+            if text[j] == " " and text[j - 1].isalnum() and text[j + 1].isalpha():
+                return j
+        return None
+
+    @functools.cached_property
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that reads special-token strings as plain text."""
+        plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    @functools.cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Special (control) token strings and their ids."""
+        added = self.backend.get_added_tokens_decoder()
+        return {t.content: i for i, t in added.items() if t.special}
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern[str]:
+        return special_token_pattern(self.special_tokens)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest token (byte-level tokens hold at most one character per
+        byte), so ``len(text) / max_token_chars`` tokens is a floor for any text."""
+        lengths = [len(t) for t in self.backend.get_vocab(with_added_tokens=True)]
+        return max(lengths, default=1)
+
+    @functools.cached_property
+    def _qwen_pretokenizer(self) -> bool:
+        """Whether the backend splits words with Qwen2's pattern (what `_chunks` relies on)."""
+        pre = json.loads(self.backend.to_str()).get("pre_tokenizer") or {}
+        splits = pre.get("pretokenizers", [pre])
+        return any((p.get("pattern") or {}).get("Regex") == QWEN_SPLIT_REGEX for p in splits)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence becomes U+FFFD."""
@@ -179,6 +330,12 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         """Ids of the added tokens marked special (those `skip_special_tokens` drops)."""
         return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+
+def special_token_pattern(tokens: Iterable[str]) -> re.Pattern[str]:
+    """A regex matching any of `tokens`, longest first (so no token hides a longer one)."""
+    ordered = sorted(tokens, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in ordered) or r"(?!x)x")
 
 
 def _add_missing_tokens(backend: tokenizers.Tokenizer, added: dict[str, Any]) -> None:

@@ -121,14 +121,14 @@ class Running:
 def start_server(llm: Any, settings: Any) -> Iterator[Running]:
     import uvicorn
 
-    from qwenvl.server import create_app
+    from qwenvl.server import create_app, uvicorn_config
 
     app = create_app(llm, settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    config = uvicorn_config(app, settings, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

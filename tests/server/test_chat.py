@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from server_helpers import (
+    API_KEY,
     MODEL,
     data_uri,
     fix_server_text,
@@ -48,7 +49,8 @@ def test_models_health_and_metrics(server: Any) -> None:
     server.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
-    text = httpx.get(f"{server.root}/metrics").text
+    assert httpx.get(f"{server.root}/metrics").status_code == 401  # the API key guards it too
+    text = httpx.get(f"{server.root}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in (
         "qwenvl_requests_total",
         "qwenvl_prompt_tokens_total",

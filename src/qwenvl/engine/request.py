@@ -161,7 +161,9 @@ class Sequence:
         device: torch.device | str = "cpu",
     ) -> Sequence:
         p = request.params
-        seed = None if p.seed is None else p.seed + index
+        # completion `index` of a seeded request draws from seed + index, wrapped to the uint64
+        # range torch's generators take
+        seed = None if p.seed is None else (p.seed + index) % 2**64
         return cls(
             request=request,
             index=index,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +28,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwenvl.errors import ConfigError, PromptError
+from qwenvl.tokenizer import special_token_pattern
 from qwenvl.tool_calls import format_tool_call
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -381,6 +384,19 @@ def _with_tools_system(
 # Rendering
 
 
+@dataclass(frozen=True)
+class RenderedChat:
+    """A rendered chat and where in it the template itself wrote special tokens.
+
+    ``control`` holds the ``(start, end)`` character spans of the template's own markers
+    (``<|im_start|>``, ``<|vision_start|>``...). Only those are encoded as special tokens; the
+    same strings typed in a message are text (`Tokenizer.encode_marked`).
+    """
+
+    text: str
+    control: tuple[tuple[int, int], ...]
+
+
 def render_chat(
     template: str,
     messages: list[dict[str, Any]],
@@ -405,24 +421,80 @@ def render_chat(
         PromptError: malformed messages/tools, or the template raised.
         ConfigError: the template does not compile.
     """
+    compiled, msgs, template_tools = _prepare(template, messages, tools)
+    variables = dict(add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+    return _render(compiled, msgs, template_tools, **variables, **_plain(extra))
+
+
+def render_chat_marked(
+    template: str,
+    messages: list[dict[str, Any]],
+    special_tokens: Iterable[str],
+    *,
+    add_generation_prompt: bool = True,
+    add_vision_id: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> RenderedChat:
+    """`render_chat`, plus the spans of the special tokens the template wrote itself.
+
+    Every string of the messages and tools is data. The chat is rendered a second time with each
+    special-token string in that data blanked out (same length); the special tokens still found
+    are the template's, at the same places in the real text. A template that changes the length
+    of message text cannot be checked this way and is refused.
+    """
+    compiled, msgs, template_tools = _prepare(template, messages, tools)
+    variables = dict(add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+    variables.update(_plain(extra))
+    text = _render(compiled, msgs, template_tools, **variables)
+    pattern = special_token_pattern(special_tokens)
+    blank_msgs, blank_tools = _blank(msgs, pattern), _blank(template_tools, pattern)
+    if blank_msgs == msgs and blank_tools == template_tools:
+        blanked = text
+    else:
+        blanked = _render(compiled, blank_msgs, blank_tools, **variables)
+    spans = tuple((m.start(), m.end()) for m in pattern.finditer(blanked))
+    if len(blanked) != len(text) or any(text[a:b] != blanked[a:b] for a, b in spans):
+        raise PromptError(
+            "the chat template changes the length of message text, so qwenvl cannot tell its "
+            "control tokens from special-token strings typed in the messages; remove those "
+            "strings, or let trusted callers parse them (special_tokens_in_content=True)"
+        )
+    return RenderedChat(text, spans)
+
+
+def _blank(value: Any, pattern: re.Pattern[str]) -> Any:
+    """A copy of `value` with every match of `pattern` in its strings (not keys) turned into as
+    many NUL characters."""
+    if isinstance(value, str):
+        return pattern.sub(lambda m: "\0" * len(m.group()), value)
+    if isinstance(value, dict):
+        return {k: _blank(v, pattern) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_blank(v, pattern) for v in value]
+    return value
+
+
+def _prepare(
+    template: str, messages: Any, tools: Any
+) -> tuple[jinja2.Template, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The compiled template, the validated messages and the tools as the template takes them
+    (folded into the messages when the template has no tools branch)."""
     compiled, template_has_tools = _compile(template)
     msgs = _validate_messages(_plain(messages))
     tool_list = _normalize_tools(_plain(tools)) if tools is not None else None
     if template_has_tools:
-        template_tools = tool_list
-    else:
-        template_tools = None
-        msgs = _fold_tool_messages(msgs)
-        if tool_list:
-            msgs = _with_tools_system(msgs, tool_list)
+        return compiled, msgs, tool_list
+    msgs = _fold_tool_messages(msgs)
+    if tool_list:
+        msgs = _with_tools_system(msgs, tool_list)
+    return compiled, msgs, None
+
+
+def _render(
+    compiled: jinja2.Template, msgs: list[dict[str, Any]], tools: Any, **variables: Any
+) -> str:
     try:
-        return compiled.render(
-            messages=msgs,
-            tools=template_tools,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            add_vision_id=add_vision_id,
-            **_plain(extra),
-        )
+        return compiled.render(messages=msgs, tools=tools, documents=None, **variables)
     except jinja2.exceptions.TemplateError as e:
         raise PromptError(f"chat template error: {e}") from e

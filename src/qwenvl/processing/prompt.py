@@ -16,10 +16,15 @@ from typing import Any
 
 import torch
 
-from qwenvl.errors import ContextLengthError, MediaError, PromptError
+from qwenvl.errors import ContextLengthError, MediaError, MediaTooLargeError, PromptError
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.models.qwen2_vl.positions import get_mrope_positions
-from qwenvl.processing.chat_template import load_chat_template, render_chat
+from qwenvl.processing.chat_template import (
+    RenderedChat,
+    load_chat_template,
+    render_chat,
+    render_chat_marked,
+)
 from qwenvl.processing.image import (
     VIDEO_MIN_PIXELS,
     ImageGeometry,
@@ -200,6 +205,42 @@ class Processor:
             add_vision_id=add_vision_id,
         )
 
+    def render_marked(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        add_vision_id: bool = False,
+    ) -> RenderedChat:
+        """`render`, with the spans of the template's own special tokens (see
+        `render_chat_marked`): what `encode_chat` needs to keep message text plain."""
+        if self.chat_template is None:
+            raise PromptError(
+                "this checkpoint has no chat template; use generate() with a raw prompt"
+            )
+        return render_chat_marked(
+            self.chat_template,
+            _strip_payloads(messages),
+            self.tokenizer.special_tokens,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            add_vision_id=add_vision_id,
+        )
+
+    def encode_chat(
+        self,
+        chat: RenderedChat,
+        *,
+        special_tokens_in_content: bool = False,
+        limit: int | None = None,
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of a rendered chat: the template's markers are special
+        tokens, message text is plain text unless ``special_tokens_in_content`` (trusted callers
+        only: a user could then end their turn and write a system turn)."""
+        control = None if special_tokens_in_content else chat.control
+        return self.tokenizer.encode_marked(chat.text, control, limit=limit)
+
     def prepare_chat(
         self,
         messages: list[dict[str, Any]],
@@ -209,37 +250,30 @@ class Processor:
         add_vision_id: bool = False,
         max_video_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
+        special_tokens_in_content: bool = False,
     ) -> PromptInputs:
         """Messages -> PromptInputs. Media are loaded and preprocessed in message order.
 
         ``max_video_tokens`` caps each video (e.g. the context left); a video item's own
         ``max_video_tokens`` (else ``self.max_video_tokens``) applies when smaller.
         ``max_prompt_tokens`` is the most the whole prompt may take (see :meth:`prepare_media`).
+        Special-token strings in message text are plain text (see :meth:`encode_chat`).
         """
-        text = self.render(
+        chat = self.render_marked(
             messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             add_vision_id=add_vision_id,
         )
-        items: list[MediaItem] = []
-        for mi, message in enumerate(messages):
-            content = message.get("content")
-            if not isinstance(content, list):
-                continue
-            for ci, item in enumerate(content):
-                where = f"messages[{mi}].content[{ci}]"
-                try:
-                    if _is_image_item(item):
-                        source, opts = _source_and_options(item, "image", IMAGE_OPTIONS)
-                        items.append(MediaItem("image", source, opts, where))
-                    elif _is_video_item(item):
-                        source, opts = _source_and_options(item, "video", VIDEO_OPTIONS)
-                        items.append(MediaItem("video", source, opts, where))
-                except (MediaError, PromptError) as e:
-                    raise type(e)(f"{where}: {e}") from e
+        ids, _ = self.encode_chat(
+            chat, special_tokens_in_content=special_tokens_in_content, limit=max_prompt_tokens
+        )
         return self.prepare_media(
-            text, items, max_video_tokens=max_video_tokens, max_prompt_tokens=max_prompt_tokens
+            chat.text,
+            _media_items(messages),
+            max_video_tokens=max_video_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            token_ids=ids,
         )
 
     def prepare_media(
@@ -249,15 +283,23 @@ class Processor:
         *,
         max_video_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
+        token_ids: list[int] | None = None,
     ) -> PromptInputs:
         """A prompt text plus its media items (in order) -> PromptInputs, sized before decoding.
+
+        ``token_ids`` are the text's ids when the caller encoded it (a chat, whose message text
+        must stay plain); otherwise the text is a trusted raw prompt and its special-token
+        strings are parsed. A text that surely needs more than ``max_prompt_tokens`` is refused
+        without being tokenized whole.
 
         Image headers are read first and the prompt's tokens counted (text + every image); when
         that exceeds ``max_prompt_tokens`` the request is refused with the numbers before any pixel
         is decoded. Videos then share what is left: each one's sampling plan is fitted to it (or
         refused) from the container header, before frames are decoded.
         """
-        ids = self.tokenizer.encode(text)
+        if token_ids is None:
+            token_ids, _ = self.tokenizer.encode_marked(text, limit=max_prompt_tokens)
+        ids = token_ids
         cfg = self.config
         n_text = len(ids) - ids.count(cfg.image_token_id) - ids.count(cfg.video_token_id)
         opened: list[tuple[MediaItem, OpenedImage, ImageGeometry]] = []
@@ -267,6 +309,7 @@ class Processor:
             try:
                 op = open_image(item.source, self.media_policy)
                 geometry = image_geometry(*op.size, self.vision, **item.options)
+                self._check_resized(geometry)
             except (MediaError, PromptError) as e:
                 raise type(e)(f"{item.where}: {e}") from e
             opened.append((item, op, geometry))
@@ -312,16 +355,33 @@ class Processor:
             videos.append(video)
             if left is not None:
                 left -= video.num_tokens
-        return self.prepare_text(text, images, videos)
+        return self.prepare_text(text, images, videos, token_ids=ids)
+
+    def _check_resized(self, geometry: ImageGeometry) -> None:
+        """Per-item options (``min_pixels``, ``resized_height``...) may not grow an image past
+        the policy's pixel limit: they are bounded like the image's own size."""
+        area = geometry.resized_width * geometry.resized_height
+        limit = self.media_policy.max_image_pixels
+        if area > limit:
+            raise MediaTooLargeError(
+                f"the options resize the image to {geometry.resized_width}x"
+                f"{geometry.resized_height} = {area} pixels, over the limit of {limit} pixels "
+                "(MediaPolicy.max_image_pixels); lower min_pixels or resized_height/width"
+            )
 
     def prepare_text(
         self,
         text: str,
         images: Sequence[ProcessedImage] = (),
         videos: Sequence[ProcessedVideo] = (),
+        *,
+        token_ids: list[int] | None = None,
     ) -> PromptInputs:
-        """A raw prompt with one ``<|image_pad|>``/``<|video_pad|>`` per item -> PromptInputs."""
-        ids = self.tokenizer.encode(text)
+        """A raw prompt with one ``<|image_pad|>``/``<|video_pad|>`` per item -> PromptInputs.
+
+        ``token_ids``: the text's ids if already encoded (see :meth:`prepare_media`).
+        """
+        ids = self.tokenizer.encode(text) if token_ids is None else token_ids
         cfg = self.config
         token_ids = _expand(ids, cfg.image_token_id, [im.num_tokens for im in images], "image")
         token_ids = _expand(token_ids, cfg.video_token_id, [v.num_tokens for v in videos], "video")
@@ -337,6 +397,27 @@ class Processor:
             rule=self.position_rule,
         )
         return PromptInputs(token_ids, list(images), list(videos), positions, delta, text)
+
+
+def _media_items(messages: list[dict[str, Any]]) -> list[MediaItem]:
+    """The image and video items of the messages, in order, with their options."""
+    items: list[MediaItem] = []
+    for mi, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for ci, item in enumerate(content):
+            where = f"messages[{mi}].content[{ci}]"
+            try:
+                if _is_image_item(item):
+                    source, opts = _source_and_options(item, "image", IMAGE_OPTIONS)
+                    items.append(MediaItem("image", source, opts, where))
+                elif _is_video_item(item):
+                    source, opts = _source_and_options(item, "video", VIDEO_OPTIONS)
+                    items.append(MediaItem("video", source, opts, where))
+            except (MediaError, PromptError) as e:
+                raise type(e)(f"{where}: {e}") from e
+    return items
 
 
 def _expand(ids: list[int], token_id: int, counts: list[int], kind: str) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from qwenvl.errors import MediaError
+from qwenvl.errors import MediaError, MediaTooLargeError
 from qwenvl.processing.image import (
     ProcessedVideo,
     VisionPreprocessConfig,
@@ -116,7 +116,7 @@ def _resolve(source: Any, policy: MediaPolicy) -> tuple[str | io.BytesIO, str]:
     """
     if isinstance(source, (bytes, bytearray)):
         if len(source) > policy.max_bytes:
-            raise MediaError(
+            raise MediaTooLargeError(
                 f"video bytes are {len(source)} bytes, over the limit of {policy.max_bytes} "
                 "bytes (MediaPolicy.max_bytes)"
             )
@@ -190,7 +190,7 @@ def _open(source: Any, policy: MediaPolicy) -> tuple[Any, Any, VideoInfo, str]:
         if width <= 0 or height <= 0:
             raise MediaError(f"{what}: video stream has no frame size")
         if width * height > policy.max_image_pixels:
-            raise MediaError(
+            raise MediaTooLargeError(
                 f"{what}: frames are {width}x{height} = {width * height} pixels, over the limit "
                 f"of {policy.max_image_pixels} pixels (MediaPolicy.max_image_pixels)"
             )
@@ -398,6 +398,18 @@ def _preprocess(
     return writer.finish(plan.second_per_grid_t)
 
 
+def _check_frame_size(plan: VideoPlan, policy: MediaPolicy, what: str) -> None:
+    """Frames resized (``min_pixels``, ``resized_height``...) beyond the pixel limit are refused
+    before any is decoded: the options are the request's, so they are bounded like a header."""
+    area = plan.resized_width * plan.resized_height
+    if area > policy.max_image_pixels:
+        raise MediaTooLargeError(
+            f"{what}: the options resize frames to {plan.resized_width}x{plan.resized_height} = "
+            f"{area} pixels, over the limit of {policy.max_image_pixels} pixels "
+            "(MediaPolicy.max_image_pixels); lower min_pixels or resized_height/width"
+        )
+
+
 def load_video(
     source: VideoSource,
     opts: VideoSampling | None = None,
@@ -454,12 +466,14 @@ def load_video(
             height=frames[0].height,
         )
         plan = plan_video(header, opts, cfg, frame_list=True)
+        _check_frame_size(plan, policy, "video frames")
         frames = [frames[i] for i in plan.frame_indices]
         frames += [frames[-1]] * (_ceil_by(len(frames), FRAME_FACTOR) - len(frames))
         return _preprocess(frames, plan, cfg, len(frames)), _metadata(plan, header.duration)
     container, stream, info, what = _open(source, policy)
     try:
         plan = plan_video(info, opts, cfg)  # header only: a video that cannot fit fails here
+        _check_frame_size(plan, policy, what)
         logger.info("%s: %s", what, plan.describe())
         wanted = list(plan.frame_indices)  # strictly increasing: linspace steps are >= 1 frame
         decoded = _decode_indices(container, stream, info, wanted, what, seek_gap)

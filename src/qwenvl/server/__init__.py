@@ -6,11 +6,12 @@ with uvicorn.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qwenvl.server.settings import ServerSettings
 
 if TYPE_CHECKING:
+    import uvicorn
     from fastapi import FastAPI
 
     from qwenvl.llm import LLM
@@ -22,11 +23,22 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
     return _create(llm, settings)
 
 
+def uvicorn_config(app: FastAPI, settings: ServerSettings, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for ``app``: its HTTP protocol closes connections whose request headers
+    do not arrive within ``settings.header_timeout_s`` (see `qwenvl.server.connection`)."""
+    import uvicorn
+
+    from qwenvl.server.connection import header_deadline_protocol
+
+    return uvicorn.Config(app, http=header_deadline_protocol(settings.header_timeout_s), **kwargs)
+
+
 def serve(llm: LLM, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``llm`` until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(llm, settings), host=host, port=port, log_level="info")
+    config = uvicorn_config(create_app(llm, settings), settings, host=host, port=port)
+    uvicorn.Server(config).run()
 
 
-__all__ = ["ServerSettings", "create_app", "serve"]
+__all__ = ["ServerSettings", "create_app", "serve", "uvicorn_config"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -36,6 +35,7 @@ from qwenvl.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    parse_json_body,
     validation_error,
 )
 from qwenvl.server.settings import ServerSettings
@@ -95,6 +95,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
         settings=settings,
         engine=AsyncEngine(llm.engine),
         pool=ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="qwenvl-media"),
+        fetch_pool=ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="qwenvl-fetch"),
         metrics=Metrics(),
     )
 
@@ -108,6 +109,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
             trimmer.cancel()
         state.engine.close()
         state.pool.shutdown(wait=False, cancel_futures=True)
+        state.fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="qwenvl", lifespan=lifespan)
     app.state.qwenvl = state
@@ -151,7 +153,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
                 code="invalid_api_key",
             )
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
@@ -170,10 +172,20 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
                     code="request_too_large",
                 )
             chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_json(request: Request) -> Any:
+        """The body, which must arrive whole within ``body_timeout_s`` (a client dripping it
+        would otherwise hold the request open for as long as it likes)."""
         try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from e
+            raw = await asyncio.wait_for(read_body(request), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408,
+                f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                code="request_timeout",
+            ) from None
+        return parse_json_body(raw)
 
     def check_model(name: str) -> None:
         if name != settings.served_model_name:
@@ -223,7 +235,9 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
         }
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics(request: Request) -> PlainTextResponse:
+        if settings.metrics_need_key:
+            authorize(request)
         gauges = {
             "requests_waiting": state.waiting,
             "requests_unfinished": state.engine.num_unfinished,
@@ -236,9 +250,10 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
     async def chat(request: Request) -> Response:
         t0 = time.monotonic()
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        fn, prefix = sv.chat_prepare_fn(state, req)
+        fn, prefix, messages = sv.chat_prepare_fn(state, req)
         slot = state.admit()
         try:
+            await sv.fetch_media(state, messages)
             prompt = await sv.prepare(state, fn)
             top = req.top_logprobs or 0
             max_tokens = req.max_completion_tokens or req.max_tokens

@@ -13,9 +13,12 @@ parsed boxes/points in original-image pixels; responses carry ``"qwenvl": {"imag
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qwenvl.sampling import SEED_MAX, SEED_MIN
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveNum = Annotated[float, Field(gt=0)]
@@ -196,7 +199,7 @@ class _SamplingFields(_Strict):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -306,3 +309,56 @@ def _is_union_tag(x: object) -> bool:
     return isinstance(x, str) and (
         "[" in x or x in ("str", "int", "float", "bool", "ImageURL", "VideoURL")
     )
+
+
+# JSON deeper than this is refused before validation: nothing OpenAI defines nests past ~10
+# levels (a tool's JSON schema is the deepest), and recursive code downstream must not overflow.
+MAX_JSON_DEPTH = 64
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body as JSON, or a 400 naming what is wrong with it: not JSON, nested too
+    deeply, or holding a string that is not valid Unicode (a lone UTF-16 surrogate such as
+    ``"\\ud800"``, which JSON can spell but no UTF-8 text can hold)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(
+            400, f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from e
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_unicode(value, path)
+            continue
+        if isinstance(value, (dict, list)) and depth > MAX_JSON_DEPTH:
+            raise APIError(
+                400,
+                f"the request body is nested more than {MAX_JSON_DEPTH} levels deep (at "
+                f"{path or 'the top'})",
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_unicode(key, path)
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(value))
+    return body
+
+
+def _check_unicode(text: str, path: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400,
+            f"{path or 'the request body'}: the text holds a lone UTF-16 surrogate "
+            f"({text[e.start]!r} at character {e.start}), which is not valid Unicode",
+            param=path or None,
+            code="invalid_request",
+        ) from None

@@ -22,11 +22,18 @@ import torch
 from starlette.requests import Request
 
 from qwenvl.engine.async_engine import AsyncEngine
-from qwenvl.errors import ContextLengthError, MediaError, PromptError, QwenVLError
+from qwenvl.errors import (
+    ContextLengthError,
+    MediaError,
+    MediaTimeoutError,
+    MediaTooLargeError,
+    PromptError,
+    QwenVLError,
+)
 from qwenvl.grounding import ground
 from qwenvl.llm import LLM
 from qwenvl.outputs import StreamEvent
-from qwenvl.processing.media import MediaPolicy, check_local_path
+from qwenvl.processing.media import MediaPolicy, check_local_path, fetch_url
 from qwenvl.processing.prompt import PromptInputs
 from qwenvl.sampling import SamplingParams
 from qwenvl.server.metrics import Metrics
@@ -44,17 +51,23 @@ from qwenvl.tool_calls import TOOL_CALL_START, extract_tool_calls
 
 logger = logging.getLogger(__name__)
 
-_TOO_LARGE = ("over the limit", "more than", "decompression bomb", "too large")
 
+def input_error(e: QwenVLError) -> APIError:
+    """The one mapping from qwenvl's input errors to HTTP: by type, never by wording.
 
-def media_error(e: QwenVLError) -> APIError:
-    """400 for bad input; 413 when the input is over a size limit."""
+    413 for media over a size limit, 400 with ``context_length_exceeded`` for prompts that
+    cannot fit, 400 for everything else the input got wrong.
+    """
     msg = str(e)
+    if isinstance(e, MediaTooLargeError):
+        return APIError(413, msg, code="media_too_large")
     if isinstance(e, ContextLengthError):
         return APIError(400, msg, param="messages", code="context_length_exceeded")
-    if isinstance(e, MediaError) and any(s in msg for s in _TOO_LARGE):
-        return APIError(413, msg, code="media_too_large")
-    return APIError(400, msg, code="invalid_media" if isinstance(e, MediaError) else None)
+    if isinstance(e, MediaTimeoutError):
+        return APIError(400, msg, code="media_timeout")
+    if isinstance(e, MediaError):
+        return APIError(400, msg, code="invalid_media")
+    return APIError(400, msg, code="invalid_request")
 
 
 def check_media_url(url: str, where: str, policy: MediaPolicy) -> None:
@@ -99,7 +112,8 @@ class ServerState:
     llm: LLM
     settings: ServerSettings
     engine: AsyncEngine
-    pool: ThreadPoolExecutor
+    pool: ThreadPoolExecutor  # preprocessing: tokenizing, decoding, resizing
+    fetch_pool: ThreadPoolExecutor  # downloads only, each bounded by the media deadline
     metrics: Metrics = field(default_factory=Metrics)
     waiting: int = 0
 
@@ -131,7 +145,7 @@ def _forced_prefix(req: ChatCompletionRequest) -> str:
 
 def _extend(prompt: PromptInputs, llm: LLM, text: str) -> PromptInputs:
     """``prompt`` with plain text appended (positions continue after the last token)."""
-    ids = llm.tokenizer.encode(text)
+    ids = llm.tokenizer.encode(text, special=False)  # holds a tool name from the request
     assert prompt.positions is not None
     start = prompt.positions[:, -1:] + 1  # [3, 1]
     extra = start + torch.arange(len(ids), dtype=prompt.positions.dtype)  # [3, k]
@@ -231,7 +245,7 @@ def sampling_params(
     try:
         return SamplingParams(**kwargs).merged_with_defaults(llm.default_sampling)
     except PromptError as e:
-        raise APIError(400, str(e)) from e
+        raise input_error(e) from e
 
 
 # --- response pieces -------------------------------------------------------------------------
@@ -346,8 +360,8 @@ class ClientGone(Exception):
 
 
 def engine_error(e: BaseException) -> APIError:
-    if isinstance(e, (PromptError, MediaError)):
-        return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, QwenVLError):
+        return input_error(e)
     if isinstance(e, RuntimeError) and "shut down" in str(e):
         return APIError(
             503, str(e), type="server_error", code="unavailable", headers={"Retry-After": "5"}
@@ -414,17 +428,48 @@ async def collect(
     return texts, ids, lps, reasons
 
 
+async def fetch_media(state: ServerState, messages: list[dict[str, Any]]) -> None:
+    """Download the messages' http(s) images and videos in the fetch pool, all at once, and put
+    the bytes in place of each URL. Downloads wait on the network, not the CPU: kept out of the
+    preprocessing pool, a slow sender delays only its own request."""
+    items = []
+    for mi, message in enumerate(messages):
+        content = message.get("content")
+        for ci, part in enumerate(content if isinstance(content, list) else []):
+            inner = part.get("image_url") or part.get("video_url")
+            url = inner.get("url") if isinstance(inner, dict) else None
+            if isinstance(url, str) and url.strip()[:8].lower().startswith(("http://", "https:/")):
+                items.append((f"messages[{mi}].content[{ci}]", inner))
+    if not items:
+        return
+    loop = asyncio.get_running_loop()
+    policy = state.llm.processor.media_policy
+    results = await asyncio.gather(
+        *(
+            loop.run_in_executor(state.fetch_pool, fetch_url, it["url"].strip(), policy)
+            for _, it in items
+        ),
+        return_exceptions=True,
+    )
+    for (where, inner), result in zip(items, results):
+        if isinstance(result, QwenVLError):
+            raise input_error(type(result)(f"{where}: {result}"))
+        if isinstance(result, BaseException):
+            raise result
+        inner["url"] = result
+
+
 async def prepare(state: ServerState, fn: Callable[[], PromptInputs]) -> PromptInputs:
     """Run preprocessing in the pool; bad media and prompts become 400/413."""
     loop = asyncio.get_running_loop()
     try:
         prompt = await loop.run_in_executor(state.pool, fn)
     except QwenVLError as e:
-        raise media_error(e) from e
+        raise input_error(e) from e
     except (ValueError, TypeError, OSError, EOFError, RuntimeError, MemoryError) as e:
         # a decoder failing in a way the loaders did not foresee is still the input's fault
         logger.warning("preprocessing failed: %r", e)
-        raise APIError(400, f"cannot process the request's media: {type(e).__name__}: {e}") from e
+        raise APIError(400, f"cannot process the request: {type(e).__name__}: {e}") from e
     vision = sum(im.num_tokens for im in prompt.images) + sum(v.num_tokens for v in prompt.videos)
     state.metrics.add(
         prompt_tokens=len(prompt.token_ids),
@@ -435,19 +480,36 @@ async def prepare(state: ServerState, fn: Callable[[], PromptInputs]) -> PromptI
     return prompt
 
 
+def prompt_budget(state: ServerState, max_tokens: int | None) -> int:
+    """The most tokens the prompt may take so that ``max_tokens`` still fit after it. Every
+    request gets one, so text and image sizes are always checked before anything is decoded."""
+    engine = state.llm.engine
+    room = engine.max_prompt_tokens + 1  # context or KV capacity, whichever is smaller
+    if max_tokens is not None and max_tokens >= room:
+        limit = min(engine.max_model_len, engine.kv_capacity_tokens)
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} leaves no room for a prompt: the context holds {limit} "
+            "tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return room - (max_tokens or 1)
+
+
 def chat_prepare_fn(
     state: ServerState, req: ChatCompletionRequest
-) -> tuple[Callable[[], PromptInputs], str]:
+) -> tuple[Callable[[], PromptInputs], str, list[dict[str, Any]]]:
+    """The preprocessing to run in the pool, the forced reply prefix, and the messages (whose
+    media URLs `fetch_media` replaces with the downloaded bytes first)."""
     llm = state.llm
     messages = chat_messages(req, llm.processor.media_policy)
     tools = tools_of(req)
     prefix = _forced_prefix(req)
-
-    # sized from the image headers before any pixel is decoded (the exact check, with the
-    # tokens of a forced tool-call prefix, follows in sampling_params)
-    wanted = req.max_completion_tokens or req.max_tokens or 1
-    budget = llm.engine.max_prompt_tokens + 1 - wanted
-    budget = budget if budget >= 1 else None
+    # sized from the text and image headers before any pixel is decoded (the exact check, with
+    # the tokens of a forced tool-call prefix, follows in sampling_params)
+    budget = prompt_budget(state, req.max_completion_tokens or req.max_tokens)
+    trusted = state.settings.special_tokens_in_content
 
     def run() -> PromptInputs:
         prompt = llm.processor.prepare_chat(
@@ -455,15 +517,18 @@ def chat_prepare_fn(
             tools=tools,
             add_vision_id=req.qwenvl.add_vision_id,
             max_prompt_tokens=budget,
+            special_tokens_in_content=trusted,
         )
         return _extend(prompt, llm, prefix) if prefix else prompt
 
-    return run, prefix
+    return run, prefix, messages
 
 
 def completion_prepare_fn(state: ServerState, req: CompletionRequest) -> Callable[[], PromptInputs]:
+    """A raw prompt is the caller's own template text: its special-token strings are markers."""
     text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-    return functools.partial(state.llm.processor.prepare_text, text)
+    budget = prompt_budget(state, req.max_tokens)
+    return functools.partial(state.llm.processor.prepare_media, text, [], max_prompt_tokens=budget)
 
 
 def usage(prompt: PromptInputs, completion_tokens: int) -> dict[str, int]:

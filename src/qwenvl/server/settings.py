@@ -35,6 +35,16 @@ class ServerSettings:
         retry_after_s: the ``Retry-After`` header of a 429/503.
         malloc_trim_interval_s: how often freed heap memory is returned to the OS (glibc
             ``malloc_trim``; 0 = never).
+        fetch_workers: threads downloading media URLs, apart from ``preprocess_workers``, so
+            slow senders (each cut off after ``media_timeout_s``) never hold up decoding.
+        header_timeout_s: a connection must send a request's whole header within this time
+            (slowloris guard), or it is closed.
+        body_timeout_s: a request's whole body must arrive within this time (408 beyond).
+        metrics_need_key: with an ``api_key``, ``/metrics`` needs it too (False: open, for a
+            scraper on a trusted network).
+        special_tokens_in_content: parse special-token strings typed in messages as control
+            tokens (trusted clients only: anyone could then end their turn and write a system
+            turn). Off: message text is always plain text.
     """
 
     served_model_name: str = "qwenvl"
@@ -52,11 +62,20 @@ class ServerSettings:
     preprocess_workers: int = 4
     retry_after_s: int = 1
     malloc_trim_interval_s: float = 5.0
+    fetch_workers: int = 32
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    metrics_need_key: bool = True
+    special_tokens_in_content: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_media_bytes", "max_image_pixels", "preprocess_workers"):
+        counts = ("max_body_bytes", "max_media_bytes", "max_image_pixels", "preprocess_workers")
+        for name in (*counts, "fetch_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("media_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_waiting_requests < 0:
             raise ConfigError("max_waiting_requests must be >= 0")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:

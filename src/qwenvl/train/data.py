@@ -229,8 +229,10 @@ def encode_conversation(
         start, stop = len(head), len(upto)
         end = text.rfind(END, start, stop)
         spans.append((start, end + len(END) if end >= 0 else stop))
-    enc = processor.tokenizer.backend.encode(text, add_special_tokens=False)
-    ids, offsets = enc.ids, enc.offsets
+    # the same encoding as prepare_chat's: message text is plain text, markers are special
+    ids, offsets = processor.encode_chat(
+        processor.render_marked(messages, add_generation_prompt=False)
+    )
     flags = [any(s <= a and b <= e for s, e in spans) and b > a for a, b in offsets]
     cfg = processor.config
     for token_id, items in (
