@@ -26,7 +26,7 @@ GREEDY_TEMPERATURE = 1e-5
 
 _T = TypeVar("_T")
 
-# seed: what a 64-bit signed integer holds (OpenAI's and vLLM's range)
+# what a 64-bit signed integer holds: the range of seed (OpenAI's and vLLM's) and of every int
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
@@ -111,8 +111,6 @@ class SamplingParams:
 
         if self.n < 1:
             raise PromptError(f"n must be at least 1, got {self.n}")
-        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            raise PromptError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.temperature < 0.0:
             raise PromptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -217,8 +215,12 @@ def _as_float(name: str, value: Any) -> float:
 
 
 def _as_int(name: str, value: Any) -> int:
+    """An int that fits in 64 bits: every count and id ends up in an int64 tensor, where a
+    larger Python int fails the whole batch's step."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise PromptError(f"{name} must be an int, got {value!r}")
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise PromptError(f"{name} must be a 64-bit signed integer, got {value}")
     return int(value)
 
 
@@ -238,7 +240,7 @@ def _as_stop_token_ids(ids: Any) -> tuple[int, ...]:
     if (
         isinstance(ids, str)
         or not isinstance(ids, Sequence)
-        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= SEED_MAX for i in ids)
     ):
         raise PromptError(f"stop_token_ids must be a list of non-negative ints, got {ids!r}")
     return tuple(ids)

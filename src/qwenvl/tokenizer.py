@@ -216,6 +216,8 @@ class Tokenizer:
         # encode_batch releases the GIL (encode does not): a long prompt tokenized in a worker
         # thread must not stall the server's event loop.
         backend = self.backend if special else self._plain_backend
+        for text in texts:
+            _check_unicode(text)
         return backend.encode_batch(list(texts), add_special_tokens=False)
 
     def _refuse_over(
@@ -330,6 +332,20 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         """Ids of the added tokens marked special (those `skip_special_tokens` drops)."""
         return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+
+def _check_unicode(text: str) -> None:
+    """Text must be encodable as UTF-8: a lone UTF-16 surrogate (which JSON's ``\\ud800`` can
+    spell) is not a character, and the tokenizer would fail on it with a bare TypeError."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(
+            f"the text holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
+            "which is not valid Unicode"
+        ) from None
 
 
 def special_token_pattern(tokens: Iterable[str]) -> re.Pattern[str]:

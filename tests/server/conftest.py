@@ -72,6 +72,10 @@ def media_server() -> Iterator[MediaServer]:
                 self.send_response(302)
                 self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
                 self.end_headers()
+            elif self.path == "/loop":  # redirects to itself forever
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.end_headers()
             elif self.path == "/to-red":
                 self.send_response(302)
                 self.send_header("Location", "/red.png")

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 def _add_serve(sub: Subparsers) -> None:
     from qwenvl.cli.main import _add_load_args, _add_model_args, _add_vision_args
+    from qwenvl.server.settings import ServerSettings
 
     p = sub.add_parser(
         "serve",
@@ -75,6 +76,46 @@ def _add_serve(sub: Subparsers) -> None:
         help="max_tokens of a request that sets none (default: the checkpoint's, else the rest "
         "of the context)",
     )
+    defaults = ServerSettings()
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        metavar="N",
+        help="largest image, as sent or as resized by its options (413 beyond)",
+    )
+    p.add_argument(
+        "--fetch-workers",
+        type=int,
+        default=defaults.fetch_workers,
+        metavar="N",
+        help="threads downloading media URLs, apart from preprocessing",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_s,
+        metavar="S",
+        help="close connections whose request headers take longer (slowloris guard)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        metavar="S",
+        help="408 for request bodies that take longer to arrive",
+    )
+    p.add_argument(
+        "--metrics-without-key",
+        action="store_true",
+        help="serve /metrics without the API key (for a scraper on a trusted network)",
+    )
+    p.add_argument(
+        "--special-tokens-in-content",
+        action="store_true",
+        help="parse special tokens typed in messages as control tokens (trusted clients only: "
+        "a user could end their turn and write a system turn)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -103,6 +144,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_media_domains=tuple(args.allowed_media_domains),
         allow_private_media=args.allow_private_media,
         default_max_tokens=args.default_max_tokens,
+        max_image_pixels=args.max_image_pixels,
+        fetch_workers=args.fetch_workers,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        metrics_need_key=not args.metrics_without_key,
+        special_tokens_in_content=args.special_tokens_in_content,
     )
     llm = LLM(
         args.model,
