@@ -240,7 +240,9 @@ def _as_stop_token_ids(ids: Any) -> tuple[int, ...]:
     if (
         isinstance(ids, str)
         or not isinstance(ids, Sequence)
-        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= SEED_MAX for i in ids)
+        or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= SEED_MAX for i in ids
+        )
     ):
         raise PromptError(f"stop_token_ids must be a list of non-negative ints, got {ids!r}")
     return tuple(ids)

@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import start_server
 from server_helpers import API_KEY, MODEL, data_uri, png_bytes
+
+from conftest import start_server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TIMEOUT = 1.0  # the hostile server's media, header and body deadlines
@@ -100,7 +101,7 @@ CASES: list[tuple[str, str, Any, int, list[str]]] = [
     (
         "lone surrogate",
         "chat",
-        '{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800"}]}' % MODEL,
+        json.dumps(chat("a")).replace('"a"', '"a\\ud800"'),
         400,
         ["messages.0.content", "surrogate"],
     ),
@@ -324,7 +325,10 @@ def test_slow_body_gets_408(hostile: Any) -> None:
     port = int(hostile.root.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.settimeout(10)
-        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Length: 1000\r\n\r\n"
+        )
         sock.sendall(head.encode())
         t0 = time.monotonic()
         reply = b""

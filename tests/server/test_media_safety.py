@@ -112,3 +112,32 @@ def test_local_media_root(tmp_path: Path) -> None:
             load_image(str(path), policy)
     with pytest.raises(MediaError, match="disabled by the media policy"):
         load_image(str(root / "a.png"), MediaPolicy.safe())
+
+
+def test_userinfo_is_refused_before_any_lookup_or_connection(
+    media_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "http://evil.com@127.0.0.1/" names 127.0.0.1 (evil.com is a user name): whatever the policy
+    # trusts, it must be refused before a name is resolved or a socket connects.
+    lookups = _fake_dns(monkeypatch, {})
+    connects: list[Any] = []
+
+    class RecordingSocket(socket.socket):
+        def connect(self, address: Any) -> None:
+            connects.append(address)
+            super().connect(address)
+
+    monkeypatch.setattr(socket, "socket", RecordingSocket)
+    port = media_server.port
+    urls = (
+        "http://evil.com@127.0.0.1/",
+        f"http://evil.com@127.0.0.1:{port}/red.png",
+        f"http://evil.com:{port}@127.0.0.1:{port}/red.png",
+        "http://user:pass@169.254.169.254/latest/meta-data/",
+    )
+    for policy in (MediaPolicy.safe(), MediaPolicy.safe(allowed_domains=("evil.com",))):
+        for url in urls:
+            with pytest.raises(MediaError, match=r"user name or password \(user@host\)") as info:
+                fetch_url(url, policy)
+            assert "pass@" not in str(info.value)
+    assert lookups == [] and connects == []
