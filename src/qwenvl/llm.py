@@ -14,7 +14,7 @@ from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.engine import LLMEngine
 from qwenvl.errors import CheckpointError, ConfigError, PromptError
 from qwenvl.outputs import RequestOutput, StreamEvent
-from qwenvl.processing.media import MediaPolicy
+from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
 from qwenvl.sampling import SamplingParams
 from qwenvl.tool_calls import attach_tool_calls

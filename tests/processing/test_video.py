@@ -19,7 +19,7 @@ from PIL import Image
 
 from qwenvl.errors import MediaError
 from qwenvl.processing.image import VIDEO_MAX_PIXELS, VisionPreprocessConfig, smart_resize
-from qwenvl.processing.media import MediaPolicy
+from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.video import (
     VIDEO_TOTAL_PIXELS,
     VideoSampling,

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from qwenvl.errors import MediaError
-from qwenvl.processing.media import MediaPolicy, address_is_public, fetch_url, load_image
+from qwenvl.processing.fetch import address_is_public, fetch_url
+from qwenvl.processing.media import load_image
+from qwenvl.processing.policy import MediaPolicy
 
 REAL_GETADDRINFO = socket.getaddrinfo
 

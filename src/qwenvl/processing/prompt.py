@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qwenvl.errors import ContextLengthError, MediaError, MediaTooLargeError, PromptError
+from qwenvl.errors import ContextLengthError, MediaError, PromptError
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.models.qwen2_vl.positions import get_mrope_positions
 from qwenvl.processing.chat_template import (
@@ -34,7 +34,8 @@ from qwenvl.processing.image import (
     image_geometry,
     preprocess_image,
 )
-from qwenvl.processing.media import MediaPolicy, OpenedImage, load_image, open_image
+from qwenvl.processing.media import OpenedImage, load_image, open_image
+from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.video import VideoSampling, load_video
 from qwenvl.tokenizer import Tokenizer
 
@@ -360,14 +361,12 @@ class Processor:
     def _check_resized(self, geometry: ImageGeometry) -> None:
         """Per-item options (``min_pixels``, ``resized_height``...) may not grow an image past
         the policy's pixel limit: they are bounded like the image's own size."""
-        area = geometry.resized_width * geometry.resized_height
-        limit = self.media_policy.max_image_pixels
-        if area > limit:
-            raise MediaTooLargeError(
-                f"the options resize the image to {geometry.resized_width}x"
-                f"{geometry.resized_height} = {area} pixels, over the limit of {limit} pixels "
-                "(MediaPolicy.max_image_pixels); lower min_pixels or resized_height/width"
-            )
+        self.media_policy.check_pixels(
+            geometry.resized_width,
+            geometry.resized_height,
+            "the options resize the image to",
+            "; lower min_pixels or resized_height/width",
+        )
 
     def prepare_text(
         self,

@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 
 from qwenvl.errors import MediaError, MediaTooLargeError
+from qwenvl.processing.fetch import fetch_url
 from qwenvl.processing.image import (
     ProcessedVideo,
     VisionPreprocessConfig,
@@ -34,15 +35,14 @@ from qwenvl.processing.image import (
     to_rgb,
 )
 from qwenvl.processing.media import (
-    DEFAULT_POLICY,
-    MediaPolicy,
+    URL_SCHEME,
     _file_url_to_path,
-    _short,
     check_local_path,
-    fetch_url,
     load_image,
     parse_data_uri,
 )
+from qwenvl.processing.policy import DEFAULT_POLICY, MediaPolicy
+from qwenvl.processing.policy import shorten as _short
 from qwenvl.processing.video_frames import VideoFrameWriter
 from qwenvl.processing.video_plan import (
     FPS,
@@ -94,7 +94,6 @@ DEFAULT_SEEK_GAP = 64
 _IN_FLIGHT = 4
 # Containers PyAV opens for still images; they are not videos.
 _IMAGE_FORMATS = re.compile(r"^(image2|.*_pipe|apng|gif|webp)$")
-_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 VideoSource = str | bytes | bytearray | os.PathLike[str] | Sequence[Any]
 
 
@@ -130,7 +129,7 @@ def _resolve(source: Any, policy: MediaPolicy) -> tuple[str | io.BytesIO, str]:
             raise MediaError("empty video source string")
         if text[:5].lower() == "data:":
             return io.BytesIO(parse_data_uri(text, policy, "video")), "data URI video"
-        match = _URL_SCHEME.match(text)
+        match = URL_SCHEME.match(text)
         if match:
             scheme = match.group(1).lower()
             if scheme in ("http", "https"):
@@ -189,11 +188,7 @@ def _open(source: Any, policy: MediaPolicy) -> tuple[Any, Any, VideoInfo, str]:
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise MediaError(f"{what}: video stream has no frame size")
-        if width * height > policy.max_image_pixels:
-            raise MediaTooLargeError(
-                f"{what}: frames are {width}x{height} = {width * height} pixels, over the limit "
-                f"of {policy.max_image_pixels} pixels (MediaPolicy.max_image_pixels)"
-            )
+        policy.check_pixels(width, height, f"{what}: frames are")
         info = VideoInfo(fps=fps, total_frames=total, duration=duration, width=width, height=height)
     except BaseException:
         container.close()
@@ -401,13 +396,12 @@ def _preprocess(
 def _check_frame_size(plan: VideoPlan, policy: MediaPolicy, what: str) -> None:
     """Frames resized (``min_pixels``, ``resized_height``...) beyond the pixel limit are refused
     before any is decoded: the options are the request's, so they are bounded like a header."""
-    area = plan.resized_width * plan.resized_height
-    if area > policy.max_image_pixels:
-        raise MediaTooLargeError(
-            f"{what}: the options resize frames to {plan.resized_width}x{plan.resized_height} = "
-            f"{area} pixels, over the limit of {policy.max_image_pixels} pixels "
-            "(MediaPolicy.max_image_pixels); lower min_pixels or resized_height/width"
-        )
+    policy.check_pixels(
+        plan.resized_width,
+        plan.resized_height,
+        f"{what}: the options resize frames to",
+        "; lower min_pixels or resized_height/width",
+    )
 
 
 def load_video(

@@ -33,7 +33,9 @@ from qwenvl.errors import (
 from qwenvl.grounding import ground
 from qwenvl.llm import LLM
 from qwenvl.outputs import StreamEvent
-from qwenvl.processing.media import MediaPolicy, check_local_path, fetch_url
+from qwenvl.processing.fetch import fetch_url
+from qwenvl.processing.media import check_local_path
+from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.prompt import PromptInputs
 from qwenvl.sampling import SamplingParams
 from qwenvl.server.metrics import Metrics

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenvl.errors import ConfigError
-from qwenvl.processing.media import MediaPolicy
+from qwenvl.processing.policy import MediaPolicy
 
 _MiB = 1024 * 1024
 
