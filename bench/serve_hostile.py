@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import ROOT, build_tiny, free_port, random_image, rss_mib  # noqa: E402
+from serve_load import ROOT, build_tiny, free_port, random_image, rss_mib, wait_up  # noqa: E402
 
 
 class Drip(socketserver.BaseRequestHandler):
@@ -195,20 +195,6 @@ def main() -> int:
     print(f"health after: {health}")
     ok = ratio <= 2 and not stats["normal_failed"] and not stats["hostile_5xx"] and health == 200
     return 0 if ok else 1
-
-
-def wait_up(base: str, proc: subprocess.Popen, log: Path) -> None:
-    t0 = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 120:
-            print(log.read_text()[-3000:])
-            raise SystemExit("the server did not start")
-        time.sleep(0.2)
 
 
 if __name__ == "__main__":

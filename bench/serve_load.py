@@ -61,6 +61,21 @@ def random_image(rng: random.Random) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def wait_up(base: str, proc: subprocess.Popen, log: Path) -> None:
+    """Wait for the server subprocess to answer /health (its log's tail if it never does)."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() - t0 > 120:
+            print(log.read_text()[-3000:])
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
+
+
 def build_tiny(folder: Path) -> Path:
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
     import tiny  # type: ignore[import-not-found]
@@ -215,17 +230,7 @@ def main() -> int:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            t_start = time.monotonic()
-            while True:
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() - t_start > 120:
-                    print(Path(tmp, "server.log").read_text()[-3000:])
-                    raise SystemExit("the server did not start")
-                time.sleep(0.2)
+            wait_up(base, proc, Path(tmp) / "server.log")
             deadline = time.monotonic() + args.max_seconds
             # warm-up, then the sequential baseline (1 client)
             asyncio.run(run_load(base, "bench", 16, 4, args.max_tokens, 99, deadline))

@@ -12,7 +12,7 @@ import torch
 from qwenvl.checkpoint import load_model, read_json, resolve_checkpoint
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.engine import LLMEngine
-from qwenvl.errors import CheckpointError, ConfigError, PromptError
+from qwenvl.errors import CheckpointError, ConfigError, ContextLengthError, PromptError
 from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
@@ -189,7 +189,10 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params(sampling_params, len(prompts))
-        inputs = [self._prepare_raw(p, self._budget(sp)) for p, sp in zip(prompts, params)]
+        inputs = [
+            self._prepare_raw(p, self.prompt_budget(sp.max_tokens))
+            for p, sp in zip(prompts, params)
+        ]
         return self._run(inputs, params)
 
     def stream_chat(
@@ -211,13 +214,17 @@ class LLM:
         yield from self._generator(prompts, params)
 
     # --- internals ---------------------------------------------------------------------------
-    def _budget(self, params: SamplingParams) -> int:
-        """The most tokens a prompt may take so that ``max_tokens`` still fit after it."""
-        wanted = max(1, params.max_tokens or 1)
+    def prompt_budget(self, max_tokens: int | None) -> int:
+        """The most tokens a prompt may take so that ``max_tokens`` still fit after it.
+
+        Raises:
+            ContextLengthError: ``max_tokens`` leaves no room for any prompt.
+        """
+        wanted = max(1, max_tokens or 1)
         room = self.engine.max_prompt_tokens + 1  # context or KV capacity, whichever is smaller
         if wanted >= room:
-            raise PromptError(
-                f"max_tokens={params.max_tokens} leaves no room for a prompt: the context holds "
+            raise ContextLengthError(
+                f"max_tokens={max_tokens} leaves no room for a prompt: the context holds "
                 f"{self.max_model_len} tokens and the KV cache {self.engine.kv_capacity_tokens}"
             )
         return room - wanted
@@ -248,7 +255,7 @@ class LLM:
                         tools=tools,
                         add_generation_prompt=add_generation_prompt,
                         add_vision_id=add_vision_id,
-                        max_prompt_tokens=self._budget(p),
+                        max_prompt_tokens=self.prompt_budget(p.max_tokens),
                         special_tokens_in_content=special_tokens_in_content,
                     )
                 )

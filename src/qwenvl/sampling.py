@@ -27,7 +27,7 @@ GREEDY_TEMPERATURE = 1e-5
 _T = TypeVar("_T")
 
 # what a 64-bit signed integer holds: the range of seed (OpenAI's and vLLM's) and of every int
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _track_explicit_fields(cls: type[_T]) -> type[_T]:
@@ -219,7 +219,7 @@ def _as_int(name: str, value: Any) -> int:
     larger Python int fails the whole batch's step."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise PromptError(f"{name} must be an int, got {value!r}")
-    if not SEED_MIN <= value <= SEED_MAX:
+    if not INT64_MIN <= value <= INT64_MAX:
         raise PromptError(f"{name} must be a 64-bit signed integer, got {value}")
     return int(value)
 
@@ -241,7 +241,7 @@ def _as_stop_token_ids(ids: Any) -> tuple[int, ...]:
         isinstance(ids, str)
         or not isinstance(ids, Sequence)
         or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= SEED_MAX for i in ids
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= INT64_MAX for i in ids
         )
     ):
         raise PromptError(f"stop_token_ids must be a list of non-negative ints, got {ids!r}")

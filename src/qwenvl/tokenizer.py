@@ -217,7 +217,9 @@ class Tokenizer:
         # thread must not stall the server's event loop.
         backend = self.backend if special else self._plain_backend
         for text in texts:
-            _check_unicode(text)
+            at = lone_surrogate(text)
+            if at is not None:
+                raise PromptError(surrogate_message(text, at))
         return backend.encode_batch(list(texts), add_special_tokens=False)
 
     def _refuse_over(
@@ -331,21 +333,26 @@ class Tokenizer:
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         """Ids of the added tokens marked special (those `skip_special_tokens` drops)."""
-        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+        return frozenset(self.special_tokens.values())
 
 
-def _check_unicode(text: str) -> None:
-    """Text must be encodable as UTF-8: a lone UTF-16 surrogate (which JSON's ``\\ud800`` can
-    spell) is not a character, and the tokenizer would fail on it with a bare TypeError."""
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone UTF-16 surrogate (which JSON's ``\\ud800`` can spell but no
+    UTF-8 text can hold), or None. The tokenizer would fail on one with a bare TypeError."""
     if text.isascii():
-        return
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise PromptError(
-            f"the text holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
-            "which is not valid Unicode"
-        ) from None
+        return e.start
+    return None
+
+
+def surrogate_message(text: str, at: int) -> str:
+    return (
+        f"the text holds a lone UTF-16 surrogate ({text[at]!r} at character {at}), which is not "
+        "valid Unicode"
+    )
 
 
 def special_token_pattern(tokens: Iterable[str]) -> re.Pattern[str]:

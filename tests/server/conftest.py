@@ -8,9 +8,7 @@ bodies and media) for the 413/429 tests.
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
-from server_helpers import API_KEY, MODEL, jpeg_bytes, mp4_bytes, png_bytes
+from server_helpers import API_KEY, MODEL, Running, jpeg_bytes, mp4_bytes, png_bytes, start_server
 
 
 # --- the media HTTP server -------------------------------------------------------------------
@@ -102,50 +100,6 @@ def media_server() -> Iterator[MediaServer]:
 
 
 # --- qwenvl servers --------------------------------------------------------------------------
-@dataclass
-class Running:
-    base_url: str  # http://127.0.0.1:PORT/v1
-    app: Any
-    llm: Any
-
-    @property
-    def root(self) -> str:
-        return self.base_url[: -len("/v1")]
-
-    def client(self, api_key: str = API_KEY, **kw: Any) -> Any:
-        from openai import OpenAI
-
-        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, **kw)
-
-    @property
-    def state(self) -> Any:
-        return self.app.state.qwenvl
-
-
-def start_server(llm: Any, settings: Any) -> Iterator[Running]:
-    import uvicorn
-
-    from qwenvl.server import create_app, uvicorn_config
-
-    app = create_app(llm, settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn_config(app, settings, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    yield Running(f"http://127.0.0.1:{port}/v1", app, llm)
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("media")

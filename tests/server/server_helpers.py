@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import struct
+import threading
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -104,3 +107,48 @@ def wait_idle(running: Any, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"engine still busy: {list(engine.requests)}")
+
+
+# --- qwenvl servers --------------------------------------------------------------------------
+@dataclass
+class Running:
+    base_url: str  # http://127.0.0.1:PORT/v1
+    app: Any
+    llm: Any
+
+    @property
+    def root(self) -> str:
+        return self.base_url[: -len("/v1")]
+
+    def client(self, api_key: str = API_KEY, **kw: Any) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, **kw)
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.qwenvl
+
+
+def start_server(llm: Any, settings: Any) -> Iterator[Running]:
+    import uvicorn
+
+    from qwenvl.server import create_app, uvicorn_config
+
+    app = create_app(llm, settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn_config(app, settings, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    yield Running(f"http://127.0.0.1:{port}/v1", app, llm)
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -14,9 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_helpers import API_KEY, MODEL, data_uri, png_bytes
-
-from conftest import start_server
+from server_helpers import API_KEY, MODEL, data_uri, png_bytes, start_server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TIMEOUT = 1.0  # the hostile server's media, header and body deadlines
@@ -235,8 +233,6 @@ def test_pixel_bomb_options_are_refused_before_decoding(hostile: Any, monkeypatc
 def test_slow_media_senders_are_cut_off_at_the_deadline(
     hostile: Any, drip: str, path: str, monkeypatch: Any
 ) -> None:
-    from qwenvl.processing import media
-
     monkeypatch.setattr(
         hostile.llm.processor, "media_policy", _trusting(hostile.llm.processor.media_policy)
     )
@@ -251,7 +247,6 @@ def test_slow_media_senders_are_cut_off_at_the_deadline(
     assert_error(r, 400, ["timed out after 1 s"])
     assert r.json()["error"]["code"] == "media_timeout"
     assert elapsed < TIMEOUT + 2.0, elapsed
-    assert media  # the module under test
 
 
 def _trusting(policy: Any) -> Any:

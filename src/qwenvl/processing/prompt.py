@@ -186,6 +186,13 @@ class Processor:
         return video
 
     # --- prompts -----------------------------------------------------------------------------
+    def _template(self) -> str:
+        if self.chat_template is None:
+            raise PromptError(
+                "this checkpoint has no chat template; use generate() with a raw prompt"
+            )
+        return self.chat_template
+
     def render(
         self,
         messages: list[dict[str, Any]],
@@ -194,12 +201,8 @@ class Processor:
         add_generation_prompt: bool = True,
         add_vision_id: bool = False,
     ) -> str:
-        if self.chat_template is None:
-            raise PromptError(
-                "this checkpoint has no chat template; use generate() with a raw prompt"
-            )
         return render_chat(
-            self.chat_template,
+            self._template(),
             _strip_payloads(messages),
             tools=tools,
             add_generation_prompt=add_generation_prompt,
@@ -216,12 +219,8 @@ class Processor:
     ) -> RenderedChat:
         """`render`, with the spans of the template's own special tokens (see
         `render_chat_marked`): what `encode_chat` needs to keep message text plain."""
-        if self.chat_template is None:
-            raise PromptError(
-                "this checkpoint has no chat template; use generate() with a raw prompt"
-            )
         return render_chat_marked(
-            self.chat_template,
+            self._template(),
             _strip_payloads(messages),
             self.tokenizer.special_tokens,
             tools=tools,

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from qwenvl.sampling import SEED_MAX, SEED_MIN
+from qwenvl.sampling import INT64_MAX, INT64_MIN
+from qwenvl.tokenizer import lone_surrogate, surrogate_message
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveNum = Annotated[float, Field(gt=0)]
@@ -199,7 +200,7 @@ class _SamplingFields(_Strict):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -350,15 +351,11 @@ def parse_json_body(raw: bytes) -> Any:
 
 
 def _check_unicode(text: str, path: str) -> None:
-    if text.isascii():
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
+    at = lone_surrogate(text)
+    if at is not None:
         raise APIError(
             400,
-            f"{path or 'the request body'}: the text holds a lone UTF-16 surrogate "
-            f"({text[e.start]!r} at character {e.start}), which is not valid Unicode",
+            f"{path or 'the request body'}: {surrogate_message(text, at)}",
             param=path or None,
             code="invalid_request",
-        ) from None
+        )

@@ -72,9 +72,13 @@ def input_error(e: QwenVLError) -> APIError:
     return APIError(400, msg, code="invalid_request")
 
 
+def _scheme(url: str) -> str:
+    return urllib.parse.urlsplit(url.strip()).scheme.lower() if "://" in url else ""
+
+
 def check_media_url(url: str, where: str, policy: MediaPolicy) -> None:
     """Only http(s), data: and (under the allowed folder) file: URLs reach the loaders."""
-    scheme = urllib.parse.urlsplit(url.strip()).scheme.lower() if "://" in url else ""
+    scheme = _scheme(url)
     if url.strip()[:5].lower() == "data:":
         return
     if scheme in ("http", "https"):
@@ -440,7 +444,7 @@ async def fetch_media(state: ServerState, messages: list[dict[str, Any]]) -> Non
         for ci, part in enumerate(content if isinstance(content, list) else []):
             inner = part.get("image_url") or part.get("video_url")
             url = inner.get("url") if isinstance(inner, dict) else None
-            if isinstance(url, str) and url.strip()[:8].lower().startswith(("http://", "https:/")):
+            if isinstance(url, str) and _scheme(url) in ("http", "https"):
                 items.append((f"messages[{mi}].content[{ci}]", inner))
     if not items:
         return
@@ -483,20 +487,12 @@ async def prepare(state: ServerState, fn: Callable[[], PromptInputs]) -> PromptI
 
 
 def prompt_budget(state: ServerState, max_tokens: int | None) -> int:
-    """The most tokens the prompt may take so that ``max_tokens`` still fit after it. Every
-    request gets one, so text and image sizes are always checked before anything is decoded."""
-    engine = state.llm.engine
-    room = engine.max_prompt_tokens + 1  # context or KV capacity, whichever is smaller
-    if max_tokens is not None and max_tokens >= room:
-        limit = min(engine.max_model_len, engine.kv_capacity_tokens)
-        raise APIError(
-            400,
-            f"max_tokens={max_tokens} leaves no room for a prompt: the context holds {limit} "
-            "tokens",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    return room - (max_tokens or 1)
+    """`LLM.prompt_budget`: every request gets one, so text and image sizes are always checked
+    before anything is decoded."""
+    try:
+        return state.llm.prompt_budget(max_tokens)
+    except ContextLengthError as e:
+        raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
 
 
 def chat_prepare_fn(
