@@ -6,18 +6,37 @@ bf16/int8 in registers. ``decode.cpp`` does the rest of a decoder layer's float3
 the SwiGLU gate, rotary + paged-cache write + attention) in one call each, where eager torch
 spends more time dispatching ops than computing; ``layers.cpp`` runs a packed decoder's layers
 for a decode step in one call, threads forked once. The extension is compiled with
-``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first use and cached under
-``~/.cache/qwenvl/kernels/<hash>``; without a compiler (or with ``QWENVL_KERNELS=0``)
-``available()`` is False and callers keep using torch.
+``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first use; without a compiler (or
+with ``QWENVL_KERNELS=0``) ``available()`` is False and callers keep using torch, and
+``describe()`` says which of these holds.
+
+The build cache: ``~/.cache/qwenvl/kernels/<key>/``, where the key hashes everything the library
+depends on: the sources' bytes, the torch build, the Python ABI, the compiler, the flags and (for
+``-march=native``) the CPU's features. It does not depend on where the sources or torch are
+installed, so checkouts and environments with the same sources and toolchain share one build and
+never rebuild when they alternate. A build copies the sources into a private temporary folder,
+compiles there in a child process (``torch.utils.cpp_extension``) and renames the folder into
+place, under a file lock, so concurrent first builds build once and a killed build leaves
+nothing half-made behind; once built, the library is loaded directly, without the compiler or
+ninja.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +48,7 @@ __all__ = [
     "available",
     "decode_attention",
     "decode_layers",
+    "describe",
     "huge_page_copy",
     "linear_bf16",
     "linear_int8",
@@ -42,11 +62,21 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_M = 16  # rows of x the kernels take; callers use torch.matmul above it
-_SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "decode.cpp", "layers.cpp")]
-_HEADERS = [Path(__file__).with_name("kernels.h")]
+_NAME = "qwenvl_gemv"  # the extension, and the torch.ops namespace its ops register in
+_LIBRARY = _NAME + (".pyd" if sys.platform == "win32" else ".so")
+_HERE = Path(__file__).parent
+_LAYOUT = 2  # bump when the cache folder's layout changes
 _lock = threading.Lock()
 _module: Any | None = None
 _tried = False
+_status = "not loaded yet"  # what describe() says
+
+
+def _source_files() -> dict[str, bytes]:
+    """Every C++ source and header of the extension, by name: what the build compiles and copies,
+    and what its cache key hashes."""
+    files = sorted(p for p in _HERE.iterdir() if p.suffix in (".cpp", ".h"))
+    return {p.name: p.read_bytes() for p in files}
 
 
 def _cpu_flags() -> str:
@@ -73,20 +103,166 @@ def _cflags() -> list[str]:
     return ["-O3", f"-march={_march()}", "-fopenmp", "-fno-trapping-math"]
 
 
-def _build_dir() -> Path:
-    sources = [p.read_text() for p in (*_SOURCES, *_HEADERS)]
-    key = "\n".join(
-        [*sources, torch.__version__, platform.machine(), _cpu_flags(), *_cflags()]
-    ).encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    path = Path.home() / ".cache" / "qwenvl" / "kernels" / digest
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _compiler() -> str:
+    """The C++ compiler torch.utils.cpp_extension will run (``$CXX`` or ``c++``): its resolved
+    path and version line, or why there is none."""
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        return f"{cxx} (not found)"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        version = (out.stdout.splitlines() or [""])[0]
+    except (OSError, subprocess.SubprocessError) as e:
+        version = f"({e})"
+    return f"{os.path.realpath(path)} {version}"
+
+
+def _key_inputs(sources: dict[str, bytes]) -> dict[str, Any]:
+    """What the built library depends on, and nothing about where things are installed."""
+    return {
+        "layout": _LAYOUT,
+        "sources": {name: hashlib.sha256(data).hexdigest() for name, data in sources.items()},
+        "torch": [
+            torch.__version__,
+            torch.version.git_version,
+            torch.version.cuda,
+            torch.version.hip,
+            bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)),
+        ],
+        "python": [sys.implementation.cache_tag, sysconfig.get_config_var("EXT_SUFFIX")],
+        "machine": platform.machine(),
+        "cpu": _cpu_flags() if _march() == "native" else None,
+        "compiler": _compiler(),
+        "cflags": _cflags(),
+    }
+
+
+def _cache_root() -> Path:
+    return Path.home() / ".cache" / "qwenvl" / "kernels"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, waiting: str) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` while the block runs (False, and no lock, where the file
+    system or platform has none: the atomic rename alone then keeps builds whole)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield False
+        return
+    with open(path, "a") as f:
+        locked = True
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning(waiting)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # e.g. a file system without locks
+            locked = False
+        try:
+            yield locked
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# Run by the child process that builds: cpp_extension.load compiles with ninja in the folder
+# given, then loads the library (in the child, which exits).
+_BUILD = """
+import json, sys
+from torch.utils import cpp_extension
+name, folder, sources, cflags = json.loads(sys.argv[1])
+try:
+    cpp_extension.load(name=name, sources=[folder + "/" + s for s in sources],
+                       build_directory=folder, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=False)
+except Exception as e:
+    print(str(e).strip(), file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def _compile(folder: Path, sources: list[str]) -> None:
+    """Build the library in ``folder`` (which holds ``sources``) in a child process, so this
+    process only ever loads the library from its final place. ninja comes from PATH, else from
+    this environment's scripts folder (an environment used without being activated)."""
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        extra = [sysconfig.get_path("scripts")]
+        with contextlib.suppress(ImportError, AttributeError):
+            import ninja  # type: ignore[import-not-found]
+
+            extra.append(ninja.BIN_DIR)
+        path = os.pathsep.join([*extra, path])
+    arg = json.dumps([_NAME, str(folder), sources, _cflags()])
+    r = subprocess.run(
+        [sys.executable, "-c", _BUILD, arg],
+        env={**os.environ, "PATH": path},
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0 or not (folder / _LIBRARY).is_file():
+        lines = (r.stderr or r.stdout).replace(f"{folder}{os.sep}", "").strip().splitlines()
+        raise RuntimeError("\n".join(lines[-40:]) or f"the build exited with {r.returncode}")
+
+
+def _ensure_built() -> Path:
+    """The cache folder holding this build's library, built first if it is not there."""
+    sources = _source_files()
+    inputs = _key_inputs(sources)
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    root = _cache_root()
+    final = root / digest
+    if (final / _LIBRARY).is_file():
+        return final
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx} is not on PATH")
+    root.mkdir(parents=True, exist_ok=True)
+    waiting = f"qwenvl: waiting for another process compiling the CPU kernels into {final}"
+    with _file_lock(root / f"{digest}.lock", waiting) as locked:
+        if (final / _LIBRARY).is_file():  # built by the process we waited for
+            return final
+        if locked:  # nobody else is building this key: earlier builds' leftovers are dead
+            for old in root.glob(f".{digest}.*"):
+                shutil.rmtree(old, ignore_errors=True)
+        logger.warning("qwenvl: compiling CPU kernels (first use, ~20 s) into %s", final)
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
+        try:
+            for name, data in sources.items():
+                (tmp / name).write_bytes(data)
+            (tmp / "build-key.json").write_text(json.dumps(inputs, indent=1, sort_keys=True))
+            _compile(tmp, [n for n in sources if n.endswith(".cpp")])
+            for obj in tmp.glob("*.o"):
+                obj.unlink()
+            tmp.chmod(0o755)  # mkdtemp's 0700 is for the build, not the result
+            if final.exists() and locked:  # a folder without its library: a wreck, not a build
+                shutil.rmtree(final)
+            try:
+                tmp.rename(final)
+            except OSError:
+                if not (final / _LIBRARY).is_file():
+                    raise
+                # without a lock another process got there first; its build is the same
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("qwenvl: CPU kernels compiled in %.1f s", time.perf_counter() - start)
+    return final
+
+
+def _reason(e: BaseException) -> str:
+    """One line for describe(): a build's first compiler error, else the message's first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    line = next((x for x in lines if "error:" in x.lower()), lines[0])
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _load() -> Any | None:
     """Build (or reuse) the extension once per process; None, with one warning, if it fails."""
-    global _module, _tried
+    global _module, _tried, _status
     if _tried:
         return _module
     with _lock:
@@ -94,23 +270,20 @@ def _load() -> Any | None:
             return _module
         if os.environ.get("QWENVL_KERNELS", "1") == "0":
             logger.info("qwenvl CPU kernels disabled by QWENVL_KERNELS=0")
+            _status = "disabled by QWENVL_KERNELS=0"
         else:
+            march = _march()
             try:
-                from torch.utils import cpp_extension
-
-                cpp_extension.load(
-                    name="qwenvl_gemv",
-                    sources=[str(p) for p in _SOURCES],
-                    build_directory=str(_build_dir()),
-                    extra_cflags=_cflags(),
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,  # registers torch.ops.qwenvl_gemv.*
-                    verbose=False,
+                folder = _ensure_built()
+                torch.ops.load_library(str(folder / _LIBRARY))  # registers torch.ops.qwenvl_gemv.*
+                _module = getattr(torch.ops, _NAME)
+                _status = (
+                    f"CPU kernels active ({_module.isa()} path, -march={march} build, {folder})"
                 )
-                _module = torch.ops.qwenvl_gemv
             except Exception as e:  # no compiler, no ninja, read-only home, ...
                 logger.warning("qwenvl CPU kernels unavailable, using torch: %s", e)
                 _module = None
+                _status = "unavailable: " + _reason(e)
         _tried = True
         return _module
 
@@ -118,6 +291,14 @@ def _load() -> Any | None:
 def available() -> bool:
     """True if the extension is built and enabled (builds it on the first call)."""
     return _load() is not None
+
+
+def describe() -> str:
+    """One line on the kernel path in use (building the kernels first if need be): "CPU kernels
+    active (<isa> path, -march=<m> build, <cache folder>)", "disabled by QWENVL_KERNELS=0" or
+    "unavailable: <reason>"."""
+    _load()
+    return _status
 
 
 def isa() -> str | None:
