@@ -15,7 +15,8 @@ from PIL import Image
 
 import tiny
 from qwenvl import LLM, SamplingParams
-from qwenvl.cli.main import ProgressBar, main
+from qwenvl.cli.common import ProgressBar
+from qwenvl.cli.main import main
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]

@@ -1,6 +1,6 @@
 """``qwenvl ground``: locate a phrase in an image and print (and draw) the boxes in image pixels.
 
-Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` like every subcommand (``_add_ground`` /
+Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` like every subcommand (``add_ground`` /
 ``cmd_ground``). The prompt is the model family's own grounding prompt
 (:func:`qwenvl.grounding.grounding_prompt`), decoding is greedy, and the answer is parsed in the
 family's convention (Qwen2-VL 0..1000 special-token boxes, Qwen2.5-VL JSON in resized pixels) and
@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from qwenvl.cli.common import add_load_args, add_model_args, add_vision_args, load_llm, positive_int
 from qwenvl.errors import MediaError, PromptError
 from qwenvl.grounding import Box, Point, Quad, draw, grounding_prompt
 from qwenvl.processing.media import load_image
 from qwenvl.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from qwenvl.cli.main import Subparsers
+    from qwenvl.cli.common import Subparsers
     from qwenvl.outputs import RequestOutput
 
 DEFAULT_GROUND_TOKENS = 256
@@ -83,9 +84,7 @@ def ground_request(
     return llm.chat(messages, params)[0]
 
 
-def _add_ground(sub: Subparsers) -> None:
-    from qwenvl.cli import main as cli
-
+def add_ground(sub: Subparsers) -> None:
     p = sub.add_parser(
         "ground",
         help="locate a phrase in an image (boxes in image pixels)",
@@ -93,7 +92,7 @@ def _add_ground(sub: Subparsers) -> None:
         "grounding prompt) and print each object as 'label: box x1 y1 x2 y2' in pixels of the "
         "original image.",
     )
-    cli._add_model_args(p)
+    add_model_args(p)
     p.add_argument(
         "--image", required=True, metavar="X", help="image path, URL or data URI to search"
     )
@@ -106,26 +105,24 @@ def _add_ground(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--max-tokens",
-        type=cli._positive_int,
+        type=positive_int,
         default=DEFAULT_GROUND_TOKENS,
         metavar="N",
         help=f"most tokens in the answer (default {DEFAULT_GROUND_TOKENS})",
     )
-    cli._add_load_args(p)
-    cli._add_vision_args(p)
+    add_load_args(p)
+    add_vision_args(p)
     p.add_argument("phrase", help="what to locate, e.g. 'the red car'")
     p.set_defaults(func=cmd_ground)
 
 
 def cmd_ground(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
-    from qwenvl.cli import main as cli
-
     out = stdout if stdout is not None else sys.stdout
     # Read the image first: a bad path fails before the (slow) model load.
     image = load_image(args.image)
     if args.out is not None and not Path(args.out).parent.is_dir():
         raise MediaError(f"cannot write {args.out}: folder {Path(args.out).parent} does not exist")
-    llm = cli.load_llm(args)
+    llm = load_llm(args)
     result = ground_request(
         llm, image, args.phrase, kind="point" if args.point else "box", max_tokens=args.max_tokens
     )

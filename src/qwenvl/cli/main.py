@@ -1,8 +1,9 @@
 """The ``qwenvl`` console script: ``qwenvl {chat,info,...} ...``, thin wrappers over the library.
 
-A subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its arguments and
-``cmd_<name>(args) -> int`` turns them into library calls; adding one means writing that pair and
-listing ``_add_<name>`` in :data:`SUBCOMMANDS`. Every error qwenvl raises on purpose
+A subcommand is a pair of functions: ``add_<name>(subparsers)`` declares its arguments and
+``cmd_<name>(args) -> int`` turns them into library calls; adding one means writing that pair
+(in its own module under :mod:`qwenvl.cli`, importing only :mod:`qwenvl.cli.common` and the
+library) and listing ``add_<name>`` in :data:`SUBCOMMANDS`. Every error qwenvl raises on purpose
 (:class:`~qwenvl.errors.QwenVLError`) is printed as ``error: <message>`` with exit code 2, Ctrl-C
 exits with 1, and argparse usage errors exit with 2 as usual.
 """
@@ -14,139 +15,38 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
-
-import torch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from qwenvl import __version__
-from qwenvl.checkpoint import load_config, read_json, resolve_checkpoint
-from qwenvl.cli.ground import _add_ground
-from qwenvl.cli.serve import _add_serve
-from qwenvl.cli.train import _add_merge_lora, _add_train
+from qwenvl.cli.common import (
+    add_load_args,
+    add_model_args,
+    add_vision_args,
+    isatty,
+    load_llm,
+    positive_float,
+    positive_int,
+    print_error,
+)
+from qwenvl.cli.ground import add_ground
+from qwenvl.cli.info import FAMILY_NAMES, add_info
+from qwenvl.cli.serve import add_serve
+from qwenvl.cli.train import add_merge_lora, add_train
 from qwenvl.demo import DEMO_MODEL_NAME, default_model_path
 from qwenvl.demo.tasks import TASKS
 from qwenvl.errors import QwenVLError
 from qwenvl.llm import LLM, Messages
-from qwenvl.models import ModelConfig, model_class
-from qwenvl.processing.prompt import Processor
 from qwenvl.sampling import SamplingParams
-from qwenvl.weights import SAFE_DTYPES, read_header, weight_files
 
 if TYPE_CHECKING:
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    from qwenvl.cli.common import Subparsers
 
-FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 # Used when neither --max-tokens nor the checkpoint's generation_config sets a limit: the library
 # default (16, vLLM's) cuts chat replies short, and "up to the context" sizes the KV cache for it.
 DEFAULT_MAX_TOKENS = 1024
-# Off a terminal the load bar is drawn only for checkpoints at least this big (keeps logs clean).
-PROGRESS_MIN_BYTES = 200_000_000
 SAMPLING_ARGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 CHAT_HELP = "commands: /image PATH, /video PATH (attach to the next turn), /reset, /help, /exit"
-
-
-# --- shared pieces ---------------------------------------------------------------------------
-def _isatty(stream: TextIO) -> bool:
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
-class ProgressBar:
-    """A one-line load bar (percent and MB) on ``stream``, fed by ``LLM(progress=...)``.
-
-    Drawn only when ``stream`` is a terminal or the checkpoint holds more than ``min_bytes``.
-    """
-
-    def __init__(
-        self, stream: TextIO | None = None, min_bytes: int = PROGRESS_MIN_BYTES, width: int = 30
-    ) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.min_bytes = min_bytes
-        self.width = width
-        self._enabled: bool | None = None  # decided on the first call, once the total is known
-        self._drawn = -1  # last drawn permille; redraw only when it changes
-        self._open = False  # a line without its newline is on screen
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._enabled is None:
-            self._enabled = _isatty(self.stream) or total > self.min_bytes
-        if not self._enabled:
-            return
-        frac = min(done / total, 1.0) if total > 0 else 1.0
-        permille = int(frac * 1000)
-        if permille == self._drawn:
-            return
-        self._drawn = permille
-        filled = int(frac * self.width)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(
-            f"\rloading weights [{bar}] {frac:6.1%} {done / 1e6:,.0f}/{total / 1e6:,.0f} MB"
-        )
-        self._open = done < total
-        if not self._open:
-            self.stream.write("\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """End the line if the bar stopped short (an error, or tensors the loader skipped)."""
-        if self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        metavar="DIR",
-        help="checkpoint folder or Hugging Face id (default: the bundled demo model)",
-    )
-
-
-def _add_vision_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--min-pixels", type=_positive_int, metavar="N", help="smallest image area (pixels)"
-    )
-    p.add_argument(
-        "--max-pixels", type=_positive_int, metavar="N", help="largest image area (pixels)"
-    )
-
-
-def _add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight and activation dtype; auto (default) = the checkpoint's, except on the CPU: "
-        "bf16 decoder weights with float32 activations",
-    )
-    p.add_argument(
-        "--quantization",
-        choices=["int8"],
-        help="int8 weight-only language model (per-channel scales): about 2x faster decoding",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1...; auto = cuda if present")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -160,29 +60,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, metavar="P")
     p.add_argument("--top-k", type=int, metavar="K")
     p.add_argument("--seed", type=int, metavar="S")
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def load_llm(args: argparse.Namespace) -> LLM:
-    """An ``LLM`` from the --model/--dtype/--device/--min-pixels/--max-pixels arguments."""
-    bar = ProgressBar()
-    try:
-        return LLM(
-            args.model,
-            dtype=args.dtype,
-            device=_device(args.device),
-            min_pixels=args.min_pixels,
-            max_pixels=args.max_pixels,
-            progress=bar,
-            quantization=args.quantization,
-        )
-    finally:
-        bar.close()
 
 
 def sampling_from_args(args: argparse.Namespace, defaults: SamplingParams) -> SamplingParams:
@@ -226,6 +103,43 @@ def stream_reply(llm: LLM, messages: Messages, params: SamplingParams, out: Text
     return "".join(parts)
 
 
+@dataclass
+class ChatState:
+    """An interactive chat so far: its turns, and the media waiting for the next user turn."""
+
+    history: Messages = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+
+
+def chat_command(
+    text: str, state: ChatState, note: Callable[[str], None], stderr: TextIO
+) -> Literal["exit", "done", "message"]:
+    """Carry out ``text`` if it is a chat command: ``exit`` ends the chat, ``done`` reads the
+    next line, ``message`` means ``text`` is no command but the user's next message."""
+    command, _, rest = text.partition(" ")
+    if command in ("/exit", "/quit"):
+        return "exit"
+    if command == "/reset":
+        state.history.clear()
+        state.images.clear()
+        state.videos.clear()
+        note("history cleared")
+    elif command in ("/image", "/video"):
+        kind = command[1:]
+        queue = state.images if kind == "image" else state.videos
+        if rest.strip():
+            queue.append(rest.strip())
+            note(f"{len(queue)} {kind}(s) will go with the next message")
+        else:
+            stderr.write(f"usage: {command} PATH\n")
+    elif command == "/help":
+        note(CHAT_HELP)
+    else:
+        return "message"
+    return "done"
+
+
 def interactive_chat(
     llm: LLM,
     params: SamplingParams,
@@ -242,7 +156,7 @@ def interactive_chat(
     ``images`` and ``videos`` attach to the first user turn; ``/image PATH`` and ``/video PATH``
     attach to the next one (videos with ``video_options``).
     """
-    tty = _isatty(stdin)
+    tty = isatty(stdin)
 
     def note(text: str) -> None:
         if tty:
@@ -250,9 +164,7 @@ def interactive_chat(
             stderr.flush()
 
     note(f"{FAMILY_NAMES.get(llm.config.family, llm.config.family)} chat; {CHAT_HELP}")
-    history: Messages = []
-    pending = list(images)
-    pending_videos = list(videos)
+    state = ChatState(images=list(images), videos=list(videos))
     while True:
         if tty:
             stderr.write(">>> ")
@@ -264,51 +176,30 @@ def interactive_chat(
         text = line.strip()
         if not text:
             continue
-        command, _, rest = text.partition(" ")
-        if command in ("/exit", "/quit"):
+        action = chat_command(text, state, note, stderr)
+        if action == "exit":
             return 0
-        if command == "/reset":
-            history.clear()
-            pending.clear()
-            pending_videos.clear()
-            note("history cleared")
+        if action == "done":
             continue
-        if command == "/image":
-            if rest.strip():
-                pending.append(rest.strip())
-                note(f"{len(pending)} image(s) will go with the next message")
-            else:
-                stderr.write("usage: /image PATH\n")
-            continue
-        if command == "/video":
-            if rest.strip():
-                pending_videos.append(rest.strip())
-                note(f"{len(pending_videos)} video(s) will go with the next message")
-            else:
-                stderr.write("usage: /video PATH\n")
-            continue
-        if command == "/help":
-            note(CHAT_HELP)
-            continue
-        turn = user_message(text, pending, pending_videos, video_options)
-        pending, pending_videos = [], []
+        turn = user_message(text, state.images, state.videos, video_options)
+        state.images, state.videos = [], []
         try:
-            reply = stream_reply(llm, [*system, *history, turn], params, stdout)
+            reply = stream_reply(llm, [*system, *state.history, turn], params, stdout)
         except QwenVLError as e:  # a bad image or an over-long prompt ends this turn, not the chat
             stderr.write(f"error: {e}\n")
             stderr.flush()
             continue
-        history += [turn, {"role": "assistant", "content": reply}]
+        state.history += [turn, {"role": "assistant", "content": reply}]
 
 
-def _add_chat(sub: Subparsers) -> None:
+def add_chat(sub: Subparsers) -> None:
     p = sub.add_parser(
         "chat",
         help="chat with a model (one-shot with a prompt, interactive without)",
         description="With PROMPT: stream one reply and exit. Without: an interactive chat "
         f"reading lines from stdin ({CHAT_HELP}). PROMPT '-' reads the prompt from stdin.",
     )
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument(
         "--image",
         action="append",
@@ -323,17 +214,17 @@ def _add_chat(sub: Subparsers) -> None:
         metavar="X",
         help="video file, URL or data URI for the first user turn (repeatable)",
     )
-    p.add_argument("--fps", type=_positive_float, metavar="F", help="video frames sampled a second")
+    p.add_argument("--fps", type=positive_float, metavar="F", help="video frames sampled a second")
     p.add_argument(
         "--max-video-tokens",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="token budget of each video: smaller frames, then fewer frames, to fit",
     )
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     _add_sampling_args(p)
-    _add_load_args(p)
-    _add_vision_args(p)
+    add_load_args(p)
+    add_vision_args(p)
     p.add_argument("prompt", nargs="?", help="the user message; omit for an interactive chat")
     p.set_defaults(func=cmd_chat)
 
@@ -365,171 +256,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- info ------------------------------------------------------------------------------------
-def count_parameters(config: ModelConfig) -> dict[str, int]:
-    """Parameter counts of the model a config describes (built on the meta device: no weights).
-
-    Tied embeddings count once: ``named_parameters`` lists a shared tensor a single time.
-    """
-    with torch.device("meta"):
-        module = model_class(config)(config)
-    total = vision = 0
-    for name, p in module.named_parameters():
-        total += p.numel()
-        if name.startswith("visual."):
-            vision += p.numel()
-    return {"total": total, "vision": vision, "language": total - vision}
-
-
-def describe_checkpoint(
-    model: str | Path, *, min_pixels: int | None = None, max_pixels: int | None = None
-) -> dict[str, Any]:
-    """Everything ``qwenvl info`` shows, as a JSON-ready dict; reads no weights."""
-    path = resolve_checkpoint(model)
-    config = load_config(path)
-    files = weight_files(path)
-    stored = {spec["dtype"] for f in files for spec in read_header(f)[0].values()}
-    vision_pre = Processor.from_pretrained(
-        path, config, min_pixels=min_pixels, max_pixels=max_pixels
-    ).vision
-    token_area = vision_pre.factor**2  # pixels per merged image token (28 * 28)
-    gen_path = path / "generation_config.json"
-    defaults = SamplingParams.from_generation_config(
-        read_json(gen_path) if gen_path.exists() else {}
-    )
-    t, v = config.text, config.vision
-    vision: dict[str, Any] = {
-        "depth": v.depth,
-        "embed_dim": v.embed_dim,
-        "num_heads": v.num_heads,
-        "intermediate_size": v.intermediate_size,
-        "out_hidden_size": v.out_hidden_size,
-        "patch_size": v.patch_size,
-        "temporal_patch_size": v.temporal_patch_size,
-        "spatial_merge_size": v.spatial_merge_size,
-    }
-    if config.is_qwen2_5:
-        vision.update(
-            window_size=v.window_size,
-            fullatt_block_indexes=list(v.fullatt_block_indexes),
-            tokens_per_second=v.tokens_per_second,
-        )
-    return {
-        "path": str(path.resolve()),
-        "model_type": config.family,
-        "family": FAMILY_NAMES.get(config.family, config.family),
-        "text": {
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "head_dim": t.head_dim,
-            "vocab_size": t.vocab_size,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rope_theta": t.rope_theta,
-            "mrope_section": list(t.mrope_section),
-            "tie_word_embeddings": config.tie_word_embeddings,
-        },
-        "vision": vision,
-        "parameters": count_parameters(config),
-        "dtype": config.torch_dtype,
-        "stored_dtypes": sorted(
-            str(SAFE_DTYPES[d]).removeprefix("torch.") if d in SAFE_DTYPES else d for d in stored
-        ),
-        "weight_files": len(files),
-        "weights_bytes": sum(f.stat().st_size for f in files),
-        "disk_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-        "image_limits": {
-            "min_pixels": vision_pre.min_pixels,
-            "max_pixels": vision_pre.max_pixels,
-            "min_tokens": vision_pre.min_pixels // token_area,
-            "max_tokens": vision_pre.max_pixels // token_area,
-        },
-        "sampling_defaults": {k: getattr(defaults, k) for k in sorted(defaults.explicit_fields)},
-    }
-
-
-def _human(n: float, units: tuple[str, ...] = ("", "K", "M", "B", "T")) -> str:
-    for unit in units[:-1]:
-        if abs(n) < 1000:
-            return f"{n:.2f}{unit}" if unit else f"{n:g}"
-        n /= 1000
-    return f"{n:.2f}{units[-1]}"
-
-
-def format_info(info: dict[str, Any]) -> str:
-    """``describe_checkpoint``'s dict as an aligned two-column table."""
-    n = info["parameters"]
-    limits = info["image_limits"]
-    size = _human(info["weights_bytes"], ("B", "KB", "MB", "GB", "TB"))
-    sections: list[tuple[str, list[tuple[str, Any]]]] = [
-        (
-            "model",
-            [
-                ("family", f"{info['family']} ({info['model_type']})"),
-                ("path", info["path"]),
-                ("parameters", f"{n['total']:,} ({_human(n['total'])})"),
-                ("  vision", f"{n['vision']:,} ({_human(n['vision'])})"),
-                ("  language", f"{n['language']:,} ({_human(n['language'])})"),
-                ("dtype", f"{info['dtype']} (stored: {', '.join(info['stored_dtypes'])})"),
-                ("size on disk", f"{size} in {info['weight_files']} weight file(s)"),
-            ],
-        ),
-        ("text", list(info["text"].items())),
-        ("vision", list(info["vision"].items())),
-        (
-            "image limits",
-            [
-                ("min_pixels", f"{limits['min_pixels']:,} ({limits['min_tokens']:,} tokens)"),
-                ("max_pixels", f"{limits['max_pixels']:,} ({limits['max_tokens']:,} tokens)"),
-            ],
-        ),
-        (
-            "sampling defaults (generation_config.json)",
-            list(info["sampling_defaults"].items()) or [("(none)", "")],
-        ),
-    ]
-    width = max(len(key) for _, rows in sections for key, _ in rows) + 4
-    lines: list[str] = []
-    for title, rows in sections:
-        lines.append(title)
-        lines.extend(f"  {key:<{width}}{value}".rstrip() for key, value in rows)
-    return "\n".join(lines)
-
-
-def _add_info(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "info",
-        help="describe a checkpoint (sizes, parameters, limits, defaults)",
-        description="Describe a checkpoint without loading its weights.",
-    )
-    _add_model_args(p)
-    _add_vision_args(p)
-    p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.set_defaults(func=cmd_info)
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    info = describe_checkpoint(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
-    return 0
-
-
 # --- eval-demo -------------------------------------------------------------------------------
-def _add_eval_demo(sub: Subparsers) -> None:
+def add_eval_demo(sub: Subparsers) -> None:
     p = sub.add_parser(
         "eval-demo",
         help="score a model on held-out demo scenes (per-task accuracy)",
         description="Render held-out block scenes (a seed the training never used) and score the "
         "model's greedy answers per task.",
     )
-    _add_model_args(p)
-    p.add_argument("--count", type=_positive_int, default=300, metavar="N", help="samples per task")
+    add_model_args(p)
+    p.add_argument("--count", type=positive_int, default=300, metavar="N", help="samples per task")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="held-out stream seed")
     p.add_argument("--tasks", default=None, metavar="T,T", help="comma-separated subset of tasks")
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    _add_load_args(p)
+    add_load_args(p)
     p.set_defaults(func=cmd_eval_demo, min_pixels=None, max_pixels=None)
 
 
@@ -549,13 +289,13 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
 
 # --- entry point -----------------------------------------------------------------------------
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
-    _add_chat,
-    _add_info,
-    _add_ground,
-    _add_serve,
-    _add_train,
-    _add_merge_lora,
-    _add_eval_demo,
+    add_chat,
+    add_info,
+    add_ground,
+    add_serve,
+    add_train,
+    add_merge_lora,
+    add_eval_demo,
 )
 
 
@@ -576,11 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "model", "") is None:
         if not default_model_path().is_dir():
-            print(
-                f"error: pass --model: the demo model is not bundled here ({default_model_path()})",
-                file=sys.stderr,
+            return print_error(
+                f"pass --model: the demo model is not bundled here ({default_model_path()})"
             )
-            return 2
         args.model = str(default_model_path())
         args.model_name = DEMO_MODEL_NAME
     if args.verbose:
@@ -588,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except QwenVLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1

@@ -1,18 +1,22 @@
 """``qwenvl train`` and ``qwenvl merge-lora``: thin wrappers over :mod:`qwenvl.train`.
 
-Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` like every subcommand.
+Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` like every subcommand; the options of
+``TrainConfig`` and ``LoraOptions`` take their defaults from those dataclasses.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from qwenvl.cli.common import LOAD_DTYPES, default
+from qwenvl.train import LoraOptions, TrainConfig, train
 
 if TYPE_CHECKING:
-    from qwenvl.cli.main import Subparsers
+    from qwenvl.cli.common import Subparsers
 
 
-def _add_train(sub: Subparsers) -> None:
+def add_train(sub: Subparsers) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune a checkpoint (SFT or DPO; full or LoRA)",
@@ -23,58 +27,113 @@ def _add_train(sub: Subparsers) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
     p.add_argument("--data", required=True, metavar="FILE", help="training JSON lines")
     p.add_argument("--output", required=True, metavar="DIR", help="run folder")
-    p.add_argument("--eval-data", metavar="FILE", help="held-out JSON lines")
-    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps")
-    p.add_argument("--method", choices=["sft", "dpo"], default="sft")
-    p.add_argument("--dpo-beta", type=float, default=0.1)
-    g = p.add_argument_group("LoRA (peft)")
-    g.add_argument("--lora", action="store_true", help="train a LoRA adapter, not all weights")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument(
-        "--lora-targets",
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        help="comma-separated module names, dotted suffixes or regexes",
+    p.add_argument(
+        "--eval-data",
+        default=_default("eval_data"),
+        metavar="FILE",
+        help="held-out JSON lines",
     )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=_default("eval_every"),
+        metavar="N",
+        help="evaluate every N steps",
+    )
+    p.add_argument("--method", choices=["sft", "dpo"], default=_default("method"))
+    p.add_argument("--dpo-beta", type=float, default=_default("dpo_beta"))
+    _add_lora_args(p.add_argument_group("LoRA (peft)"))
     g = p.add_argument_group("what trains")
     for part in ("vision", "merger", "llm"):
-        g.add_argument(f"--freeze-{part}", action="store_true")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--vision-lr", type=float)
-    g.add_argument("--merger-lr", type=float)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--min-lr-ratio", type=float, default=0.0)
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("data")
-    g.add_argument("--pack", type=int, metavar="TOKENS", help="pack samples into rows")
-    g.add_argument("--max-len", type=int, metavar="TOKENS", help="longest sample (default: --pack)")
-    g.add_argument("--overlong", choices=["reject", "split"], default="reject")
-    g.add_argument("--min-pixels", type=int)
-    g.add_argument("--max-pixels", type=int)
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--save-every", type=int, metavar="N")
-    g.add_argument("--save-total-limit", type=int, metavar="K")
-    g.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or latest")
-    g.add_argument("--export-dtype", default="auto")
-    g.add_argument("--no-progress", action="store_true")
+        g.add_argument(f"--freeze-{part}", action="store_true", default=_default(f"freeze_{part}"))
+    _add_optimisation_args(p.add_argument_group("optimisation"))
+    _add_data_args(p.add_argument_group("data"))
+    _add_checkpoint_args(p.add_argument_group("checkpoints"))
     p.set_defaults(func=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from qwenvl.train import LoraOptions, TrainConfig, train
+def _default(name: str) -> Any:
+    return default(TrainConfig, name)
 
+
+def _add_lora_args(g: argparse._ArgumentGroup) -> None:
+    """Options of :class:`LoraOptions` (and --lora, which turns it on)."""
+    g.add_argument("--lora", action="store_true", help="train a LoRA adapter, not all weights")
+    g.add_argument("--lora-rank", type=int, default=default(LoraOptions, "rank"))
+    g.add_argument("--lora-alpha", type=float, default=default(LoraOptions, "alpha"))
+    g.add_argument("--lora-dropout", type=float, default=default(LoraOptions, "dropout"))
+    g.add_argument(
+        "--lora-targets",
+        default=",".join(default(LoraOptions, "targets")),
+        help="comma-separated module names, dotted suffixes or regexes",
+    )
+
+
+def _add_optimisation_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--lr", type=float, default=_default("lr"))
+    g.add_argument("--vision-lr", type=float, default=_default("vision_lr"))
+    g.add_argument("--merger-lr", type=float, default=_default("merger_lr"))
+    g.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    g.add_argument("--warmup-steps", type=int, default=_default("warmup_steps"))
+    g.add_argument("--min-lr-ratio", type=float, default=_default("min_lr_ratio"))
+    g.add_argument("--epochs", type=int, default=_default("epochs"))
+    g.add_argument("--max-steps", type=int, default=_default("max_steps"))
+    g.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    g.add_argument("--grad-accum", type=int, default=_default("grad_accum"))
+    g.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=_default("max_grad_norm"),
+        help="0 disables clipping",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=_default("gradient_checkpointing"),
+    )
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=_default("precision"))
+    g.add_argument("--dtype", default=_default("dtype"), choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=_default("device"))
+    g.add_argument("--seed", type=int, default=_default("seed"))
+
+
+def _add_data_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--pack",
+        type=int,
+        default=_default("pack"),
+        metavar="TOKENS",
+        help="pack samples into rows",
+    )
+    g.add_argument(
+        "--max-len",
+        type=int,
+        default=_default("max_len"),
+        metavar="TOKENS",
+        help="longest sample (default: --pack)",
+    )
+    g.add_argument("--overlong", choices=["reject", "split"], default=_default("overlong"))
+    g.add_argument("--min-pixels", type=int, default=_default("min_pixels"))
+    g.add_argument("--max-pixels", type=int, default=_default("max_pixels"))
+
+
+def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--save-every", type=int, default=_default("save_every"), metavar="N")
+    g.add_argument(
+        "--save-total-limit", type=int, default=_default("save_total_limit"), metavar="K"
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=_default("resume"),
+        help="a checkpoint folder, or latest",
+    )
+    g.add_argument("--export-dtype", default=_default("export_dtype"))
+    g.add_argument("--no-progress", action="store_true")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     lora = None
     if args.lora:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
@@ -100,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_merge_lora(sub: Subparsers) -> None:
+def add_merge_lora(sub: Subparsers) -> None:
     p = sub.add_parser(
         "merge-lora",
         help="fold a LoRA adapter into its base checkpoint",
@@ -109,7 +168,7 @@ def _add_merge_lora(sub: Subparsers) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="base checkpoint folder")
     p.add_argument("--adapter", required=True, metavar="DIR", help="peft adapter folder")
     p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=LOAD_DTYPES)
     p.set_defaults(func=cmd_merge_lora)
 
 
