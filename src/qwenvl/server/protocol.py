@@ -1,4 +1,4 @@
-"""The OpenAI wire format at the HTTP boundary: pydantic request models, and errors.
+"""The OpenAI wire format at the HTTP boundary: pydantic request models, and parsing the body.
 
 Requests are validated strictly: an unknown field anywhere in a content part (or an option qwenvl
 does not honour) is a 400 naming its path, never silently dropped. Fields OpenAI defines that have
@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qwenvl.sampling import INT64_MAX, INT64_MIN
+from qwenvl.server.errors import APIError
 from qwenvl.tokenizer import lone_surrogate, surrogate_message
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -252,39 +253,7 @@ class CompletionRequest(_SamplingFields):
     best_of: Literal[1] | None = None
 
 
-# --- errors ----------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error that becomes ``{"error": {message, type, param, code}}`` with ``status``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
+# --- invalid bodies --------------------------------------------------------------------------
 def validation_error(e: ValidationError) -> APIError:
     """The first problems of a pydantic error, each with its path (e.g.
     ``messages.0.content.1.image_url.foo``). Of a union's alternatives, only the one that got

@@ -1,0 +1,292 @@
+"""From a validated OpenAI request to engine inputs: the prompt (media fetched and preprocessed)
+and the sampling parameters.
+
+Nothing here blocks the event loop: media are downloaded in the fetch pool and preprocessed in
+the preprocessing pool, so a slow sender or a large image delays only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from qwenvl.errors import ContextLengthError, MediaError, PromptError, QwenVLError
+from qwenvl.llm import LLM
+from qwenvl.processing.fetch import fetch_url
+from qwenvl.processing.media import check_local_path
+from qwenvl.processing.policy import MediaPolicy
+from qwenvl.processing.prompt import PromptInputs
+from qwenvl.sampling import SamplingParams
+from qwenvl.server.errors import APIError, input_error
+from qwenvl.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImagePart,
+    NamedToolChoice,
+    VideoPart,
+)
+from qwenvl.server.state import ServerState
+from qwenvl.tool_calls import TOOL_CALL_START
+
+logger = logging.getLogger(__name__)
+
+# request fields passed to SamplingParams as they are, when set
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+    "seed",
+)
+
+
+# --- media URLs ------------------------------------------------------------------------------
+def _scheme(url: str) -> str:
+    return urllib.parse.urlsplit(url.strip()).scheme.lower() if "://" in url else ""
+
+
+def check_media_url(url: str, where: str, policy: MediaPolicy) -> None:
+    """Only http(s), data: and (under the allowed folder) file: URLs reach the loaders."""
+    scheme = _scheme(url)
+    if url.strip()[:5].lower() == "data:":
+        return
+    if scheme in ("http", "https"):
+        return
+    if scheme == "file":
+        from qwenvl.processing.media import _file_url_to_path
+
+        try:
+            check_local_path(_file_url_to_path(url.strip()), policy)
+        except MediaError as e:
+            raise APIError(400, f"{where}: {e}", param=where, code="invalid_media") from e
+        return
+    raise APIError(
+        400,
+        f"{where}: unsupported media URL {url[:80]!r}; use http(s)://, a data: URI, or file:// "
+        "under the server's --allowed-local-media-path",
+        param=where,
+        code="invalid_media",
+    )
+
+
+async def fetch_media(state: ServerState, messages: list[dict[str, Any]]) -> None:
+    """Download the messages' http(s) images and videos in the fetch pool, all at once, and put
+    the bytes in place of each URL. Downloads wait on the network, not the CPU: kept out of the
+    preprocessing pool, a slow sender delays only its own request."""
+    items = []
+    for mi, message in enumerate(messages):
+        content = message.get("content")
+        for ci, part in enumerate(content if isinstance(content, list) else []):
+            inner = part.get("image_url") or part.get("video_url")
+            url = inner.get("url") if isinstance(inner, dict) else None
+            if isinstance(url, str) and _scheme(url) in ("http", "https"):
+                items.append((f"messages[{mi}].content[{ci}]", inner))
+    if not items:
+        return
+    loop = asyncio.get_running_loop()
+    policy = state.llm.processor.media_policy
+    results = await asyncio.gather(
+        *(
+            loop.run_in_executor(state.fetch_pool, fetch_url, it["url"].strip(), policy)
+            for _, it in items
+        ),
+        return_exceptions=True,
+    )
+    for (where, inner), result in zip(items, results):
+        if isinstance(result, QwenVLError):
+            raise input_error(type(result)(f"{where}: {result}"))
+        if isinstance(result, BaseException):
+            raise result
+        inner["url"] = result
+
+
+# --- prompts ---------------------------------------------------------------------------------
+def _forced_prefix(req: ChatCompletionRequest) -> str:
+    """Text the reply is made to start with so that a call is made (tool_choice named or
+    "required"); without guided decoding this is how the choice is honoured."""
+    if isinstance(req.tool_choice, NamedToolChoice):
+        name = json.dumps(req.tool_choice.function.name, ensure_ascii=False)
+        return f'{TOOL_CALL_START}\n{{"name": {name}, "arguments": '
+    if req.tool_choice == "required":
+        return f'{TOOL_CALL_START}\n{{"name": "'
+    return ""
+
+
+def _extend(prompt: PromptInputs, llm: LLM, text: str) -> PromptInputs:
+    """``prompt`` with plain text appended (positions continue after the last token)."""
+    ids = llm.tokenizer.encode(text, special=False)  # holds a tool name from the request
+    assert prompt.positions is not None
+    start = prompt.positions[:, -1:] + 1  # [3, 1]
+    extra = start + torch.arange(len(ids), dtype=prompt.positions.dtype)  # [3, k]
+    return PromptInputs(
+        prompt.token_ids + ids,
+        prompt.images,
+        prompt.videos,
+        torch.cat([prompt.positions, extra], dim=1),
+        prompt.rope_delta,
+        (prompt.text or "") + text,
+    )
+
+
+def chat_messages(req: ChatCompletionRequest, policy: MediaPolicy) -> list[dict[str, Any]]:
+    """The messages as ``Processor.prepare_chat`` reads them, every media URL checked first."""
+    messages = []
+    for mi, m in enumerate(req.messages):
+        if isinstance(m.content, list):
+            for ci, part in enumerate(m.content):
+                if isinstance(part, (ImagePart, VideoPart)):
+                    inner = part.image_url if isinstance(part, ImagePart) else part.video_url
+                    url = inner if isinstance(inner, str) else inner.url
+                    check_media_url(url, f"messages[{mi}].content[{ci}]", policy)
+        messages.append(m.to_dict())
+    return messages
+
+
+def tools_of(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the template shows the model (none when ``tool_choice`` is "none"; only the
+    named one when a function is named)."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if isinstance(req.tool_choice, NamedToolChoice):
+        tools = [t for t in tools if t["function"]["name"] == req.tool_choice.function.name]
+    return tools
+
+
+def prompt_budget(state: ServerState, max_tokens: int | None) -> int:
+    """`LLM.prompt_budget`: every request gets one, so text and image sizes are always checked
+    before anything is decoded."""
+    try:
+        return state.llm.prompt_budget(max_tokens)
+    except ContextLengthError as e:
+        raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
+
+
+def chat_prepare_fn(
+    state: ServerState, req: ChatCompletionRequest
+) -> tuple[Callable[[], PromptInputs], str, list[dict[str, Any]]]:
+    """The preprocessing to run in the pool, the forced reply prefix, and the messages (whose
+    media URLs `fetch_media` replaces with the downloaded bytes first)."""
+    llm = state.llm
+    messages = chat_messages(req, llm.processor.media_policy)
+    tools = tools_of(req)
+    prefix = _forced_prefix(req)
+    # sized from the text and image headers before any pixel is decoded (the exact check, with
+    # the tokens of a forced tool-call prefix, follows in sampling_params)
+    budget = prompt_budget(state, req.max_completion_tokens or req.max_tokens)
+    trusted = state.settings.special_tokens_in_content
+
+    def run() -> PromptInputs:
+        prompt = llm.processor.prepare_chat(
+            messages,
+            tools=tools,
+            add_vision_id=req.qwenvl.add_vision_id,
+            max_prompt_tokens=budget,
+            special_tokens_in_content=trusted,
+        )
+        return _extend(prompt, llm, prefix) if prefix else prompt
+
+    return run, prefix, messages
+
+
+def completion_prepare_fn(state: ServerState, req: CompletionRequest) -> Callable[[], PromptInputs]:
+    """A raw prompt is the caller's own template text: its special-token strings are markers."""
+    text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+    budget = prompt_budget(state, req.max_tokens)
+    return functools.partial(state.llm.processor.prepare_media, text, [], max_prompt_tokens=budget)
+
+
+async def prepare(state: ServerState, fn: Callable[[], PromptInputs]) -> PromptInputs:
+    """Run preprocessing in the pool; bad media and prompts become 400/413."""
+    loop = asyncio.get_running_loop()
+    try:
+        prompt = await loop.run_in_executor(state.pool, fn)
+    except QwenVLError as e:
+        raise input_error(e) from e
+    except (ValueError, TypeError, OSError, EOFError, RuntimeError, MemoryError) as e:
+        # a decoder failing in a way the loaders did not foresee is still the input's fault
+        logger.warning("preprocessing failed: %r", e)
+        raise APIError(400, f"cannot process the request: {type(e).__name__}: {e}") from e
+    state.metrics.add(
+        prompt_tokens=len(prompt.token_ids),
+        vision_tokens=_vision_tokens(prompt),
+        images=len(prompt.images),
+        videos=len(prompt.videos),
+    )
+    return prompt
+
+
+def _vision_tokens(prompt: PromptInputs) -> int:
+    return sum(im.num_tokens for im in prompt.images) + sum(v.num_tokens for v in prompt.videos)
+
+
+# --- sampling --------------------------------------------------------------------------------
+def _max_tokens(state: ServerState, prompt: PromptInputs, max_tokens: int | None) -> int:
+    """``max_tokens`` checked against the context up front, with the numbers; when the request
+    sets none, the checkpoint's default, else the server's, else the rest of the context."""
+    engine = state.llm.engine
+    n_prompt = len(prompt.token_ids)
+    limit = min(engine.max_model_len, engine.kv_capacity_tokens)
+    room = limit - n_prompt
+    what = f"the prompt has {n_prompt} tokens ({_vision_tokens(prompt)} of them image/video tokens)"
+    if room < 1:
+        raise APIError(
+            400,
+            f"{what}: no room is left in the model's context of {limit} tokens; shorten the "
+            "messages or lower the image/video sizes (max_pixels, max_video_tokens)",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        defaults = state.llm.default_sampling
+        if "max_tokens" in defaults.explicit_fields and defaults.max_tokens is not None:
+            max_tokens = defaults.max_tokens
+        else:
+            max_tokens = state.settings.default_max_tokens or room
+        return min(max_tokens, room)
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"{what} and asks for max_tokens={max_tokens}, but the context holds {limit} tokens "
+            f"(at most {room} new tokens fit)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def sampling_params(
+    req: ChatCompletionRequest | CompletionRequest,
+    prompt: PromptInputs,
+    state: ServerState,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    """The request's explicit fields over the checkpoint defaults."""
+    kwargs: dict[str, Any] = {"max_tokens": _max_tokens(state, prompt, max_tokens), "n": req.n}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = value
+    if logprobs is not None:
+        kwargs["logprobs"] = logprobs
+    try:
+        return SamplingParams(**kwargs).merged_with_defaults(state.llm.default_sampling)
+    except PromptError as e:
+        raise input_error(e) from e
