@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from qwenvl.checkpoint import load_model, resolve_checkpoint
 from qwenvl.errors import CheckpointError, ConfigError
-from qwenvl.models import ModelConfig, model_class
+from qwenvl.models import get_family, parse_config, read_config
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 VARIANTS = [
@@ -58,13 +58,13 @@ def test_tied_embeddings(family, checkpoints):
 
 def test_config_layouts_parse_the_same(checkpoints):
     for family in FAMILIES:
-        flat = ModelConfig.from_file(checkpoints(family) / "config.json")
-        nested = ModelConfig.from_file(checkpoints(family, layout="nested") / "config.json")
+        flat = read_config(checkpoints(family) / "config.json")
+        nested = read_config(checkpoints(family, layout="nested") / "config.json")
         assert flat.text == nested.text and flat.vision == nested.vision
         assert flat.image_token_id == nested.image_token_id
-    v25 = ModelConfig.from_file(checkpoints("qwen2_5_vl") / "config.json").vision
+    v25 = read_config(checkpoints("qwen2_5_vl") / "config.json").vision
     assert (v25.embed_dim, v25.out_hidden_size, v25.fullatt_block_indexes) == (32, 64, (1, 3))
-    v2 = ModelConfig.from_file(checkpoints("qwen2_vl") / "config.json").vision
+    v2 = read_config(checkpoints("qwen2_vl") / "config.json").vision
     assert (v2.embed_dim, v2.out_hidden_size, v2.intermediate_size) == (32, 64, 64)
 
 
@@ -217,9 +217,9 @@ def test_peak_rss_during_load(dtype, tmp_path):
         },
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg_dict))
-    cfg = ModelConfig.from_hf(cfg_dict)
+    cfg = parse_config(cfg_dict)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in model_class(cfg)(cfg).state_dict().items()}
+        shapes = {k: v.shape for k, v in get_family(cfg.family).build(cfg).state_dict().items()}
     tensors = {k: torch.randn(s).to(getattr(torch, dtype)) for k, s in shapes.items()}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     save_file(tensors, tmp_path / "model.safetensors")
@@ -266,4 +266,4 @@ def test_vision_activation_defaults_like_transformers(family):
         "vision_config": vision,
     }
     hf = (Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig)(**cfg_dict)
-    assert ModelConfig.from_hf(cfg_dict).vision.hidden_act == hf.vision_config.hidden_act
+    assert parse_config(cfg_dict).vision.hidden_act == hf.vision_config.hidden_act

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qwenvl import LLM, SamplingParams, kernels
-from qwenvl import llm as llm_module
 from qwenvl.checkpoint import load_model
 from qwenvl.errors import ConfigError
+from qwenvl.models import formats
 from qwenvl.scoring import prompt_logits
 from qwenvl.train.checkpoint import export_hf
 
@@ -35,7 +35,7 @@ def bf16_checkpoint(checkpoints, tmp_path_factory):
 def variants(bf16_checkpoint):
     # the tiny checkpoint is far below the packing threshold: lift it to test the packed path
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llm_module, "PACK_MIN_BYTES", 0)
+        mp.setattr(formats, "PACK_MIN_BYTES", 0)
         return {
             "fp32": LLM(bf16_checkpoint, dtype="float32"),
             "auto": LLM(bf16_checkpoint),
@@ -45,7 +45,7 @@ def variants(bf16_checkpoint):
 
 def test_small_checkpoints_are_not_packed(bf16_checkpoint) -> None:
     llm = LLM(bf16_checkpoint)
-    assert llm.quantization is None and llm.model.dtype == torch.float32
+    assert llm.weight_format is None and llm.model.dtype == torch.float32
 
 
 def _logits(llm: LLM) -> torch.Tensor:
@@ -61,9 +61,9 @@ def _greedy(llm: LLM, n: int = 12):
 
 def test_cpu_default_packs_bf16_and_runs_float32(variants) -> None:
     auto = variants["auto"]
-    assert auto.quantization == "bf16"
+    assert auto.weight_format == "bf16"
     assert auto.model.dtype == torch.float32
-    assert variants["fp32"].quantization is None
+    assert variants["fp32"].weight_format is None
 
 
 def test_bf16_packing_equals_float32_on_the_same_weights(variants) -> None:

@@ -2,8 +2,10 @@
 
 The model is constructed on the meta device, every parameter is allocated once in the target dtype,
 and tensors are read from disk straight into it (``weights.py``), so weights are never held twice.
-Checkpoint names are the released (transformers 4.x) ones; the 5.x in-memory names
-(``model.language_model.*``, ``model.visual.*``) are accepted too.
+Checkpoint names are the released (transformers 4.x) ones; other layouts a family declares
+(``ModelFamily.weights``: transformers 5 writes ``model.language_model.*``) are accepted too. A
+compact weight format (``qwenvl.models.formats``) is built into the model before loading, and
+its modules take the checkpoint's tensors through ``allocate`` / ``finish_loading``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from qwenvl.errors import CheckpointError, ConfigError
-from qwenvl.models import ModelConfig, model_class
+from qwenvl.models import ModelConfig, family_of, read_config
+from qwenvl.models.formats import get_format
 from qwenvl.weights import load_into, weight_files
 
 logger = logging.getLogger(__name__)
@@ -61,15 +64,6 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         ) from e
 
 
-def hf_to_native(name: str) -> str:
-    """Map a checkpoint tensor name (4.x released or 5.x in-memory) to ours (= the released one)."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model.") :]
-    if name.startswith("model.visual."):
-        return name[len("model.") :]
-    return name
-
-
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -81,7 +75,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
 
 
 def load_config(folder: Path) -> ModelConfig:
-    return ModelConfig.from_file(folder / "config.json")
+    return read_config(folder / "config.json")
 
 
 def load_model(
@@ -89,49 +83,73 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
-    packed: str | None = None,
+    weight_format: str | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model for a checkpoint folder and load its weights (strict).
 
-    ``packed`` ("bf16" or "int8") stores the decoder's linear weights compactly
-    (:mod:`qwenvl.layers.packed_linear`) while activations run in ``dtype``; they are read in
-    the checkpoint's 16-bit dtype (or ``dtype`` when that is wider), never widened first.
+    ``weight_format`` ("bf16", "int8"; None = dense) stores the decoder's linear weights
+    compactly (:mod:`qwenvl.models.formats`) while activations run in ``dtype``; they are read
+    in the checkpoint's 16-bit dtype (or ``dtype`` when that is wider), never widened first.
     """
-    from qwenvl.layers.packed_linear import decoder_linears, pack_linears
-
     folder = Path(folder)
     config = load_config(folder)
+    family = family_of(config)
     files = weight_files(folder)
     torch_dtype = resolve_dtype(dtype, config)
-    with torch.device("meta"):
-        model = model_class(config)(config)
     stored = resolve_dtype("auto", config)
-    compact = {n + ".weight" for n in decoder_linears(model)} if packed else set()
-    # Allocate every parameter once, in its final dtype and device; buffers were built on the CPU.
-    params: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():  # tied parameters are listed once
-        dt = stored if name in compact and stored.itemsize < torch_dtype.itemsize else torch_dtype
-        params[name] = torch.empty(p.shape, dtype=dt, device=device)
+    with torch.device("meta"):
+        model = family.build(config, get_format(weight_format))
+    # Allocate every tensor once, in its final dtype and device; buffers were built on the CPU.
+    params = {
+        name: torch.empty(p.shape, dtype=torch_dtype, device=device)
+        for name, p in model.named_parameters()  # tied parameters are listed once
+    }
+    # int8 quantises from the checkpoint's 16-bit weights, or from ``dtype`` when that is smaller
+    staging = stored if stored.itemsize < torch_dtype.itemsize else torch_dtype
+    compact = _allocate_compact(model, device, staging)
     tied = config.tie_word_embeddings
     load_into(
-        params,
+        {**params, **compact},
         files,
-        hf_to_native,
+        family.weights.from_hf,
         ignored={"lm_head.weight"} if tied else set(),
+        optional={"lm_head.weight"} if tied else set(),
         progress=progress,
     )
-    state = dict(params)
     if tied:
-        state["lm_head.weight"] = params["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
+        if "lm_head.weight" in compact:  # the compact head gets its own copy of the embedding
+            compact["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
+        else:
+            params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    model.load_state_dict(params, strict=False, assign=True)
+    if tied and "lm_head.weight" not in compact:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for m in model.modules():
+        if hasattr(m, "finish_loading"):
+            m.finish_loading()
     model.to(device)
     model.eval().requires_grad_(False)
-    if packed:
-        pack_linears(model, packed)
-    logger.info("loaded %s (%s, packed %s) from %s", config.family, torch_dtype, packed, folder)
+    logger.info(
+        "loaded %s (%s, weights %s) from %s", config.family, torch_dtype, weight_format, folder
+    )
     return model, config
+
+
+def _allocate_compact(
+    model: nn.Module, device: str | torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Allocate the compact-format modules; the tensors they read, by checkpoint name."""
+    targets: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if not hasattr(m, "allocate"):
+            continue
+        parent = name.rpartition(".")[0]
+        for rel, t in m.allocate(device, dtype).items():
+            if getattr(m, "parts", None):
+                targets[f"{parent}.{rel}" if parent else rel] = t
+            else:
+                targets[f"{name}.{rel}"] = t
+    return targets
 
 
 def read_json(path: Path) -> dict:

@@ -1,17 +1,18 @@
 """Grounding: parse boxes / points / quads out of model text, map them between coordinate spaces,
 and draw them on the image.
 
-The two families answer in different conventions (reference notes section 9):
+Each family declares the convention its model answers in (``ModelFamily.grounding``); two exist:
 
-* **Qwen2-VL** writes special-token spans,
+* ``"norm1000"`` (**Qwen2-VL**) writes special-token spans,
   ``<|object_ref_start|>dog<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``, and
   ``<|quad_start|>(x1,y1),...,(x4,y4)<|quad_end|>`` for quadrilaterals, with integer coordinates
   normalised to 0..1000 of the image (space ``"norm1000"``). A ref labels every box that follows
   it until the next ref; boxes before any ref have ``label=None``.
-* **Qwen2.5-VL** writes JSON (usually in a ```json fence): a list or a single object with
-  ``bbox_2d: [x1, y1, x2, y2]`` or ``point_2d: [x, y]`` and ``label`` (or ``text_content`` for
-  OCR spotting), in pixels of the *resized* image the model saw (space ``"resized"``); points can
-  also come as XML ``<points x1=".." y1=".." x2=.. y2=.. alt="..">phrase</points>``.
+* ``"resized"`` (**Qwen2.5-VL**) writes JSON (usually in a ```json fence): a list or a single
+  object with ``bbox_2d: [x1, y1, x2, y2]`` or ``point_2d: [x, y]`` and ``label`` (or
+  ``text_content`` for OCR spotting), in pixels of the *resized* image the model saw (space
+  ``"resized"``); points can also come as XML
+  ``<points x1=".." y1=".." x2=.. y2=.. alt="..">phrase</points>``.
 
 Parsing never raises on model output: prose around the JSON, trailing commas, single quotes,
 truncated lists (the complete objects before the cut are kept) and malformed entries (wrong arity,
@@ -31,6 +32,9 @@ from typing import Any, Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
+from qwenvl.errors import ConfigError
+from qwenvl.models import get_family, supported
+from qwenvl.models.interface import GroundingStyle
 from qwenvl.processing.image import ImageGeometry
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "draw",
     "ground",
     "grounding_prompt",
+    "grounding_style",
     "parse_grounding",
     "to_norm1000",
     "to_original",
@@ -49,7 +54,6 @@ __all__ = [
 ]
 
 Space = Literal["norm1000", "resized", "original"]
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 _SPACES = ("norm1000", "resized", "original")
 
 
@@ -92,9 +96,13 @@ Grounded = Box | Point | Quad
 # Parsing
 
 
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+def grounding_style(family: str) -> GroundingStyle:
+    """The coordinate convention a family's model writes (its ``ModelFamily.grounding``):
+    ``"norm1000"`` boxes in special tokens, or ``"resized"`` JSON in resized-image pixels."""
+    try:
+        return get_family(family).grounding
+    except ConfigError:
+        raise ValueError(f"family must be one of {supported()}, got {family!r}") from None
 
 
 def parse_grounding(text: str, family: str) -> list[Box | Point | Quad]:
@@ -102,17 +110,18 @@ def parse_grounding(text: str, family: str) -> list[Box | Point | Quad]:
 
     Args:
         text: the generated text (special tokens kept for Qwen2-VL boxes).
-        family: ``"qwen2_vl"`` or ``"qwen2_5_vl"``; its own format is tried first and, when it
-            yields nothing, the other family's.
+        family: the model's ``model_type`` (``"qwen2_vl"``, ``"qwen2_5_vl"``...); its own
+            convention (:func:`grounding_style`) is tried first and, when it yields nothing,
+            the other one.
 
     Returns:
         Objects in text order: special-token spans as ``space="norm1000"``, JSON / XML as
         ``space="resized"``. Never raises on odd model output (only on a bad ``family``).
     """
-    _check_family(family)
+    style = grounding_style(family)
     if not isinstance(text, str) or not text:
         return []
-    if family == "qwen2_vl":
+    if style == "norm1000":
         found = _parse_special_tokens(text)
         return found or _parse_json_and_xml(text)
     found = _parse_json_and_xml(text)
@@ -384,10 +393,10 @@ def grounding_prompt(phrase: str, family: str, *, kind: Literal["box", "point"] 
     be ``"box"``. Qwen2.5-VL: the cookbook's ``"Locate {phrase} in the image, output its bbox
     coordinates using JSON format."`` (or its point coordinates for ``kind="point"``).
     """
-    _check_family(family)
+    style = grounding_style(family)
     if kind not in ("box", "point"):
         raise ValueError(f"kind must be 'box' or 'point', got {kind!r}")
-    if family == "qwen2_vl":
+    if style == "norm1000":
         if kind != "box":
             raise ValueError("Qwen2-VL grounding only outputs boxes (kind='box')")
         return f"Detect the bounding box of <|object_ref_start|>{phrase}<|object_ref_end|>"

@@ -12,7 +12,7 @@ import torch
 from qwenvl.checkpoint import load_model, read_json, resolve_checkpoint
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.engine import LLMEngine
-from qwenvl.errors import CheckpointError, ConfigError, ContextLengthError, PromptError
+from qwenvl.errors import CheckpointError, ContextLengthError, PromptError
 from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
@@ -26,32 +26,29 @@ Messages = list[dict[str, Any]]
 
 CPU_MAX_PIXELS = 1024 * 28 * 28  # 1024 vision tokens (1280x720 -> 1176x644)
 CPU_MAX_VIDEO_TOKENS = 4096
-# Packed bf16 decode weights pay when weights stream from DRAM; a checkpoint smaller than this
-# (the demo model) runs as fast unpacked and needs no compiled extension.
-PACK_MIN_BYTES = 64 * 2**20
 
 
 def _weight_plan(
-    path: Path, dtype: str | torch.dtype, quantization: str | None, on_cpu: bool, lora: bool
+    path: Path,
+    dtype: str | torch.dtype,
+    on_cpu: bool,
+    quantization: str | None,
+    pack_weights: bool | None,
+    lora: bool,
 ) -> tuple[str | torch.dtype, str | None]:
-    """(activation dtype, packed weight mode) for a checkpoint; see ``LLM``."""
-    from qwenvl import kernels
+    """(activation dtype, weight format) for a checkpoint: ``formats.plan_weights``."""
     from qwenvl.checkpoint import load_config, resolve_dtype
+    from qwenvl.models.formats import plan_weights
 
-    if quantization not in (None, "int8"):
-        raise ConfigError(f"unknown quantization {quantization!r}; use 'int8' or None")
-    if quantization and lora:
-        raise ConfigError("quantization cannot be combined with a LoRA adapter; merge it first")
-    stored = resolve_dtype("auto", load_config(path))
-    if quantization == "int8":
-        return ("float32" if dtype == "auto" and on_cpu else dtype), "int8"
-    if on_cpu and dtype == "auto" and stored.itemsize == 2 and not lora:
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        if size < PACK_MIN_BYTES:
-            return "float32", None
-        if kernels.available():
-            return "float32", "bf16"
-    return dtype, None
+    return plan_weights(
+        dtype=dtype,
+        stored=resolve_dtype("auto", load_config(path)),
+        checkpoint_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        on_cpu=on_cpu,
+        quantization=quantization,
+        pack_weights=pack_weights,
+        lora=lora,
+    )
 
 
 def _apply_cpu_limits(processor: Processor) -> None:
@@ -81,8 +78,11 @@ class LLM:
             scale per output channel (weight-only; activations stay in ``dtype``), halving the
             bytes a decode step reads again. None keeps them in ``dtype``, except on the CPU
             (below).
+        pack_weights: True stores the language model's linear weights in bf16 under float32
+            activations (the CPU decode layout), False never; None decides as below.
 
-    CPU defaults (``dtype="auto"``, a 16-bit checkpoint, a C++ compiler for our kernels):
+    CPU defaults (``dtype="auto"``, a 16-bit checkpoint of at least
+    ``qwenvl.models.formats.PACK_MIN_BYTES``, a C++ compiler for our kernels):
     the decoder's linear weights stay bf16 (decoding streams 2 bytes a weight through our GEMV
     kernels) while every activation, the ViT and the prefill GEMMs run in float32, which CPUs
     without bf16 matrix units compute faster and more exactly than bf16. Pass ``dtype`` to
@@ -104,6 +104,7 @@ class LLM:
         engine_config: EngineConfig | None = None,
         lora: str | Path | None = None,
         quantization: str | None = None,
+        pack_weights: bool | None = None,
     ) -> None:
         if model is None:  # the bundled demo model: a fresh install answers something real
             from qwenvl import demo
@@ -116,11 +117,13 @@ class LLM:
                 )
         self.path = resolve_checkpoint(model)
         on_cpu = torch.device(device).type == "cpu"
-        dtype, packed = _weight_plan(self.path, dtype, quantization, on_cpu, lora is not None)
-        self.model, self.config = load_model(
-            self.path, dtype=dtype, device=device, progress=progress, packed=packed
+        dtype, fmt = _weight_plan(
+            self.path, dtype, on_cpu, quantization, pack_weights, lora is not None
         )
-        self.quantization = packed
+        self.model, self.config = load_model(
+            self.path, dtype=dtype, device=device, progress=progress, weight_format=fmt
+        )
+        self.weight_format = fmt  # "bf16", "int8" or None (dense)
         if lora is not None:  # a peft LoRA adapter folder, served unmerged
             from qwenvl.train.lora import load_adapter
 

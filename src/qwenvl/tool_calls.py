@@ -13,10 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from qwenvl.outputs import CompletionOutput
+from typing import Any, Protocol
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -130,8 +127,16 @@ def extract_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content if content.strip() else None), tool_calls
 
 
+class Completion(Protocol):
+    """What ``attach_tool_calls`` fills (``qwenvl.outputs.CompletionOutput``)."""
+
+    text: str
+    content: str | None
+    tool_calls: list[ToolCall] | None
+
+
 def attach_tool_calls(
-    outputs: Iterable[CompletionOutput], tools: Sequence[dict[str, Any]] | None = None
+    outputs: Iterable[Completion], tools: Sequence[dict[str, Any]] | None = None
 ) -> None:
     """Fill ``tool_calls`` and ``content`` of each completion from its ``text`` (in place);
     does nothing when ``tools`` is None or empty (the request offered no tools).

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     from qwenvl.engine.config import EngineConfig
     from qwenvl.engine.engine import LLMEngine
     from qwenvl.engine.kv_cache import kv_bytes_per_block
-    from qwenvl.models import model_class
+    from qwenvl.models import family_of
     from qwenvl.processing.prompt import PromptInputs
     from qwenvl.sampling import SamplingParams
     from qwenvl.tokenizer import Tokenizer
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
     text = replace(cfg.text, num_hidden_layers=16, num_key_value_heads=cfg.text.num_attention_heads)
     cfg = replace(cfg, text=text)
     torch.manual_seed(0)
-    model = model_class(cfg)(cfg).eval()
+    model = family_of(cfg).build(cfg).eval()
     tok = Tokenizer.from_dir(folder)
     start = rss()
     engine = LLMEngine(model, tok, [-1], EngineConfig(kv_cache_memory=budget,
@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(
     for p in prompts[1:]:
         engine.add_request(p, params)
     unbounded = sum(len(p.token_ids) + 30 for p in prompts[1:]) * kv_bytes_per_block(
-        text, 1, model.dtype)
+        family_of(cfg).kv_shape(cfg), 1, model.dtype)
     while engine.has_unfinished:
         engine.step()
         in_use[0] = max(in_use[0], engine.blocks.num_blocks - engine.blocks.num_free_blocks)

@@ -149,14 +149,14 @@ def test_applies_only_to_untracked_float32_cpu_tensors() -> None:
 
 # --- decode_layers: a packed decoder's layers for one decode step in one call -------------------
 def _decoder(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inter: int, mode: str):
-    """Random packed layers as ``TextModel.decode_packed`` passes them: per layer 14 params
+    """Random packed layers as the ``cpu_kernels`` decoder backend passes them: per layer 14 params
     (norm1, qkv w/scale/bias, o, norm2, gate_up, down), plus the float64 weights they hold."""
     g = torch.Generator().manual_seed(layers + hidden + inter)
 
     def linear(n: int, k: int, bias: bool):
         w = torch.randn(n, k, generator=g) / math.sqrt(k)
         b = torch.randn(n, generator=g) * 0.1 if bias else None
-        p = PackedLinear(w, b, mode)
+        p = PackedLinear.from_dense(w, b, mode)
         dense = p.int8_rows().double() * p.scale.double()[:, None] if mode == "int8" else None
         dense = p.weight.double() if dense is None else dense
         return list(p.kernel_params()), (dense, None if b is None else p.bias.double())

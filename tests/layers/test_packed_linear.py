@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from qwenvl import kernels
-from qwenvl.layers.packed_linear import PackedLinear, decoder_linears, pack_linears
+from qwenvl.layers.packed_linear import PackedLinear
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="GEMV kernels not built here")
 
@@ -17,7 +17,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="GEMV kernels
 @needs_kernels
 def test_bf16_matches_float64(rows: int, bias: bool) -> None:
     lin = nn.Linear(200, 70, bias=bias)
-    packed = PackedLinear(lin.weight, lin.bias, "bf16")
+    packed = PackedLinear.from_dense(lin.weight, lin.bias, "bf16")
     x = torch.randn(rows, 200)
     w = lin.weight.detach().to(torch.bfloat16).double()
     ref = x.double() @ w.T + (lin.bias.detach().double() if bias else 0)
@@ -31,7 +31,7 @@ def test_bf16_matches_float64(rows: int, bias: bool) -> None:
 @needs_kernels
 def test_int8_matches_dequantised_float64(rows: int, out_features: int) -> None:
     lin = nn.Linear(96, out_features)
-    packed = PackedLinear(lin.weight, lin.bias, "int8")
+    packed = PackedLinear.from_dense(lin.weight, lin.bias, "int8")
     tiled = out_features % 8 == 0
     assert packed.qweight.dim() == (4 if tiled else 2)
     x = torch.randn(2, rows, 96)  # leading dims are flattened and restored
@@ -55,7 +55,7 @@ def test_int8_layout_follows_row_length(in_features: int, tiled: bool) -> None:
     # rows up to 4 KB are tiled for the decode GEMV; longer ones (a down projection) and widths
     # off the 16-column grid stay rows; both multiply the same
     lin = nn.Linear(in_features, 16, bias=False)
-    packed = PackedLinear(lin.weight, None, "int8")
+    packed = PackedLinear.from_dense(lin.weight, None, "int8")
     assert packed.qweight.dim() == (4 if tiled else 2)
     assert packed.int8_rows().shape == (16, in_features)
     deq = packed.int8_rows().double() * packed.scale.double()[:, None]
@@ -65,16 +65,29 @@ def test_int8_layout_follows_row_length(in_features: int, tiled: bool) -> None:
     assert bool(((packed(x).double() - ref).abs() <= tol).all())
 
 
-def test_pack_linears_replaces_only_the_decoder(checkpoints) -> None:
+def test_packed_format_builds_only_the_decoder_from_the_checkpoint(checkpoints) -> None:
+    """The bf16 format's modules, filled by the loader from the checkpoint's separate q/k/v and
+    gate/up tensors, hold exactly the dense model's weights (rounded to bf16)."""
     from qwenvl.checkpoint import load_model
 
-    model, cfg = load_model(checkpoints("qwen2_5_vl", tie=True), dtype="float32")
-    names = decoder_linears(model)
-    assert len(names) == 7 * cfg.text.num_hidden_layers + 1  # q k v o gate up down, lm_head
-    vision_before = sum(isinstance(m, nn.Linear) for m in model.visual.modules())
-    assert pack_linears(model, "bf16") == len(names)
-    assert sum(isinstance(m, nn.Linear) for m in model.visual.modules()) == vision_before
-    assert isinstance(model.lm_head, PackedLinear)
+    folder = checkpoints("qwen2_5_vl", tie=True)
+    dense, cfg = load_model(folder, dtype="float32")
+    model, _ = load_model(folder, dtype="float32", weight_format="bf16")
+    packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 4 * cfg.text.num_hidden_layers + 1  # qkv o gate_up down, lm_head
+    assert not any(isinstance(m, nn.Linear) for m in model.model.modules())
+    linears = [type(m) for m in model.visual.modules() if isinstance(m, nn.Linear)]
+    assert linears == [type(m) for m in dense.visual.modules() if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(model.model.layers):
+        ref = dense.model.layers[i]
+        a, b = ref.self_attn, ref.mlp
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        assert torch.equal(layer.self_attn.qkv_proj.weight, qkv.to(torch.bfloat16))
+        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        assert torch.equal(layer.self_attn.qkv_proj.bias, bias)
+        gate_up = torch.cat([b.gate_proj.weight, b.up_proj.weight]).to(torch.bfloat16)
+        assert torch.equal(layer.mlp.gate_up_proj.weight, gate_up)
+        assert torch.equal(layer.mlp.down_proj.weight, b.down_proj.weight.to(torch.bfloat16))
     # the tied head got a bf16 copy; the embedding stays float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
@@ -82,14 +95,14 @@ def test_pack_linears_replaces_only_the_decoder(checkpoints) -> None:
 
 def test_bad_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="int8"):
-        PackedLinear(torch.zeros(2, 2), None, "int4")
+        PackedLinear.from_dense(torch.zeros(2, 2), None, "int4")
 
 
 def test_prefill_path_works_inside_and_then_outside_inference_mode() -> None:
     """The GEMM path's scratch buffer, first made under inference_mode (an engine prefill), must
     still take writes from a later call outside it (scoring, training code)."""
     lin = nn.Linear(48, 4000)  # a weight larger than any earlier test's, so the buffer is new
-    packed = PackedLinear(lin.weight, None, "bf16")
+    packed = PackedLinear.from_dense(lin.weight, None, "bf16")
     x = torch.randn(20, 48)
     with torch.inference_mode():
         a = packed(x).clone()

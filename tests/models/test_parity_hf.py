@@ -2,12 +2,14 @@
 
 Independent truth for every number: the transformers model loaded from the same folder, fed pixels
 from transformers' own ``Qwen2VLImageProcessorPil``. Videos: transformers >= 5.3 continues text
-after a video at a different position than the released models were trained with (notes §7.4); the
+after a video at a different position than the released models were trained with; the
 logits tests hand transformers our reference positions explicitly, and the generation tests switch
-our position rule to ``transformers5`` — never a looser tolerance.
+to transformers' own position rule (``HFPositions``) — never a looser tolerance.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import pytest
@@ -105,7 +107,7 @@ def hf_inputs(llm, prompts, conversations):
     if videos:
         inputs["pixel_values_videos"] = torch.cat([v.pixel_values for v in videos])
         inputs["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos])
-        if cfg.is_qwen2_5:
+        if cfg.vision.tokens_per_second is not None:  # Qwen2.5-VL's time-aligned videos
             inputs["second_per_grid_ts"] = torch.tensor([v.second_per_grid_t for v in videos])
     return inputs
 
@@ -117,12 +119,33 @@ def padded_positions(prompts, width):
     return pos
 
 
-@pytest.fixture
-def rule(llms):
-    """Restore the default position rule after a test that switches it."""
-    yield
-    for fam in FAMILIES:
-        llms(fam).processor.position_rule = "reference"
+class HFPositions:
+    """A family whose M-RoPE positions are transformers' own (``get_rope_index``: what
+    ``generate`` computes; after a video it continues at ``cur + max(h, w)``, not at the trained
+    rule's largest position + 1)."""
+
+    def __init__(self, family, hf) -> None:
+        self.family, self.hf = family, hf
+
+    def __getattr__(self, name):
+        return getattr(self.family, name)
+
+    def positions(self, config, token_ids, image_grids, video_grids, video_seconds):
+        ids = torch.tensor([list(token_ids)])
+        types = torch.zeros_like(ids, dtype=torch.int)
+        types[ids == config.image_token_id] = 1
+        types[ids == config.video_token_id] = 2
+        kw = {}
+        if "second_per_grid_ts" in inspect.signature(self.hf.model.get_rope_index).parameters:
+            kw["second_per_grid_ts"] = torch.tensor(list(video_seconds)) if video_grids else None
+        pos, delta = self.hf.model.get_rope_index(
+            ids,
+            types,
+            image_grid_thw=torch.tensor(list(image_grids)) if image_grids else None,
+            video_grid_thw=torch.tensor(list(video_grids)) if video_grids else None,
+            **kw,
+        )
+        return pos[:, 0], int(delta.reshape(-1)[0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -160,11 +183,11 @@ def test_logits_match(family, case, llms, hf_models):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches(family, case, llms, hf_models, rule):
+def test_greedy_generation_matches(family, case, llms, hf_models, monkeypatch):
     llm, hf = llms(family), hf_models(family)
     conversations = CASES[case]()
-    if case.startswith("video") or case == "batch":
-        llm.processor.position_rule = "transformers5"  # what transformers.generate computes
+    if case.startswith("video") or case == "batch":  # what transformers.generate computes
+        monkeypatch.setattr(llm.processor, "family", HFPositions(llm.processor.family, hf))
     prompts = [llm.processor.prepare_chat(c) for c in conversations]
     inputs = hf_inputs(llm, prompts, conversations)
     with torch.no_grad():

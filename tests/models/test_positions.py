@@ -1,4 +1,4 @@
-"""M-RoPE positions against hand-computed values (notes §7.3)."""
+"""M-RoPE positions against hand-computed values."""
 
 from __future__ import annotations
 
@@ -73,18 +73,6 @@ def test_qwen2_vl_video_has_unit_interval():
     pos, delta = positions(ids, video_grids=[(2, 4, 4)])
     assert pos[0].tolist() == [0] * 4 + [1] * 4
     assert delta == 2 - 8
-
-
-def test_transformers5_rule_for_comparison_only():
-    ids = [TXT] * 3 + [VID] * 16 + [TXT]
-    pos, _ = positions(
-        ids,
-        video_grids=[(4, 4, 4)],
-        second_per_grid_ts=[1.0],
-        tokens_per_second=2,
-        rule="transformers5",
-    )
-    assert pos[:, 19].tolist() == [3 + 2] * 3  # start + max(lh, lw)
 
 
 def test_image_and_video():

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from qwenvl.grounding import FAMILIES, Point, convert, to_original
+from qwenvl.grounding import Point, convert, grounding_style, to_original
 from qwenvl.processing.chat_template import DEFAULT_SYSTEM_PROMPT, format_tools_block
 from qwenvl.processing.image import ImageGeometry, VisionPreprocessConfig, image_geometry
 
@@ -57,8 +57,7 @@ class Screen:
     family: str
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        grounding_style(self.family)  # a ValueError for an unknown family
 
     @classmethod
     def for_screenshot(
@@ -105,7 +104,7 @@ class Screen:
     @property
     def space(self) -> Literal["resized", "norm1000"]:
         """The model's coordinate space: resized-screenshot pixels or the 0..1000 scale."""
-        return "resized" if self.family == "qwen2_5_vl" else "norm1000"
+        return grounding_style(self.family)
 
     @property
     def model_size(self) -> tuple[int, int]:

@@ -15,15 +15,13 @@ import torch
 
 from qwenvl.checkpoint import load_config, read_json, resolve_checkpoint
 from qwenvl.cli.common import add_model_args, add_vision_args
-from qwenvl.models import ModelConfig, model_class
+from qwenvl.models import ModelConfig, family_of
 from qwenvl.processing.prompt import Processor
 from qwenvl.sampling import SamplingParams
 from qwenvl.weights import SAFE_DTYPES, read_header, weight_files
 
 if TYPE_CHECKING:
     from qwenvl.cli.common import Subparsers
-
-FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
@@ -32,7 +30,7 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     Tied embeddings count once: ``named_parameters`` lists a shared tensor a single time.
     """
     with torch.device("meta"):
-        module = model_class(config)(config)
+        module = family_of(config).build(config)
     total = vision = 0
     for name, p in module.named_parameters():
         total += p.numel()
@@ -68,7 +66,7 @@ def describe_checkpoint(
         "temporal_patch_size": v.temporal_patch_size,
         "spatial_merge_size": v.spatial_merge_size,
     }
-    if config.is_qwen2_5:
+    if v.window_size is not None:  # windowed attention (Qwen2.5-VL)
         vision.update(
             window_size=v.window_size,
             fullatt_block_indexes=list(v.fullatt_block_indexes),
@@ -77,7 +75,7 @@ def describe_checkpoint(
     return {
         "path": str(path.resolve()),
         "model_type": config.family,
-        "family": FAMILY_NAMES.get(config.family, config.family),
+        "family": family_of(config).display_name,
         "text": {
             "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size,

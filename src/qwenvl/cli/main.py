@@ -30,13 +30,14 @@ from qwenvl.cli.common import (
     print_error,
 )
 from qwenvl.cli.ground import add_ground
-from qwenvl.cli.info import FAMILY_NAMES, add_info
+from qwenvl.cli.info import add_info
 from qwenvl.cli.serve import add_serve
 from qwenvl.cli.train import add_merge_lora, add_train
 from qwenvl.demo import DEMO_MODEL_NAME, default_model_path
 from qwenvl.demo.tasks import TASKS
 from qwenvl.errors import QwenVLError
 from qwenvl.llm import LLM, Messages
+from qwenvl.models import family_of
 from qwenvl.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def interactive_chat(
             stderr.write(text + "\n")
             stderr.flush()
 
-    note(f"{FAMILY_NAMES.get(llm.config.family, llm.config.family)} chat; {CHAT_HELP}")
+    note(f"{family_of(llm.config).display_name} chat; {CHAT_HELP}")
     state = ChatState(images=list(images), videos=list(videos))
     while True:
         if tty:

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from qwenvl.demo.tasks import MAX_PIXELS, MIN_PIXELS, TASKS, sample_at
-from qwenvl.models import model_class
-from qwenvl.models.qwen2_vl.config import ModelConfig
+from qwenvl.models import family_of, read_config
 from qwenvl.processing.image import VisionPreprocessConfig
 from qwenvl.tokenizer import save_tokenizer_files, train_qwen_style_tokenizer
 from qwenvl.train.checkpoint import _save_sharded
@@ -147,10 +146,10 @@ def write_files(folder: str | Path) -> Path:
 
 def new_model(folder: str | Path, seed: int = 0) -> nn.Module:
     """A freshly initialised model of the demo shape (fp32)."""
-    cfg = ModelConfig.from_file(Path(folder) / "config.json")
+    cfg = read_config(Path(folder) / "config.json")
     torch.manual_seed(seed)
     random.seed(seed)
-    model = model_class(cfg)(cfg)
+    model = family_of(cfg).build(cfg)
     init_weights(model)
     return model
 

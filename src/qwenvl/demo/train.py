@@ -56,7 +56,7 @@ from qwenvl.demo.supervision import (
 )
 from qwenvl.demo.tasks import TASKS, DemoSample, make_sample
 from qwenvl.layers.rotary import apply_rotary
-from qwenvl.models.qwen2_vl.config import ModelConfig
+from qwenvl.models import read_config
 from qwenvl.processing.prompt import Processor
 from qwenvl.train.data import Sample, encode_conversation
 from qwenvl.train.packing import IGNORE, collate
@@ -137,7 +137,7 @@ class Recipe:
             demo_ckpt.write_files(self.files)
         if world > 1:
             torch.distributed.barrier()
-        self.config = ModelConfig.from_file(self.files / "config.json")
+        self.config = read_config(self.files / "config.json")
         self.processor = Processor.from_pretrained(self.files, self.config)
         self.model = demo_ckpt.new_model(self.files, seed)
         tok = self.processor.tokenizer

@@ -13,8 +13,6 @@ import logging
 import math
 from collections.abc import Sequence as Seq
 
-import torch
-
 from qwenvl.engine.block_manager import BlockManager
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.encoder_cache import EncoderCache
@@ -23,6 +21,7 @@ from qwenvl.engine.model_runner import ModelRunner, sample_next
 from qwenvl.engine.request import Request, Sequence, Status, vision_items
 from qwenvl.engine.scheduler import Scheduler
 from qwenvl.errors import ConfigError, PromptError
+from qwenvl.models import VLModel, family_of
 from qwenvl.outputs import StreamEvent
 from qwenvl.processing.prompt import PromptInputs
 from qwenvl.sampling import SamplingParams
@@ -34,7 +33,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: VLModel,
         tokenizer: Tokenizer,
         eos_token_ids: Seq[int],
         config: EngineConfig | None = None,
@@ -43,11 +42,12 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.eos = set(eos_token_ids)
-        mcfg = model.config
-        self.max_model_len = config.max_model_len or mcfg.text.max_position_embeddings
-        per_block = kv_bytes_per_block(mcfg.text, config.block_size, model.dtype)
+        family = family_of(model.config)
+        self.max_model_len = config.max_model_len or family.max_model_len(model.config)
+        shape = family.kv_shape(model.config)
+        per_block = kv_bytes_per_block(shape, config.block_size, model.dtype)
         num_blocks = config.num_kv_blocks or self._measure_blocks(per_block)
-        self.kv = PagedKVCache(mcfg.text, num_blocks, config.block_size, model.dtype, model.device)
+        self.kv = PagedKVCache(shape, num_blocks, config.block_size, model.dtype, model.device)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
             num_blocks,

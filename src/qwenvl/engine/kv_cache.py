@@ -13,15 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenvl import kernels
-from qwenvl.layers.attention import causal_attention
-from qwenvl.models.qwen2_vl.config import TextConfig
+from qwenvl.models import KVShape
 
 
-def kv_bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(shape: KVShape, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block of ``block_size`` tokens takes over all layers (keys and values)."""
-    item = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * item
+    return block_size * shape.bytes_per_token(dtype)
 
 
 def available_memory(device: torch.device) -> int:
@@ -44,7 +41,7 @@ class PagedKVCache:
 
     def __init__(
         self,
-        cfg: TextConfig,
+        shape: KVShape,
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
@@ -58,10 +55,10 @@ class PagedKVCache:
         # of showing up later as RSS that creeps up while requests touch new blocks.
         storage = torch.empty(
             2,
-            cfg.num_hidden_layers,
+            shape.num_layers,
             slots,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
+            shape.num_kv_heads,
+            shape.head_dim,
             dtype=dtype,
             device=device,
         )
@@ -133,88 +130,3 @@ class AttentionMetadata:
             decode_mask,
             decode_lens,
         )
-
-
-class PagedContext:
-    """What a decoder layer needs for one step: the cache and the step's metadata."""
-
-    def __init__(self, cache: PagedKVCache, meta: AttentionMetadata) -> None:
-        self.cache = cache
-        self.meta = meta
-
-    def fused_decode(self, q: torch.Tensor) -> bool:
-        """Whether ``attend_decode`` serves this step: every token is a decode query, and the
-        queries and the cache are float32 on the CPU (``kernels.applies``)."""
-        meta = self.meta
-        return not meta.prefills and kernels.applies(q, self.cache.k[0])
-
-    def attend_decode(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """``attend`` for an all-decode step in one kernel call, rotary included: ``q [T,
-        H*D]``, ``k, v [T, Hkv*D]`` before rotary, ``cos, sin [T, D]`` -> ``[T, H*D]``."""
-        meta = self.meta
-        return kernels.decode_attention(
-            q,
-            k,
-            v,
-            cos,
-            sin,
-            self.cache.k[layer],
-            self.cache.v[layer],
-            meta.slots,
-            meta.decode_keys,
-            meta.decode_lens,
-        )
-
-    def decode_layers(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        params: list[torch.Tensor | None],
-        num_heads: int,
-        eps: float,
-    ) -> None:
-        """A packed decoder's layers for an all-decode step in one kernel call (``x [T, H]``
-        updated in place; ``kernels.decode_layers``), attending over this cache."""
-        meta = self.meta
-        kernels.decode_layers(
-            x,
-            cos,
-            sin,
-            params,
-            self.cache.k,
-            self.cache.v,
-            meta.slots,
-            meta.decode_keys,
-            meta.decode_lens,
-            num_heads,
-            eps,
-        )
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write ``k, v [T, Hkv, D]`` to their slots, then attend ``q [T, H, D]`` -> ``[T, H,
-        D]``."""
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        meta = self.meta
-        kc[meta.slots] = k.to(kc.dtype)
-        vc[meta.slots] = v.to(vc.dtype)
-        out = torch.empty_like(q)
-        for row, n, keys, mask in meta.prefills:
-            qs = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            ks = kc[keys].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            vs = vc[keys].transpose(0, 1).unsqueeze(0)
-            out[row : row + n] = causal_attention(qs, ks, vs, mask)[0].transpose(0, 1)
-        if meta.decode_rows is not None:
-            qs = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
-            ks = kc[meta.decode_keys].transpose(1, 2)  # [B, Hkv, ctx, D]
-            vs = vc[meta.decode_keys].transpose(1, 2)
-            out[meta.decode_rows] = causal_attention(qs, ks, vs, meta.decode_mask).squeeze(2)
-        return out

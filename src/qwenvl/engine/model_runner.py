@@ -1,6 +1,7 @@
 """The hot path of one engine step: lay the scheduled tokens end to end, fill in vision
-embeddings (encoder cache first, the ViT for the rest), run the decoder over the paged cache,
-and sample the next token of every sequence whose chunk reached its end.
+embeddings (encoder cache first, the ViT for the rest), run the decoder over the paged cache
+through the backend chosen for the model, and sample the next token of every sequence whose
+chunk reached its end. Only the model's public methods are called (``VLModel``).
 """
 
 from __future__ import annotations
@@ -10,23 +11,27 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from qwenvl.engine.backends import DecoderBackend, select_backend
 from qwenvl.engine.encoder_cache import EncoderCache
-from qwenvl.engine.kv_cache import AttentionMetadata, PagedContext, PagedKVCache
+from qwenvl.engine.kv_cache import AttentionMetadata, PagedKVCache
 from qwenvl.engine.request import Request, Sequence
 from qwenvl.engine.scheduler import ScheduledChunk
 from qwenvl.layers.sampler import apply_penalties, compute_logprobs, pad_token_ids, sample
+from qwenvl.models import VLModel
 
 
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: VLModel,
         kv: PagedKVCache,
         encoder_cache: EncoderCache,
+        backend: DecoderBackend | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
         self.encoder_cache = encoder_cache
+        self.backend = backend or select_backend(model)
         self.vit_items = 0  # items that went through the vision tower
 
     @torch.inference_mode()
@@ -44,23 +49,21 @@ class ModelRunner:
             if c.samples:
                 rows.append(offset - 1)
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        embeds = model.model.embed_tokens(input_ids)
+        embeds = model.embed_tokens(input_ids)
         self._fill_vision(chunks, embeds)
         meta = AttentionMetadata.build(
             [(t, c.start, c.length) for c, t in zip(chunks, tables)], self.kv.block_size, device
         )
-        logits = model(
-            input_ids[None],
-            torch.cat(positions, dim=1)[:, None],
-            kv=PagedContext(self.kv, meta),
-            logit_rows=torch.tensor(rows, dtype=torch.long),
-            inputs_embeds=embeds[None],
-        )
-        return logits[0].float()
+        hidden = self.backend.run(embeds, torch.cat(positions, dim=1), self.kv, meta)
+        return model.compute_logits(
+            hidden[torch.tensor(rows, dtype=torch.long, device=device)]
+        ).float()
 
     # --- vision ------------------------------------------------------------------------------
     def _fill_vision(self, chunks: Seq[ScheduledChunk], embeds: torch.Tensor) -> None:
-        """Overwrite placeholder rows with vision features, encoding what no cache holds."""
+        """Overwrite the rows of the step's vision items with their features (a chunk may hold
+        part of an item), encoding what no cache holds. Rows, not placeholder ids, say where:
+        a generated ``<|image_pad|>`` is an ordinary token."""
         overlays = []
         offset = 0
         for c in chunks:

@@ -43,24 +43,89 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 class PackedLinear(nn.Module):
-    """``y = x @ W^T + b`` with ``W`` stored packed; inference only (no gradients)."""
+    """``y = x @ W^T + b`` with ``W`` stored packed; inference only (no gradients).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> None:
+    Built empty (on the meta device while the model is built), then filled by the loader:
+    ``allocate`` gives the tensors the checkpoint's ``[out, in]`` weights are read into (by
+    name: a fused layer's ``parts`` are the checkpoint's separate linears, stacked along the
+    output rows), ``finish_loading`` packs them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        mode: str,
+        parts: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"packed weight mode must be one of {MODES}, got {mode!r}")
+        if parts is not None and sum(parts.values()) != out_features:
+            raise ValueError(f"parts {parts} do not add up to {out_features} output rows")
         self.mode = mode
-        self.out_features, self.in_features = weight.shape
-        w = weight.detach()
+        self.in_features, self.out_features = in_features, out_features
+        self.parts = parts
+        shape = (out_features, in_features)
         if mode == "int8":
-            q, scale = kernels.quantize_int8(w)
+            self.register_buffer("qweight", torch.empty(shape, dtype=torch.int8))
+            self.register_buffer("scale", torch.empty(out_features))
+        else:
+            self.register_buffer("weight", torch.empty(shape, dtype=torch.bfloat16))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        self._staging: torch.Tensor | None = None  # int8: the 16-bit weight until packed
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> PackedLinear:
+        """A packed copy of a dense ``[out, in]`` weight (and bias)."""
+        out, inp = weight.shape
+        with torch.device(weight.device):
+            m = cls(inp, out, bias is not None, mode)
+        targets = m.allocate(weight.device, weight.dtype)
+        targets["weight"].copy_(weight.detach())
+        if bias is not None:
+            targets["bias"].copy_(bias.detach())
+        m.finish_loading()
+        return m
+
+    def allocate(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Allocate the buffers on ``device``; return what the loader reads the checkpoint into,
+        by name relative to this module (``weight``, ``bias``) or, for a fused layer, to its
+        parent (``q_proj.weight``...). ``dtype``: the checkpoint's, for int8's staging copy."""
+        shape = (self.out_features, self.in_features)
+        if self.mode == "int8":
+            self._staging = weight = torch.empty(shape, dtype=dtype, device=device)
+            self.scale = torch.empty(self.out_features, device=device)
+        else:
+            self.weight = weight = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        if self.bias is not None:
+            self.bias = torch.empty(self.out_features, device=device)
+        if self.parts is None:
+            out = {"weight": weight}
+            if self.bias is not None:
+                out["bias"] = self.bias
+            return out
+        out, row = {}, 0
+        for name, rows in self.parts.items():
+            out[f"{name}.weight"] = weight[row : row + rows]
+            if self.bias is not None:
+                out[f"{name}.bias"] = self.bias[row : row + rows]
+            row += rows
+        return out
+
+    def finish_loading(self) -> None:
+        """Pack what the loader read: int8 quantises per output row (and tiles where that
+        decodes faster); both move big weights into huge pages."""
+        if self.mode == "int8":
+            assert self._staging is not None, "allocate() first"
+            q, self.scale = kernels.quantize_int8(self._staging)
+            self._staging = None
             if kernels.tiles_pay(*q.shape):  # one sequential stream per 8 short rows (decode)
                 q = kernels.tile_int8(q)
-            self.register_buffer("qweight", kernels.huge_page_copy(q))
-            self.register_buffer("scale", scale)
+            self.qweight = kernels.huge_page_copy(q)
         else:
-            self.register_buffer("weight", kernels.huge_page_copy(w.to(torch.bfloat16)))
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+            self.weight = kernels.huge_page_copy(self.weight)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"
@@ -107,52 +172,3 @@ class PackedLinear(nn.Module):
             return kernels.linear_bf16(x, self.weight, bias)
         b = None if bias is None else bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), b)
-
-
-def decoder_linears(model: nn.Module) -> list[str]:
-    """Names of the language model's linear layers (attention, MLP) and the LM head."""
-    names = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and (name.startswith("model.layers.") or name == "lm_head"):
-            names.append(name)
-    return names
-
-
-def pack_linears(model: nn.Module, mode: str) -> int:
-    """Replace the decoder's ``nn.Linear`` layers (and the LM head) by ``PackedLinear``; q/k/v
-    and gate/up are fused into one packed weight each (``qkv_proj``, ``gate_up_proj``).
-
-    The LM head of a tied model gets its own packed copy of the embedding matrix; the embedding
-    itself stays in the activation dtype. Returns the number of layers packed.
-    """
-    names = decoder_linears(model)
-    fused = set()
-    for name, m in model.named_modules():  # q/k/v and gate/up share their input: fuse them
-        if hasattr(m, "qkv_proj") and isinstance(getattr(m, "q_proj", None), nn.Linear):
-            parts = [m.q_proj, m.k_proj, m.v_proj]
-            bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
-            m.qkv_proj = PackedLinear(torch.cat([p.weight for p in parts]), bias, mode)
-            del m.q_proj, m.k_proj, m.v_proj
-            fused.update(f"{name}.{c}" for c in ("q_proj", "k_proj", "v_proj"))
-        if hasattr(m, "gate_up_proj") and isinstance(getattr(m, "gate_proj", None), nn.Linear):
-            w = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-            m.gate_up_proj = PackedLinear(w, None, mode)
-            del m.gate_proj, m.up_proj
-            fused.update(f"{name}.{c}" for c in ("gate_proj", "up_proj"))
-    for name in names:
-        if name in fused:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, PackedLinear(old.weight, old.bias, mode))
-        del old
-    return len(names)
-
-
-def packed_mode(model: nn.Module) -> str | None:
-    """The mode of the model's packed layers, or None when it has none."""
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            return m.mode
-    return None

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from qwenvl.errors import ContextLengthError, MediaError, PromptError
-from qwenvl.models.qwen2_vl.config import ModelConfig
-from qwenvl.models.qwen2_vl.positions import get_mrope_positions
+from qwenvl.models import ModelConfig, family_of
 from qwenvl.processing.chat_template import (
     RenderedChat,
     load_chat_template,
@@ -111,9 +110,8 @@ class Processor:
         self.chat_template = chat_template
         self.vision = vision
         self.config = config
+        self.family = family_of(config)
         self.media_policy = media_policy or MediaPolicy()
-        # "reference" (as the models were trained); "transformers5" only to compare with HF >= 5.3
-        self.position_rule = "reference"
         # token budget of a video item that sets none itself (None = unlimited)
         self.max_video_tokens = max_video_tokens
 
@@ -134,7 +132,7 @@ class Processor:
         vision = (
             VisionPreprocessConfig.from_dict(read_json(pre), str(pre)) if pre.exists() else None
         )
-        vision = vision or VisionPreprocessConfig()
+        vision = vision or family_of(config).preprocess_defaults()
         if min_pixels is not None or max_pixels is not None:
             from dataclasses import replace
 
@@ -383,16 +381,12 @@ class Processor:
         cfg = self.config
         token_ids = _expand(ids, cfg.image_token_id, [im.num_tokens for im in images], "image")
         token_ids = _expand(token_ids, cfg.video_token_id, [v.num_tokens for v in videos], "video")
-        positions, delta = get_mrope_positions(
+        positions, delta = self.family.positions(
+            cfg,
             token_ids,
-            image_token_id=cfg.image_token_id,
-            video_token_id=cfg.video_token_id,
-            image_grids=[im.grid_thw for im in images],
-            video_grids=[v.grid_thw for v in videos],
-            second_per_grid_ts=[v.second_per_grid_t for v in videos] if cfg.is_qwen2_5 else None,
-            tokens_per_second=cfg.vision.tokens_per_second,
-            spatial_merge_size=cfg.vision.spatial_merge_size,
-            rule=self.position_rule,
+            [im.grid_thw for im in images],
+            [v.grid_thw for v in videos],
+            [v.second_per_grid_t for v in videos],
         )
         return PromptInputs(token_ids, list(images), list(videos), positions, delta, text)
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwenvl.errors import CheckpointError, ConfigError
+from qwenvl.models import WeightNames, family_of
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,23 +56,9 @@ def part_of(name: str) -> str:
     return "llm"
 
 
-def native_to_hf(name: str) -> str:
-    """Our (released) module name -> the transformers 5 in-memory one."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model.") :]
-    return name
-
-
-def hf_to_native(name: str) -> str:
-    if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX) :]
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model.") :]
-    if name.startswith("model.visual."):
-        return name[len("model.") :]
-    return name
+def _names(model: nn.Module) -> WeightNames:
+    """The family's checkpoint names (peft keys adapters by the transformers 5 ones)."""
+    return family_of(model.config).weights
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -86,16 +73,17 @@ def select_targets(
     model: nn.Module, targets: Sequence[str], skip_parts: Sequence[str] = ()
 ) -> list[str]:
     """Names of the ``nn.Linear`` modules matching ``targets``, outside ``skip_parts``."""
-    names = [
+    names = _names(model)
+    found = [
         n
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and part_of(n) not in skip_parts
-        and any(_matches(n, p) or _matches(n, native_to_hf(p)) for p in targets)
+        and any(_matches(n, p) or _matches(n, names.to_hf(p)) for p in targets)
     ]
-    if not names:
+    if not found:
         raise ConfigError(f"no Linear module matches the LoRA targets {list(targets)}")
-    return names
+    return found
 
 
 def _peft():
@@ -190,13 +178,14 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = 
     folder.mkdir(parents=True, exist_ok=True)
     config = model._lora_config  # noqa: SLF001
     tensors = {}
+    names = _names(model)
     for n, p in adapter_state(model).items():
         module, _, leaf = n.partition(".lora_")
-        key = PEFT_PREFIX + native_to_hf(module) + ".lora_" + leaf
+        key = PEFT_PREFIX + names.to_hf(module) + ".lora_" + leaf
         tensors[key] = p.detach().to("cpu", torch.float32).contiguous()
     save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     d = config.to_dict()
-    d["target_modules"] = sorted(native_to_hf(t) for t in config.target_modules)
+    d["target_modules"] = sorted(names.to_hf(t) for t in config.target_modules)
     d["base_model_name_or_path"] = base_model
     d["inference_mode"] = True
     d["peft_type"] = "LORA"
@@ -221,7 +210,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     weights_path = folder / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    tensors = {hf_to_native(k): v for k, v in load_file(weights_path).items()}
+    names = _names(model)
+    tensors = {
+        names.from_hf(k.removeprefix(PEFT_PREFIX)): v for k, v in load_file(weights_path).items()
+    }
     modules = sorted({k.partition(".lora_")[0] for k in tensors})
     known = dict(model.named_modules())
     missing = [m for m in modules if m not in known]

@@ -1,5 +1,1 @@
-"""Qwen2.5-VL."""
-
-from qwenvl.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
-
-__all__ = ["Qwen2_5_VLForConditionalGeneration"]
+"""Qwen2.5-VL: Qwen2-VL with a windowed ViT; ``family.py`` registers it."""

@@ -1,5 +1,1 @@
-"""Qwen2-VL."""
-
-from qwenvl.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
-
-__all__ = ["Qwen2VLForConditionalGeneration"]
+"""Qwen2-VL: config, vision tower, decoder, positions; ``family.py`` registers it."""

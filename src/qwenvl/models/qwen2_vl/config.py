@@ -4,23 +4,18 @@ config.json.
 Two on-disk layouts exist: the flat one of the released checkpoints (LLM fields at the top level,
 ``rope_scaling: {type: mrope, ...}``) and the nested one transformers 5.x writes (``text_config``
 with ``rope_parameters``). Both parse to the same dataclasses. The vision field names differ between
-the families (notes §1.2): in Qwen2-VL ``vision_config.hidden_size`` is the *merger output* and
+the families: in Qwen2-VL ``vision_config.hidden_size`` is the *merger output* and
 ``embed_dim`` the ViT width; in Qwen2.5-VL ``hidden_size`` is the ViT width and ``out_hidden_size``
 the merger output. Our dataclasses use one unambiguous vocabulary for both.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qwenvl.errors import ConfigError
-
-QWEN2_VL = "qwen2_vl"
-QWEN2_5_VL = "qwen2_5_vl"
-FAMILIES = (QWEN2_VL, QWEN2_5_VL)
 
 _MISSING = object()
 
@@ -144,31 +139,39 @@ class VisionConfig:
         if self.head_dim % 4:
             raise ConfigError("vision config: head_dim must be divisible by 4 (2-D rotary)")
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], family: str, source: str) -> VisionConfig:
-        src = f"{source} (vision_config)"
+    @staticmethod
+    def _common(d: dict[str, Any], src: str, default_act: str) -> dict[str, Any]:
+        """The fields both families name alike (``default_act``: when the config omits it, as
+        the released Qwen2-VL configs do, transformers' default applies)."""
         rope = d.get("rope_parameters") or {}
-        common = dict(
+        return dict(
             depth=_get(d, "depth", src, kind=int),
             num_heads=_get(d, "num_heads", src, kind=int),
-            # the released Qwen2-VL configs omit it: transformers' defaults apply
-            hidden_act=_get(
-                d, "hidden_act", src, "quick_gelu" if family == QWEN2_VL else "silu", kind=str
-            ),
+            hidden_act=_get(d, "hidden_act", src, default_act, kind=str),
             patch_size=_get(d, "patch_size", src, d.get("spatial_patch_size", 14), kind=int),
             temporal_patch_size=_get(d, "temporal_patch_size", src, 2, kind=int),
             spatial_merge_size=_get(d, "spatial_merge_size", src, 2, kind=int),
             in_channels=_get(d, "in_channels", src, d.get("in_chans", 3), kind=int),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
         )
-        if family == QWEN2_VL:
-            width = _get(d, "embed_dim", src, kind=int)
-            return cls(
-                embed_dim=width,
-                intermediate_size=int(width * _get(d, "mlp_ratio", src, 4, kind=(int, float))),
-                out_hidden_size=_get(d, "hidden_size", src, kind=int),
-                **common,
-            )
+
+    @classmethod
+    def from_qwen2_vl(cls, d: dict[str, Any], source: str) -> VisionConfig:
+        """Qwen2-VL: ``embed_dim`` is the ViT width, ``hidden_size`` the merger output."""
+        src = f"{source} (vision_config)"
+        width = _get(d, "embed_dim", src, kind=int)
+        return cls(
+            embed_dim=width,
+            intermediate_size=int(width * _get(d, "mlp_ratio", src, 4, kind=(int, float))),
+            out_hidden_size=_get(d, "hidden_size", src, kind=int),
+            **cls._common(d, src, "quick_gelu"),
+        )
+
+    @classmethod
+    def from_qwen2_5_vl(cls, d: dict[str, Any], source: str) -> VisionConfig:
+        """Qwen2.5-VL: ``hidden_size`` is the ViT width, ``out_hidden_size`` the merger output;
+        windowed attention, RMSNorm and a gated MLP."""
+        src = f"{source} (vision_config)"
         fullatt = _get(d, "fullatt_block_indexes", src, kind=list)
         return cls(
             embed_dim=_get(d, "hidden_size", src, kind=int),
@@ -179,7 +182,7 @@ class VisionConfig:
             tokens_per_second=float(_get(d, "tokens_per_second", src, kind=(int, float))),
             gated_mlp=True,
             rms_norm=True,
-            **common,
+            **cls._common(d, src, "silu"),
         )
 
 
@@ -187,7 +190,7 @@ class VisionConfig:
 class ModelConfig:
     """Everything the model needs: the two towers plus the special token ids that glue them."""
 
-    family: str
+    family: str  # the checkpoint's model_type: qwenvl.models.get_family(family) knows the rest
     text: TextConfig
     vision: VisionConfig
     image_token_id: int = 151655
@@ -198,10 +201,6 @@ class ModelConfig:
     torch_dtype: str | None = None
     eos_token_ids: tuple[int, ...] = field(default=(151645,))
 
-    @property
-    def is_qwen2_5(self) -> bool:
-        return self.family == QWEN2_5_VL
-
     def __post_init__(self) -> None:
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise ConfigError(
@@ -210,14 +209,14 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a JSON object")
-        family = d.get("model_type")
-        if family not in FAMILIES:
-            raise ConfigError(
-                f"{source}: model_type {family!r} is not supported (expected {list(FAMILIES)})"
-            )
+    def from_hf(
+        cls,
+        d: dict[str, Any],
+        source: str,
+        parse_vision: Callable[[dict[str, Any], str], VisionConfig],
+    ) -> ModelConfig:
+        """The fields every family shares; ``parse_vision`` reads the family's own
+        ``vision_config`` (``qwenvl.models.parse_config`` picks the family)."""
         nested = isinstance(d.get("text_config"), dict)
         text_dict = d["text_config"] if nested else d
         vision_dict = _get(d, "vision_config", source, kind=dict)
@@ -227,9 +226,9 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
         dtype = d.get("dtype", d.get("torch_dtype", text_dict.get("dtype")))
         return cls(
-            family=family,
+            family=d["model_type"],
             text=text,
-            vision=VisionConfig.from_hf(vision_dict, family, source),
+            vision=parse_vision(vision_dict, source),
             image_token_id=_get(d, "image_token_id", source, 151655, kind=int),
             video_token_id=_get(d, "video_token_id", source, 151656, kind=int),
             vision_start_token_id=_get(d, "vision_start_token_id", source, 151652, kind=int),
@@ -238,14 +237,3 @@ class ModelConfig:
             torch_dtype=dtype if isinstance(dtype, str) else None,
             eos_token_ids=eos_ids,
         )
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: file not found") from e
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_hf(data, source=str(path))

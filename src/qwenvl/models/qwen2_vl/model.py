@@ -1,11 +1,14 @@
 """Qwen2-VL: the vision tower, the Qwen2 decoder and the glue that puts image features into the
 prompt.
 
-The model API the rest of qwenvl uses:
+It implements ``qwenvl.models.interface.VLModel``, the model API the rest of qwenvl uses:
   * ``encode_vision(pixel_values, grid_thw)`` -> merged vision embeddings ``[tokens, hidden]``;
-  * ``embed(input_ids, image_embeds, video_embeds)`` scatters them into the placeholder rows;
-  * ``forward(...)`` -> logits, with positions ``[3, B, L]`` computed outside (``positions.py``),
-    an optional boolean attention mask and an optional KV cache.
+  * ``embed_tokens(input_ids)``; ``embed(input_ids, image_embeds, video_embeds)`` also scatters
+    the features into the placeholder rows (training; the engine writes them by row);
+  * ``decode(inputs_embeds, positions, kv)`` -> final hidden states (the decoder step), with
+    positions ``[3, B, L]`` computed outside (``positions.py``);
+  * ``compute_logits(hidden)``; ``forward(...)`` chains them for training and tests;
+  * ``decoder_layout()`` / ``decoder_weights()`` describe the decoder to the engine's backends.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from torch import nn
 
 from qwenvl.errors import PromptError
 from qwenvl.layers.rotary import mrope_cos_sin, text_inv_freq
+from qwenvl.models.interface import DecoderLayout
 from qwenvl.models.qwen2_vl.config import ModelConfig
 from qwenvl.models.qwen2_vl.text import TextModel
 from qwenvl.models.qwen2_vl.vision import Grid, VisionTransformer
 from qwenvl.processing.image import normalize_patches
 
 if TYPE_CHECKING:
-    from qwenvl.engine.kv_cache import PagedContext
+    from qwenvl.models.formats import WeightFormat
+    from qwenvl.models.qwen2_vl.text import PagedAttention
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
@@ -31,14 +36,19 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     # Patches above which encode_vision splits an item along time (None = never); settable.
     vision_chunk_patches: int | None = 16384
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, weight_format: WeightFormat | None = None) -> None:
         super().__init__()
         self.config = config
+        self.weight_format = weight_format
         self.visual = self.vision_class(config.vision)
-        self.model = TextModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model = TextModel(config.text, weight_format)
+        hidden, vocab = config.text.hidden_size, config.text.vocab_size
+        if weight_format is not None:  # a tied head gets its own compact copy of the embedding
+            self.lm_head = weight_format.linear(hidden, vocab, bias=False)
+        else:
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq = text_inv_freq(config.text.head_dim, config.text.rope_theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -102,6 +112,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         assert out is not None
         return out
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings alone (the engine writes vision features into their rows)."""
+        return self.model.embed_tokens(input_ids)
+
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -109,7 +123,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         video_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with vision features scattered, in order, into the placeholder rows."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids)
         for token_id, feats, kind in (
             (self.config.image_token_id, image_embeds, "image"),
             (self.config.video_token_id, video_embeds, "video"),
@@ -130,6 +144,59 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         )
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
+    def decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv: PagedAttention | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The decoder: ``[B, L, H]`` embeddings at ``positions [3, B, L]`` -> final hidden
+        states. ``mask`` is boolean ``[B, 1, L, L]`` (True = may attend; None = causal); with
+        ``kv`` (the engine's paged attention) B = 1 and the step's sequences lie end to end."""
+        cos, sin = self.rope(positions)
+        if mask is not None:
+            mask = mask.to(self.device)
+        return self.model(inputs_embeds, cos, sin, mask, kv)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The norm after the last layer (for backends that run the layers themselves)."""
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def decoder_layout(self) -> DecoderLayout:
+        t = self.config.text
+        fmt = self.weight_format
+        return DecoderLayout(
+            num_layers=t.num_hidden_layers,
+            hidden_size=t.hidden_size,
+            num_heads=t.num_attention_heads,
+            num_kv_heads=t.num_key_value_heads,
+            head_dim=t.head_dim,
+            intermediate_size=t.intermediate_size,
+            rms_norm_eps=t.rms_norm_eps,
+            weight_format="dense" if fmt is None else fmt.name,
+        )
+
+    def decoder_weights(self) -> list[dict[str, nn.Module]]:
+        """Per layer the modules a fused backend reads (compact formats: fused q/k/v, gate/up)."""
+        out = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn._modules, layer.mlp._modules
+            out.append(
+                {
+                    "input_norm": layer.input_layernorm,
+                    "qkv": attn.get("qkv_proj"),
+                    "o": attn["o_proj"],
+                    "post_norm": layer.post_attention_layernorm,
+                    "gate_up": mlp.get("gate_up_proj"),
+                    "down": mlp["down_proj"],
+                }
+            )
+        return out
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -140,16 +207,12 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         image_grid_thw: list[Grid] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: list[Grid] | None = None,
-        kv: PagedContext | None = None,
         logit_rows: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, L, vocab]`` (or ``[B, len(logit_rows), vocab]``).
-
-        ``mask`` is boolean ``[B, 1, L, L]`` (True = may attend); None means plain causal.
-        ``kv`` is the engine's paged cache context (then B = 1 and the tokens of several
-        sequences lie end to end). ``inputs_embeds`` (from ``embed``) replaces ``input_ids`` and
-        the pixel inputs.
+        """Logits ``[B, L, vocab]`` (or ``[B, len(logit_rows), vocab]``) of whole sequences
+        (training, scoring, tests). ``inputs_embeds`` (from ``embed``) replaces ``input_ids``
+        and the pixel inputs.
         """
         if inputs_embeds is None:
             image_embeds = video_embeds = None
@@ -158,11 +221,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             if pixel_values_videos is not None:
                 video_embeds = self.encode_vision(pixel_values_videos, video_grid_thw or [])
             inputs_embeds = self.embed(input_ids.to(self.device), image_embeds, video_embeds)
-        x = inputs_embeds
-        cos, sin = self.rope(positions)
-        if mask is not None:
-            mask = mask.to(self.device)
-        hidden = self.model(x, cos, sin, mask, kv)
+        hidden = self.decode(inputs_embeds, positions, mask=mask)
         if logit_rows is not None:
             hidden = hidden[:, logit_rows.to(hidden.device)]
-        return self.lm_head(hidden)
+        return self.compute_logits(hidden)

@@ -5,7 +5,7 @@ at ``cur`` gets ``T = cur + trunc(ti * interval)``, ``H = cur + hi``, ``W = cur 
 is 1 except for Qwen2.5-VL videos, where it is ``second_per_grid_t * tokens_per_second`` so the time
 axis counts absolute seconds. Text after an item continues at the item's largest position + 1: the
 rule the released models were trained with (and vLLM's). transformers >= 5.3 continues at ``cur +
-max(lh, lw)`` instead; ``rule="transformers5"`` reproduces that for comparisons only.
+max(lh, lw)`` instead (the parity tests reproduce that rule on their side to compare).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def get_mrope_positions(
     second_per_grid_ts: Sequence[float] | None = None,
     tokens_per_second: float | None = None,
     spatial_merge_size: int = 2,
-    rule: str = "reference",
 ) -> tuple[torch.Tensor, int]:
     """Positions ``[3, L]`` (int64) and ``delta`` such that decode step ``k`` sits at ``L + k +
     delta``.
@@ -37,8 +36,6 @@ def get_mrope_positions(
     ``second_per_grid_ts``/``tokens_per_second`` are given for Qwen2.5-VL only (time-aligned
     videos). Placeholder runs must match the grids exactly; a mismatch is a PromptError.
     """
-    if rule not in ("reference", "transformers5"):
-        raise ValueError(f"unknown position rule {rule!r}")
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     n = len(ids)
     out = torch.empty(3, n, dtype=torch.long)
@@ -81,7 +78,7 @@ def get_mrope_positions(
             ]
         ).reshape(3, count)
         out[:, i : i + count] = block + cur
-        cur = cur + max(lh, lw) if rule == "transformers5" else int(out[:, i : i + count].max()) + 1
+        cur = int(out[:, i : i + count].max()) + 1
         i += count
     for it, kind in ((images, "image"), (videos, "video")):
         if next(it, None) is not None:

@@ -1,7 +1,7 @@
 """The Qwen2-VL vision encoder: patch embedding, 2-D rope, per-frame attention blocks, 2x2 patch
 merger.
 
-Input rows are patches in merge-window order (the processor's layout, notes §3.4), so the 4 patches
+Input rows are patches in merge-window order (the processor's layout), so the 4 patches
 of one merged token are consecutive rows and the merger is a plain reshape. Attention never crosses
 a temporal patch group (one frame pair) or an item: ``cu_seqlens`` has one segment per (item, t).
 Qwen2.5-VL subclasses this and overrides the norm, the MLP and the attention plan (windows).

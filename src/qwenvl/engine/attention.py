@@ -1,0 +1,99 @@
+"""Attention over the paged KV cache for one engine step: what a decoder layer calls with ``kv``.
+
+The model hands over ``q, k, v`` before rotary with the step's ``cos, sin`` tables; the
+implementation applies rotary, writes ``k, v`` into their cache slots and attends. Two
+implementations: plain torch (every device, every step) and, for all-decode float32 CPU steps,
+one kernel call per layer (``kernels.decode_attention``). The decoder backend picks one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenvl import kernels
+from qwenvl.engine.kv_cache import AttentionMetadata, PagedKVCache
+from qwenvl.layers.attention import causal_attention
+from qwenvl.layers.rotary import apply_rotary
+
+
+class TorchPagedAttention:
+    """Rotary, cache write and SDPA with torch ops: prefill chunks one by one, decode rows
+    batched with padded key slots and a mask."""
+
+    def __init__(self, cache: PagedKVCache, meta: AttentionMetadata) -> None:
+        self.cache = cache
+        self.meta = meta
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """``q [T, H*D]``, ``k, v [T, Hkv*D]`` before rotary, ``cos, sin [T, D]`` -> ``[T,
+        H*D]``."""
+        t, d = q.shape[0], cos.shape[-1]
+        cos, sin = cos[:, None], sin[:, None]
+        q = apply_rotary(q.view(t, -1, d), cos, sin)
+        k = apply_rotary(k.reshape(t, -1, d), cos, sin)
+        out = self._attend(layer, q, k, v.reshape(t, -1, d))
+        return out.reshape(t, -1)
+
+    def _attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Write ``k, v [T, Hkv, D]`` to their slots, then attend ``q [T, H, D]`` -> ``[T, H,
+        D]``."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        meta = self.meta
+        kc[meta.slots] = k.to(kc.dtype)
+        vc[meta.slots] = v.to(vc.dtype)
+        out = torch.empty_like(q)
+        for row, n, keys, mask in meta.prefills:
+            qs = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            ks = kc[keys].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vs = vc[keys].transpose(0, 1).unsqueeze(0)
+            out[row : row + n] = causal_attention(qs, ks, vs, mask)[0].transpose(0, 1)
+        if meta.decode_rows is not None:
+            qs = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, D]
+            ks = kc[meta.decode_keys].transpose(1, 2)  # [B, Hkv, ctx, D]
+            vs = vc[meta.decode_keys].transpose(1, 2)
+            out[meta.decode_rows] = causal_attention(qs, ks, vs, meta.decode_mask).squeeze(2)
+        return out
+
+
+class KernelPagedAttention(TorchPagedAttention):
+    """An all-decode step with float32 queries and cache on the CPU in one kernel call per layer
+    (rotary included); other steps as torch."""
+
+    def __init__(self, cache: PagedKVCache, meta: AttentionMetadata) -> None:
+        super().__init__(cache, meta)
+        self.all_decode = not meta.prefills
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        if not (self.all_decode and kernels.applies(q, self.cache.k[layer])):
+            return super().attend(layer, q, k, v, cos, sin)
+        meta = self.meta
+        return kernels.decode_attention(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            self.cache.k[layer],
+            self.cache.v[layer],
+            meta.slots,
+            meta.decode_keys,
+            meta.decode_lens,
+        )

@@ -1,0 +1,101 @@
+"""Weight formats: how a model's decoder linears are stored, chosen before the model is built.
+
+A family's modules ask the format for their linear layers (``fmt.linear(...)``); None means plain
+``nn.Linear`` (dense, trainable: what training and LoRA use). A compact format builds its own
+modules on the meta device, and the loader fills them from the checkpoint's names through their
+``allocate`` / ``finish_loading`` (``qwenvl.checkpoint.load_model``). A new format (int4, AWQ,
+GPTQ) is a module class with those two methods plus an entry in ``FORMATS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qwenvl import kernels
+from qwenvl.errors import ConfigError
+from qwenvl.layers.packed_linear import PackedLinear
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A compact weight format of the decoder's linear layers (and the LM head).
+
+    Args:
+        name: the registry name (``DecoderLayout.weight_format`` reports it to the backends).
+        fuse: build q/k/v and gate/up as one module each, one weight read per step.
+    """
+
+    name: str
+    fuse: bool = True
+
+    def linear(
+        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
+    ) -> nn.Module:
+        """A linear layer in this format; ``parts`` (fused layers): the checkpoint linears it
+        holds, in output-row order, by name (relative to the parent module) with their rows."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Packed(WeightFormat):
+    """bf16 weights, or int8 with one fp32 scale per output row (``PackedLinear``), read by our
+    CPU GEMV kernels."""
+
+    def linear(
+        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
+    ) -> nn.Module:
+        return PackedLinear(in_features, out_features, bias, self.name, parts)
+
+
+FORMATS: dict[str, WeightFormat] = {"bf16": Packed("bf16"), "int8": Packed("int8")}
+
+
+def get_format(name: str | None) -> WeightFormat | None:
+    """The format called ``name``; None (or ``"dense"``) for plain ``nn.Linear``."""
+    if name in (None, "dense"):
+        return None
+    if name not in FORMATS:
+        raise ConfigError(f"unknown weight format {name!r}; use dense or one of {list(FORMATS)}")
+    return FORMATS[name]
+
+
+# Packed bf16 decode weights pay when weights stream from DRAM; a checkpoint smaller than this
+# (the demo model) runs as fast unpacked and needs no compiled extension.
+PACK_MIN_BYTES = 64 * 2**20
+
+
+def plan_weights(
+    *,
+    dtype: str | torch.dtype,
+    stored: torch.dtype,
+    checkpoint_bytes: int,
+    on_cpu: bool,
+    quantization: str | None = None,
+    pack_weights: bool | None = None,
+    lora: bool = False,
+) -> tuple[str | torch.dtype, str | None]:
+    """(activation dtype, weight format name or None) for loading a checkpoint.
+
+    ``quantization="int8"``: int8 weights, float32 activations on the CPU. ``pack_weights``:
+    True packs the decoder's weights in bf16 under float32 activations, False never; None (the
+    default) packs on the CPU when ``dtype`` is ``auto``, the checkpoint is 16-bit and at least
+    ``PACK_MIN_BYTES``, no LoRA adapter is applied and the kernels are built.
+    """
+    if quantization not in (None, "int8"):
+        raise ConfigError(f"unknown quantization {quantization!r}; use 'int8' or None")
+    if (quantization or pack_weights) and lora:
+        raise ConfigError("compact weights cannot be combined with a LoRA adapter; merge it first")
+    if quantization == "int8":
+        return ("float32" if dtype == "auto" and on_cpu else dtype), "int8"
+    if pack_weights:
+        return ("float32" if dtype == "auto" else dtype), "bf16"
+    auto = pack_weights is None and on_cpu and dtype == "auto" and not lora
+    if auto and stored.itemsize == 2:
+        if checkpoint_bytes < PACK_MIN_BYTES:
+            return "float32", None
+        if kernels.available():
+            return "float32", "bf16"
+    return dtype, None
