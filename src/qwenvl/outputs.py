@@ -40,7 +40,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     images: list[ImageGeometry] = field(default_factory=list)
-    family: str = "qwen2_vl"  # which model family wrote the outputs (their coordinate convention)
+    family: str | None = None  # model_type of the family that wrote it (its coordinate convention)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -52,6 +52,8 @@ class RequestOutput:
 
         if not self.images:
             raise ValueError("this request had no images to ground in")
+        if self.family is None:
+            raise ValueError("no model family recorded: call grounding.ground with the family")
         return ground(self.outputs[completion].text, self.images[image], self.family)
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import tiny
-from qwenvl import LLM, SamplingParams
+from qwenvl import LLM, SamplingParams, kernels
 from qwenvl.cli.common import ProgressBar
 from qwenvl.cli.main import main
 
@@ -386,3 +386,18 @@ def test_video_errors(checkpoints, clip, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(chat_args(ckpt, "--video", str(clip), *bad, "hi"))
         assert e.value.code == 2
+
+
+def test_info_says_which_kernel_path_runs(checkpoints):
+    """``qwenvl info`` names the CPU kernel path; the kill switch shows as such."""
+    cmd = [sys.executable, "-m", "qwenvl", "info", "--model", str(checkpoints("qwen2_vl"))]
+    env = {**os.environ, "QWENVL_KERNELS": "0"}
+    off = json.loads(subprocess.run([*cmd, "--json"], env=env, capture_output=True).stdout)
+    assert off["kernels"] == "disabled by QWENVL_KERNELS=0"
+    table = subprocess.run(cmd, capture_output=True, text=True).stdout
+    line = next(ln for ln in table.splitlines() if ln.strip().startswith("CPU kernels"))
+    if kernels.available():  # the folder it names holds the library this process loaded
+        folder = line.split(", ")[-1].rstrip(")")
+        assert "CPU kernels active" in line and any(Path(folder).glob("*.so"))
+    else:
+        assert "unavailable" in line or "disabled" in line

@@ -1,5 +1,5 @@
 """``qwenvl info``: describe a checkpoint (architecture, parameters, sizes, image limits,
-sampling defaults) without loading its weights.
+sampling defaults) without loading its weights, and the CPU kernel path this machine runs.
 
 Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` (``add_info`` / ``cmd_info``).
 """
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qwenvl import kernels
 from qwenvl.checkpoint import load_config, read_json, resolve_checkpoint
 from qwenvl.cli.common import add_model_args, add_vision_args
 from qwenvl.models import ModelConfig, family_of
@@ -105,6 +106,7 @@ def describe_checkpoint(
             "max_tokens": vision_pre.max_pixels // token_area,
         },
         "sampling_defaults": {k: getattr(defaults, k) for k in sorted(defaults.explicit_fields)},
+        "kernels": kernels.describe(),  # which CPU decode path this machine runs
     }
 
 
@@ -132,6 +134,7 @@ def format_info(info: dict[str, Any]) -> str:
                 ("  language", f"{n['language']:,} ({_human(n['language'])})"),
                 ("dtype", f"{info['dtype']} (stored: {', '.join(info['stored_dtypes'])})"),
                 ("size on disk", f"{size} in {info['weight_files']} weight file(s)"),
+                ("CPU kernels", info["kernels"]),
             ],
         ),
         ("text", list(info["text"].items())),

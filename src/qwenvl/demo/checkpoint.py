@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qwenvl.demo.tasks import MAX_PIXELS, MIN_PIXELS, TASKS, sample_at
+from qwenvl.demo.tasks import MAX_PIXELS, MIN_PIXELS, MODEL_TYPE, TASKS, sample_at
 from qwenvl.models import family_of, read_config
 from qwenvl.processing.image import VisionPreprocessConfig
 from qwenvl.tokenizer import save_tokenizer_files, train_qwen_style_tokenizer
@@ -43,7 +43,7 @@ VISION = {
     "temporal_patch_size": 2,
     "in_channels": 3,
     "in_chans": 3,
-    "model_type": "qwen2_5_vl",
+    "model_type": MODEL_TYPE,
     "initializer_range": 0.02,
 }
 TEXT = {
@@ -84,7 +84,7 @@ def config_dict(tok: Any) -> dict[str, Any]:
     }
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
+        "model_type": MODEL_TYPE,
         **ids,
         "attention_dropout": 0.0,
         "hidden_act": "silu",

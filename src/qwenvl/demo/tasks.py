@@ -30,6 +30,8 @@ TASKS = ("list", "count", "number", "ground", "compare", "when")
 LIST_PROMPT = "Output the color and number of each box."
 COUNT_PROMPT = "How many boxes are there?"
 COMPARE_PROMPT = "Which image has more boxes?"
+MODEL_TYPE = "qwen2_5_vl"  # the demo model is a small Qwen2.5-VL: it grounds in JSON
+
 # The demo checkpoint's pixel limits (preprocessor_config.json): a 280 px scene is seen at half
 # size, 140 px (5 x 5 vision tokens, one per block cell); clips are drawn at 224 px and seen at
 # 112 (16 tokens per second of clip).
@@ -117,7 +119,7 @@ def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSamp
         s = random_scene(rng, rng.randint(1, max_blocks))
         n = rng.choice(s.blocks).number
         box = resized_box(s, n)
-        q = grounding_prompt(ground_phrase(n), "qwen2_5_vl")
+        q = grounding_prompt(ground_phrase(n), MODEL_TYPE)
         return DemoSample(
             task, [render(s)], None, q, ground_answer(box, n), {"scene": s, "number": n}
         )
