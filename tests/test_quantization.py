@@ -91,6 +91,17 @@ def test_int8_quality_against_bf16(variants) -> None:
     assert same >= len(PROMPTS) - 1
 
 
+def test_pack_weights_option_overrides_the_size_rule(bf16_checkpoint, monkeypatch) -> None:
+    forced = LLM(bf16_checkpoint, pack_weights=True)  # far below PACK_MIN_BYTES
+    assert forced.weight_format == "bf16" and forced.model.dtype == torch.float32
+    assert forced.engine.runner.backend.name == "cpu_kernels"
+    monkeypatch.setattr(formats, "PACK_MIN_BYTES", 0)  # the size rule would pack it now
+    plain = LLM(bf16_checkpoint, pack_weights=False)
+    assert plain.weight_format is None and plain.model.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="LoRA"):
+        LLM(bf16_checkpoint, pack_weights=True, lora="unused")
+
+
 def test_quantization_errors(bf16_checkpoint) -> None:
     with pytest.raises(ConfigError, match="int4"):
         LLM(bf16_checkpoint, quantization="int4")

@@ -45,6 +45,8 @@ SERVE_OTHERS = {
     "--model",
     "--dtype",
     "--quantization",
+    "--pack-weights",
+    "--no-pack-weights",
     "--device",
     "--min-pixels",
     "--max-pixels",

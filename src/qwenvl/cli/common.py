@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from qwenvl.llm import LLM
+from qwenvl.models.formats import PACK_MIN_BYTES
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -149,6 +150,14 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
         choices=["int8"],
         help="int8 weight-only language model (per-channel scales): about 2x faster decoding",
     )
+    p.add_argument(
+        "--pack-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store the decoder's weights in bf16 under float32 activations (the CPU decode "
+        f"layout); default: on the CPU for 16-bit checkpoints of {PACK_MIN_BYTES >> 20} MiB and "
+        "more",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1...; auto = cuda if present")
 
 
@@ -172,6 +181,7 @@ def load_llm(args: argparse.Namespace) -> LLM:
             max_pixels=args.max_pixels,
             progress=bar,
             quantization=args.quantization,
+            pack_weights=args.pack_weights,
         )
     finally:
         bar.close()

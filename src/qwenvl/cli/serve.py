@@ -246,6 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         media_policy=settings.media_policy(),
         quantization=args.quantization,
+        pack_weights=args.pack_weights,
         engine_config=engine_config(args),
     )
     serve(llm, settings, host=args.host, port=args.port)
