@@ -38,12 +38,20 @@ class Qwen2VL(ModelFamily):
         video_grids: Sequence[Grid],
         video_seconds: Sequence[float],
     ) -> tuple[torch.Tensor, int]:
-        """Every temporal step of a video advances T by one."""
+        seconds, per_second = self.video_time(config, video_seconds)
         return get_mrope_positions(
             token_ids,
             image_token_id=config.image_token_id,
             video_token_id=config.video_token_id,
             image_grids=image_grids,
             video_grids=video_grids,
+            second_per_grid_ts=seconds,
+            tokens_per_second=per_second,
             spatial_merge_size=config.vision.spatial_merge_size,
         )
+
+    def video_time(
+        self, config: ModelConfig, video_seconds: Sequence[float]
+    ) -> tuple[Sequence[float] | None, float | None]:
+        """How a video's T axis counts: here every temporal grid step advances it by one."""
+        return None, None
