@@ -12,21 +12,11 @@ import dataclasses
 
 import pytest
 
+from qwenvl.engine.request import Sequence
+
 
 def fix_output_text(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
     """Make every completion of ``LLM.chat`` / ``LLM.generate`` read ``text``."""
-    try:
-        from qwenvl.engine.request import Sequence
-    except ImportError:  # the single-batch generator (before the engine)
-        from qwenvl.generation import BatchGenerator
-
-        run = BatchGenerator.run
-
-        def fixed_run(self):  # type: ignore[no-untyped-def]
-            return [[dataclasses.replace(o, text=text) for o in outs] for outs in run(self)]
-
-        monkeypatch.setattr(BatchGenerator, "run", fixed_run)
-        return
     output = Sequence.output
 
     def fixed_output(self):  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fixed_output import fix_output_text
 from qwenvl.agents import (
@@ -342,24 +343,80 @@ def test_example_main_runs_without_weights(capsys):
     assert "submitted: 'hello'" in capsys.readouterr().out
 
 
+def hf_greedy_text(hf, llm, result, screenshot, max_new_tokens: int) -> str:
+    """transformers' greedy reply to the prompt the policy sent (its token ids; the pixels from
+    transformers' own image processor), decoded: what a correct policy returns."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    ids = torch.tensor([result.prompt_token_ids])
+    image, video = hf.config.image_token_id, hf.config.video_token_id
+    pixels = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=64 * 28 * 28)(
+        images=[screenshot], return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=(ids == image).long() + 2 * (ids == video).long(),
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return llm.tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_example_loop_with_an_llm_policy(family, checkpoints, monkeypatch):
+def test_example_loop_with_an_llm_policy(family, checkpoints, hf_models, monkeypatch):
     from qwenvl import LLM
 
     ex = load_example()
     llm = LLM(checkpoints(family), dtype="float32", max_pixels=64 * 28 * 28)
-    app = ex.SimulatedScreen(640, 360)
-    screen = Screen.from_llm(llm, 640, 360)
-    x, y = screen.to_model(*app.center("Clear"))
-    fix_output_text(monkeypatch, call("computer_use", action="left_click", coordinate=[x, y]))
-    steps = ex.run_agent(
-        app, ex.LLMPolicy(llm, max_tokens=2), "t", family, vision=llm.processor.vision, max_steps=1
+    chats = []  # (messages, result) of every chat the policy makes
+    chat = llm.chat
+
+    def recorded_chat(messages, params):
+        (result,) = chat(messages, params)
+        chats.append((messages, result))
+        return [result]
+
+    monkeypatch.setattr(llm, "chat", recorded_chat)
+    # By hand: 640x360 under max_pixels 64*28*28 = 50176 is resized by 224/480 to 298.7x168,
+    # floored to multiples of 28: 280x168, i.e. 10x6 = 60 image tokens. "Clear" spans
+    # (339, 198)-(448, 234), centre (393, 216): (393*280/640, 216*168/360) = (172, 101) in
+    # Qwen2.5-VL's resized pixels, (614, 600) in Qwen2-VL's 0..1000.
+    written, resolution = (
+        ([172, 101], "280x168") if family == "qwen2_5_vl" else ([614, 600], "1000x1000")
     )
+    app = ex.SimulatedScreen(640, 360)
+    with monkeypatch.context() as m:
+        fix_output_text(m, call("computer_use", action="left_click", coordinate=written))
+        steps = ex.run_agent(
+            app,
+            ex.LLMPolicy(llm, max_tokens=2),
+            "t",
+            family,
+            vision=llm.processor.vision,
+            max_steps=1,
+        )
     assert steps[0].error is None and app.element_at(*app.clicks[0]) == "Clear"
-    monkeypatch.undo()
-    # The real tiny model writes noise: every step is an error, and the loop still ends.
+    assert abs(app.clicks[0][0] - 393) <= 1 and abs(app.clicks[0][1] - 216) <= 1
+    ((messages, result),) = chats
+    g = result.images[0]
+    assert (g.original_width, g.original_height) == (640, 360)
+    assert (g.resized_width, g.resized_height, g.num_tokens) == (280, 168, 60)
+    assert result.prompt_token_ids.count(llm.config.image_token_id) == 60
+    assert f"The screen's resolution is {resolution}." in messages[0]["content"]
+    # The real tiny model writes noise: the policy returns exactly transformers' greedy reply,
+    # every step is an error fed back into the next prompt, and the loop still ends.
+    chats.clear()
     app = ex.SimulatedScreen(640, 360)
     steps = ex.run_agent(
         app, ex.LLMPolicy(llm, max_tokens=4), "t", family, vision=llm.processor.vision, max_steps=2
     )
-    assert len(steps) == 2
+    assert len(steps) == len(chats) == 2
+    for step, (messages, result) in zip(steps, chats):
+        screenshot = messages[1]["content"][1]["image"]
+        assert step.text == hf_greedy_text(hf_models(family), llm, result, screenshot, 4)
+        assert step.error is not None and step.actions == [] and app.clicks == []
+    assert "Step1: invalid action (" in chats[1][0][1]["content"][0]["text"]

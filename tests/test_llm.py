@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -123,15 +126,44 @@ def test_stop_strings_and_tokens(llms):
     assert out.outputs[0].stop_reason == stop_id
 
 
-def test_max_tokens_and_eos(llms):
+def test_max_tokens_and_eos(llms, checkpoints, tmp_path):
+    from qwenvl import LLM
+
     llm = llms("qwen2_vl")
     out = llm.chat(convs()[0], SamplingParams(max_tokens=5, min_tokens=5, **GREEDY))[0].outputs[0]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
-    eos = llm.eos_token_ids
-    long = llm.chat(convs()[0], SamplingParams(max_tokens=60, **GREEDY))[0].outputs[0]
-    assert all(t not in eos for t in long.token_ids[:-1])
-    if long.finish_reason == "stop":
-        assert long.token_ids[-1] in eos
+    # The tiny model never writes its own EOS (<|im_end|>, <|endoftext|>) within 24 tokens ...
+    long = llm.chat(convs()[0], SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    assert long.finish_reason == "length" and len(long.token_ids) == 24
+    assert not set(long.token_ids) & set(llm.eos_token_ids)
+    assert long.token_ids[:5] == out.token_ids
+    # ... so a copy of the checkpoint names, in generation_config.json, the token greedy decoding
+    # writes first at step k as its EOS: generation must end right there, and nowhere earlier.
+    k = next(i for i in range(3, 24) if long.token_ids[i] not in long.token_ids[:i])
+    eos_id = long.token_ids[k]
+    folder = shutil.copytree(checkpoints("qwen2_vl"), tmp_path / "ckpt")
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eos_id]}))
+    eos_llm = LLM(folder, dtype="float32")
+    assert eos_id in eos_llm.eos_token_ids
+    stopped = eos_llm.chat(convs()[0], SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    assert stopped.token_ids == long.token_ids[: k + 1]  # EOS included, nothing after it
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", None)  # vLLM: EOS has none
+    assert stopped.text == llm.tokenizer.decode(long.token_ids[:k])  # EOS itself is not text
+    streamed = list(eos_llm.stream_chat(convs()[0], SamplingParams(max_tokens=24, **GREEDY)))
+    assert [t for e in streamed for t in e.token_ids] == stopped.token_ids
+    assert streamed[-1].finish_reason == "stop"
+    # ignore_eos runs past it; min_tokens keeps EOS from ending the reply before k + 2 tokens
+    ignored = eos_llm.chat(convs()[0], SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY))[
+        0
+    ].outputs[0]
+    assert ignored.token_ids == long.token_ids and ignored.finish_reason == "length"
+    late = eos_llm.chat(convs()[0], SamplingParams(max_tokens=24, min_tokens=k + 2, **GREEDY))[
+        0
+    ].outputs[0]
+    assert late.token_ids[:k] == long.token_ids[:k] and len(late.token_ids) >= k + 2
+    assert eos_id not in late.token_ids[: k + 2]
+    assert late.finish_reason == "length" or late.token_ids.index(eos_id) == len(late.token_ids) - 1
 
 
 def test_seeds_and_n(llms):

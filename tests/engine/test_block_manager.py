@@ -350,45 +350,6 @@ def test_mark_computed_incremental_and_bounds() -> None:
     mgr.check_invariants()
 
 
-def test_reset_prefix_cache() -> None:
-    mgr = BlockManager(4, BS)
-    toks = [1, 2, 3, 4, 5]
-    mgr.allocate("a", toks)
-    mgr.mark_computed("a", toks)
-    mgr.allocate("live", toks)  # holds block 0 while a is freed
-    mgr.free("a")
-    mgr.free("live")
-    mgr.allocate("keep", [8, 8, 8, 8, 8])
-    mgr.mark_computed("keep", [8, 8, 8, 8, 8])  # live hashed block: survives the reset
-    mgr.reset_prefix_cache()
-    assert not mgr._evictable and mgr.num_free_blocks == 2
-    mgr.check_invariants()
-    mgr.free("keep")
-    assert mgr.allocate("b", toks) == 0
-    assert mgr.allocate("c", [8, 8, 8, 8, 8]) == 4  # "keep" was live during the reset
-    mgr.check_invariants()
-
-
-def test_fork_shares_full_blocks() -> None:
-    mgr = BlockManager(10, BS)
-    toks = list(range(10))
-    mgr.allocate("a", toks)  # [0, 1, 2]
-    mgr.mark_computed("a", toks)
-    mgr.fork("a", "c")
-    assert mgr.block_table("c") == [0, 1]
-    assert mgr.num_tokens("c") == 8
-    assert [_ref(mgr, b) for b in range(3)] == [2, 2, 1]
-    with pytest.raises(ValueError):
-        mgr.fork("a", "c")
-    assert mgr.append_slots("c", 2) and mgr.block_table("c") == [0, 1, 3]
-    mgr.check_invariants()
-    mgr.free("a")
-    assert [_ref(mgr, b) for b in range(4)] == [1, 1, 0, 1]
-    mgr.free("c")
-    assert mgr.num_free_blocks == 10
-    mgr.check_invariants()
-
-
 def test_check_invariants_detects_corruption() -> None:
     mgr = BlockManager(4, BS)
     mgr.allocate("a", [1, 2, 3, 4, 5])

@@ -14,7 +14,7 @@ from PIL import Image
 
 from qwenvl.errors import ConfigError, MediaError, MediaTooLargeError
 from qwenvl.processing.fetch import fetch_url
-from qwenvl.processing.media import image_content_hash, load_image
+from qwenvl.processing.media import load_image
 from qwenvl.processing.policy import MediaPolicy
 
 # ---------------------------------------------------------------------------------------------
@@ -241,22 +241,3 @@ def test_errors_are_media_errors_with_causes(tmp_path: Path):
         load_image(b"\x89PNG\r\n\x1a\n garbage")
     assert isinstance(info.value, ValueError)
     assert info.value.__cause__ is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# content hash
-
-
-def test_image_content_hash():
-    a = noise(seed=1)
-    assert image_content_hash(a) == image_content_hash(a.copy())
-    assert image_content_hash(a) == image_content_hash(load_image(encode(a)))
-    assert image_content_hash(a) != image_content_hash(noise(seed=2))
-    assert image_content_hash(a) != image_content_hash(a.convert("RGBA"))
-    flat = Image.new("RGB", (4, 6))
-    assert image_content_hash(flat) != image_content_hash(Image.new("RGB", (6, 4)))
-    p1 = Image.new("P", (4, 4))
-    p2 = p1.copy()
-    p2.putpalette([255, 0, 0] * 256)
-    assert image_content_hash(p1) != image_content_hash(p2)
-    assert len(image_content_hash(a)) == 64

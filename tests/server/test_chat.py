@@ -195,19 +195,46 @@ def test_video_data_uri_and_url(server: Any, media_server: Any) -> None:
             assert len(video["timestamps"]) == 4
 
 
-def test_n_seed_stop_and_penalties(server: Any) -> None:
+def _penalised_greedy(
+    hf: Any,
+    prompt: list[int],
+    eos: set[int],
+    max_tokens: int,
+    repetition: float = 1.0,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+) -> list[int]:
+    """Greedy decoding by hand on transformers' logits (a full forward per token, no cache):
+    transformers' own RepetitionPenaltyLogitsProcessor over prompt and output, then OpenAI's
+    ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]`` over the output."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    out: list[int] = []
+    while len(out) < max_tokens and not (out and out[-1] in eos):
+        ids = torch.tensor([prompt + out])
+        with torch.no_grad():
+            scores = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+        scores = RepetitionPenaltyLogitsProcessor(repetition)(ids, scores)[0].double()
+        for t in set(out):
+            scores[t] -= presence + frequency * out.count(t)
+        out.append(int(scores.argmax()))
+    return out
+
+
+def test_n_seed_stop_and_penalties(server: Any, llms: Any, hf_models: Any) -> None:
     client = server.client()
     msgs = [{"role": "user", "content": "Count the boxes."}]
     kw: dict[str, Any] = dict(model=MODEL, messages=msgs, max_tokens=8)
+    llm = llms("qwen2_vl")  # the server's checkpoint, outside the server
     r = client.chat.completions.create(**kw, n=2, temperature=1.0, seed=7)
     assert [c.index for c in r.choices] == [0, 1]
+    ref = llm.chat(msgs, SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=8))[0]
+    assert [c.message.content for c in r.choices] == [o.text for o in ref.outputs]
+    assert r.usage.completion_tokens == sum(len(o.token_ids) for o in ref.outputs)
+    assert r.usage.prompt_tokens == ref.num_prompt_tokens
     again = client.chat.completions.create(**kw, n=2, temperature=1.0, seed=7)
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
-    assert (
-        r.usage.completion_tokens
-        == sum(len(server.llm.tokenizer.encode(c.message.content)) for c in r.choices)
-        or r.usage.completion_tokens > 0
-    )
     # streamed n=2 keeps the choices apart
     texts, _ = _stream_text(
         client.chat.completions.create(**kw, n=2, temperature=1.0, seed=7, stream=True)
@@ -219,17 +246,48 @@ def test_n_seed_stop_and_penalties(server: Any) -> None:
     cut = client.chat.completions.create(**kw, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == greedy[: greedy.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    # the extensions and OpenAI penalties are accepted and applied
+    # Penalties: each changes the greedy reply, exactly as greedy decoding by hand on
+    # transformers' logits with the penalty applied predicts. Presence -2 with frequency 1.5
+    # favours a token seen once (+0.5) but not one seen twice (-1): it tells the two apart.
+    hf, eos = hf_models("qwen2_vl"), set(llm.eos_token_ids)
+    prompt = llm.processor.prepare_chat(msgs).token_ids
+    n = 12  # (greedy "Count the boxes." repeats a token within 10)
+    plain = _penalised_greedy(hf, prompt, eos, n)
+    assert len(set(plain)) < len(plain)
+    for body, pen in (
+        ({"extra_body": {"repetition_penalty": 1.5}}, dict(repetition=1.5)),
+        ({"presence_penalty": 0.5}, dict(presence=0.5)),
+        ({"frequency_penalty": 0.5}, dict(frequency=0.5)),
+        ({"presence_penalty": -2.0, "frequency_penalty": 1.5}, dict(presence=-2.0, frequency=1.5)),
+    ):
+        want = _penalised_greedy(hf, prompt, eos, n, **pen)
+        assert want != plain, pen
+        got = client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=n, temperature=0, **body
+        )
+        assert got.choices[0].message.content == llm.tokenizer.decode(want, True), pen
+        assert got.usage.completion_tokens == len(want), pen
+    swapped = _penalised_greedy(hf, prompt, eos, n, presence=1.5, frequency=-2.0)
+    assert swapped != _penalised_greedy(hf, prompt, eos, n, presence=-2.0, frequency=1.5)
+    # sampling with the extensions (top_k, repetition_penalty) and OpenAI's penalties and
+    # max_completion_tokens: the same tokens as the Python API with the same params and seed
+    sampled = dict(temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5)
     r = client.chat.completions.create(
         **kw,
-        temperature=0.8,
-        top_p=0.9,
-        presence_penalty=0.5,
-        frequency_penalty=0.5,
+        **sampled,
+        seed=11,
         max_completion_tokens=4,
         extra_body={"top_k": 5, "repetition_penalty": 1.1},
     )
-    assert r.usage.completion_tokens <= 4
+    ref = llm.chat(
+        msgs, SamplingParams(**sampled, top_k=5, repetition_penalty=1.1, seed=11, max_tokens=4)
+    )[0].outputs[0]
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.completion_tokens == len(ref.token_ids) == 4
+    unfiltered = llm.chat(
+        msgs, SamplingParams(**sampled, repetition_penalty=1.1, seed=11, max_tokens=4)
+    )[0].outputs[0]
+    assert unfiltered.token_ids != ref.token_ids  # top_k matters for this seed
 
 
 def test_logprobs(server: Any) -> None:
@@ -261,9 +319,26 @@ def test_logprobs(server: Any) -> None:
     assert streamed == pytest.approx([e.logprob for e in content])
 
 
-def test_blog_example_runs_unchanged(server: Any, media_server: Any) -> None:
+def test_blog_example_runs_unchanged(
+    server: Any, media_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Qwen2-VL / Qwen2.5-VL README example for an OpenAI-compatible server (vLLM), with
     only base_url, api_key and the model name changed."""
+    engine = server.state.engine
+    generate = type(engine).generate
+    seen: list[tuple[Any, SamplingParams, list[int], list[str]]] = []
+
+    async def recorded(prompt: Any, params: Any, request_id: str) -> Any:
+        tokens: list[int] = []
+        texts: list[str] = []
+        seen.append((prompt, params, tokens, texts))
+        async for event in generate(engine, prompt, params, request_id):
+            tokens.extend(event.token_ids)
+            texts.append(event.text)
+            yield event
+
+    monkeypatch.setattr(engine, "generate", recorded)
+
     from openai import OpenAI
 
     openai_api_key = "test-key"
@@ -301,8 +376,24 @@ def test_blog_example_runs_unchanged(server: Any, media_server: Any) -> None:
             reply += chunk.choices[0].delta.content
         if chunk.usage:
             usage = chunk.usage
-    assert usage is not None and usage.completion_tokens > 0
-    assert reply and usage.completion_tokens <= 64
+    # The engine got the example's sampling options and both images ...
+    ((prompt, params, tokens, texts),) = seen
+    assert (params.temperature, params.top_p, params.repetition_penalty) == (0.7, 0.8, 1.05)
+    assert params.max_tokens == 64 and params.n == 1
+    # by hand: 64x48 -> 56x56 (2x2 merged patches), 80x60 -> 84x56 (3x2)
+    sizes = [(g.original_width, g.original_height) for g in prompt.image_geometries]
+    resized = [(g.resized_width, g.resized_height, g.num_tokens) for g in prompt.image_geometries]
+    assert sizes == [(64, 48), (80, 60)] and resized == [(56, 56, 4), (84, 56, 6)]
+    image_pad = server.llm.config.image_token_id
+    assert prompt.token_ids.count(image_pad) == 10
+    text = server.llm.tokenizer.decode(prompt.token_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert text.count("<|vision_start|>") == 2
+    assert "What are the differences between these images?<|im_end|>" in text
+    # ... and the client got every token it generated, counted in the usage chunk
+    assert usage is not None and usage.prompt_tokens == len(prompt.token_ids)
+    assert usage.completion_tokens == len(tokens) and 0 < len(tokens) <= 64
+    assert reply == "".join(texts)
 
 
 def test_grounding_in_original_pixels(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,14 +450,22 @@ def test_client_disconnect_aborts(server: Any) -> None:
     assert server.llm.engine.stats["free_blocks"] >= before
 
 
-def test_completions_endpoint(server: Any) -> None:
+def test_completions_endpoint(server: Any, llms: Any) -> None:
     client = server.client()
-    r = client.completions.create(model=MODEL, prompt="The red box", max_tokens=4, temperature=0)
-    ref = server.client().completions.create(
-        model=MODEL, prompt="The red box", max_tokens=4, temperature=0, stream=True
-    )
-    assert "".join(c.choices[0].text for c in ref if c.choices) == r.choices[0].text
-    assert r.usage.completion_tokens > 0
+    llm = llms("qwen2_vl")  # the server's checkpoint, outside the server
+    for params in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)):
+        r = client.completions.create(model=MODEL, prompt="The red box", max_tokens=6, **params)
+        (ref,) = llm.generate("The red box", SamplingParams(max_tokens=6, **params))
+        assert r.choices[0].text == ref.outputs[0].text, params
+        assert r.choices[0].finish_reason == ref.outputs[0].finish_reason
+        assert r.usage.prompt_tokens == ref.num_prompt_tokens
+        assert r.usage.completion_tokens == len(ref.outputs[0].token_ids) == 6
+        stream = client.completions.create(
+            model=MODEL, prompt="The red box", max_tokens=6, stream=True, **params
+        )
+        assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
+    # a raw prompt is continued as is, with no chat template around it
+    assert ref.prompt_token_ids == llm.tokenizer.encode("The red box")
 
 
 def test_preprocessing_does_not_block_other_requests(server: Any, media_server: Any) -> None:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
 import math
 
 import torch
+from test_packing import hf_summed_loss
 
 from qwenvl.checkpoint import load_model
 from qwenvl.processing.prompt import Processor
@@ -22,15 +24,28 @@ def test_dpo_loss_matches_hand_computation():
     torch.testing.assert_close(margins, torch.tensor([0.5, -0.75]))
 
 
-def test_pair_logprobs_are_per_reply_sums(checkpoints, dpo_file):
+def test_pair_logprobs_are_per_reply_sums(checkpoints, hf_models, dpo_file):
     path = checkpoints("qwen2_vl")
     model, config = load_model(path, dtype="float32")
-    pairs = load_dpo(dpo_file, Processor.from_pretrained(path, config))
-    assert all(s.num_targets > 0 for p in pairs for s in p)
+    processor = Processor.from_pretrained(path, config)
+    pairs = load_dpo(dpo_file, processor)
+    # the summed tokens are exactly each reply and its end-of-turn marker
+    replies = [
+        (r["chosen"], r["rejected"]) for r in map(json.loads, dpo_file.read_text().splitlines())
+    ]
+    for pair, texts in zip(pairs, replies):
+        for sample, reply in zip(pair, texts):
+            targets = [t for t, on in zip(sample.token_ids, sample.targets.tolist()) if on]
+            assert processor.tokenizer.decode(targets) == reply + "<|im_end|>"
     batch = collate(pairs, 0)
     with torch.no_grad():
         chosen, rejected = pair_logprobs(model, batch)
         alone = torch.cat([sample_losses(model, collate([[s]], 0)) for p in pairs for s in p])
+    # the truth: minus transformers' summed loss of each reply (labels=), same checkpoint
+    reference = torch.tensor(
+        [[-hf_summed_loss(hf_models("qwen2_vl"), s) for s in p] for p in pairs]
+    )
+    torch.testing.assert_close(torch.stack([chosen, rejected], 1), reference, atol=1e-4, rtol=0)
     torch.testing.assert_close(
         torch.stack([chosen, rejected], 1).flatten(), -alone, atol=1e-5, rtol=0
     )

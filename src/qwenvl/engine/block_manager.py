@@ -280,29 +280,6 @@ class BlockManager:
                 else:
                     self._free.append(block)
 
-    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
-        """Give ``child_id`` the parent's FULL blocks, shared (ref count + 1), with no copying.
-
-        The child covers only ``full blocks * block_size`` tokens: a partial tail block is still
-        being written by the parent, so the child must recompute those tokens (``append_slots``).
-        """
-        if child_id in self._tables:
-            raise ValueError(f"sequence {child_id!r} already has a block table")
-        num_full = self._num_tokens[parent_id] // self.block_size
-        shared = self._tables[parent_id][:num_full]
-        for block in shared:
-            self._ref[block] += 1
-        self._tables[child_id] = list(shared)
-        self._num_tokens[child_id] = num_full * self.block_size
-        self._seq_hashes[child_id] = self._seq_hashes[parent_id][:num_full]
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached-but-unused block (e.g. after weights change) and free it."""
-        while self._evictable:
-            block, _ = self._evictable.popitem(last=False)
-            del self._hash_to_block[self._block_hash.pop(block)]
-            self._free.append(block)
-
     # ------------------------------------------------------------------ debugging
 
     def check_invariants(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import logging
 import os
@@ -289,13 +288,3 @@ def open_image(source: ImageSource, policy: MediaPolicy = DEFAULT_POLICY) -> Ope
         f"unsupported image source of type {type(source).__name__}; expected a PIL image, bytes, "
         "a path, a URL, a data URI or base64"
     )
-
-
-def image_content_hash(image: Image.Image) -> str:
-    """Hex sha256 of an image's mode, size and pixels (and palette), for content-keyed caches."""
-    digest = hashlib.sha256()
-    digest.update(f"{image.mode}\0{image.width}x{image.height}\0".encode())
-    if image.mode in ("P", "PA"):
-        digest.update(bytes(image.getpalette() or []))
-    digest.update(image.tobytes())
-    return digest.hexdigest()
