@@ -12,7 +12,7 @@ from PIL import Image
 
 from qwenvl import SamplingParams
 from qwenvl.errors import MediaError, PromptError
-from qwenvl.scoring import prompt_logits
+from scoring import prompt_logits
 
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
 

@@ -10,8 +10,8 @@ from qwenvl import LLM, SamplingParams, kernels
 from qwenvl.checkpoint import load_model
 from qwenvl.errors import ConfigError
 from qwenvl.models import formats
-from qwenvl.scoring import prompt_logits
 from qwenvl.train.checkpoint import export_hf
+from scoring import prompt_logits
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="GEMV kernels not built here")
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from qwenvl import SamplingParams
-from qwenvl.scoring import prompt_logits
+from scoring import prompt_logits
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 LOGIT_TOL = 1e-4

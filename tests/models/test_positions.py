@@ -8,7 +8,7 @@ import torch
 from qwenvl.errors import PromptError
 from qwenvl.models.qwen2_vl.positions import get_mrope_positions
 from qwenvl.processing.prompt import PromptInputs
-from qwenvl.scoring import pad_batch
+from scoring import pad_batch
 
 IMG, VID, TXT = 900, 901, 5
 

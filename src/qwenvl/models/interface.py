@@ -96,7 +96,7 @@ class WeightNames:
 
 
 class VLModel(Protocol):
-    """The model API the engine, training and scoring call (no other attribute)."""
+    """The model API the engine and training call (no other attribute)."""
 
     config: ModelConfig
 

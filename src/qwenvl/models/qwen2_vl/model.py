@@ -211,7 +211,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, vocab]`` (or ``[B, len(logit_rows), vocab]``) of whole sequences
-        (training, scoring, tests). ``inputs_embeds`` (from ``embed``) replaces ``input_ids``
+        (training, tests). ``inputs_embeds`` (from ``embed``) replaces ``input_ids``
         and the pixel inputs.
         """
         if inputs_embeds is None:

@@ -1,5 +1,6 @@
-"""Dense left-padded batches without a KV cache: whole-prompt logits for scoring, parity checks
-and training. Generation runs on the engine (``qwenvl.engine``), not here.
+"""Dense left-padded batches without a KV cache: whole-prompt logits for the parity tests (a test
+helper: generation runs on the engine, training builds its own packed batches in
+``qwenvl.train.packing``).
 """
 
 from __future__ import annotations
