@@ -39,6 +39,7 @@ def _weight_plan(
     """(activation dtype, weight format) for a checkpoint: ``formats.plan_weights``."""
     from qwenvl.checkpoint import load_config, resolve_dtype
     from qwenvl.models.formats import plan_weights
+    from qwenvl.models.quantized import quantization_config_of
 
     return plan_weights(
         dtype=dtype,
@@ -48,6 +49,7 @@ def _weight_plan(
         quantization=quantization,
         pack_weights=pack_weights,
         lora=lora,
+        quantization_config=quantization_config_of(read_json(path / "config.json")),
     )
 
 
@@ -123,7 +125,7 @@ class LLM:
         self.model, self.config = load_model(
             self.path, dtype=dtype, device=device, progress=progress, weight_format=fmt
         )
-        self.weight_format = fmt  # "bf16", "int8" or None (dense)
+        self.weight_format = fmt  # "bf16", "int8", a checkpoint's "awq:w4g128"... or None
         if lora is not None:  # a peft LoRA adapter folder, served unmerged
             from qwenvl.train.lora import load_adapter
 

@@ -26,10 +26,13 @@ class WeightFormat:
     Args:
         name: the registry name (``DecoderLayout.weight_format`` reports it to the backends).
         fuse: build q/k/v and gate/up as one module each, one weight read per step.
+        dense_head: the LM head stays a plain ``nn.Linear`` (tied to the embedding when the
+            checkpoint ties them), as in the released AWQ/GPTQ checkpoints.
     """
 
     name: str
     fuse: bool = True
+    dense_head: bool = False
 
     def linear(
         self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
@@ -50,7 +53,37 @@ class Packed(WeightFormat):
         return PackedLinear(in_features, out_features, bias, self.name, parts)
 
 
-FORMATS: dict[str, WeightFormat] = {"bf16": Packed("bf16"), "int8": Packed("int8")}
+@dataclass(frozen=True)
+class Quantized(WeightFormat):
+    """A released AWQ or GPTQ checkpoint's packed integer weights, read as they are on disk and
+    unpacked at load (``qwenvl.models.quantized``); chosen by the checkpoint's
+    ``quantization_config``. The LM head and the vision tower stay dense.
+
+    Args:
+        method: ``awq`` (gemm), ``gptq`` (zero points stored minus one) or ``gptq_v2``.
+        bits: 4 (AWQ, GPTQ) or 8 (GPTQ).
+        group_size: inputs per scale/zero group; -1: one group over the whole input.
+    """
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    dense_head: bool = True
+
+    def linear(
+        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
+    ) -> nn.Module:
+        from qwenvl.models.quantized import quantized_linear
+
+        return quantized_linear(self, in_features, out_features, bias, parts)
+
+
+FORMATS: dict[str, WeightFormat] = {
+    "bf16": Packed("bf16"),
+    "int8": Packed("int8"),
+    "awq": Quantized("awq:w4g128", method="awq"),
+    "gptq": Quantized("gptq:w4g128"),
+}
 
 
 def get_format(name: str | None) -> WeightFormat | None:
@@ -58,6 +91,11 @@ def get_format(name: str | None) -> WeightFormat | None:
     if name in (None, "dense"):
         return None
     if name not in FORMATS:
+        from qwenvl.models.quantized import format_named
+
+        fmt = format_named(name)  # a checkpoint's own AWQ/GPTQ layout ("gptq:w8g128")
+        if fmt is not None:
+            return fmt
         raise ConfigError(f"unknown weight format {name!r}; use dense or one of {list(FORMATS)}")
     return FORMATS[name]
 
@@ -76,6 +114,7 @@ def plan_weights(
     quantization: str | None = None,
     pack_weights: bool | None = None,
     lora: bool = False,
+    quantization_config: dict | None = None,
 ) -> tuple[str | torch.dtype, str | None]:
     """(activation dtype, weight format name or None) for loading a checkpoint.
 
@@ -83,7 +122,21 @@ def plan_weights(
     True packs the decoder's weights in bf16 under float32 activations, False never; None (the
     default) packs on the CPU when ``dtype`` is ``auto``, the checkpoint is 16-bit and at least
     ``PACK_MIN_BYTES``, no LoRA adapter is applied and the kernels are built.
+
+    ``quantization_config`` (the checkpoint's own, from config.json): an AWQ or GPTQ checkpoint
+    loads in its own format (:class:`Quantized`; float32 activations on the CPU), any other
+    method is refused; ``quantization`` and ``pack_weights`` cannot re-quantise it.
     """
+    if quantization_config is not None:
+        from qwenvl.models.quantized import format_for
+
+        fmt = format_for(quantization_config)
+        if quantization or pack_weights:
+            option = "quantization" if quantization else "pack_weights"
+            raise ConfigError(f"the checkpoint is already quantised ({fmt.name}); drop {option}")
+        if lora:
+            raise ConfigError("a LoRA adapter cannot be applied to a quantised checkpoint")
+        return ("float32" if dtype == "auto" and on_cpu else dtype), fmt.name
     if quantization not in (None, "int8"):
         raise ConfigError(f"unknown quantization {quantization!r}; use 'int8' or None")
     if (quantization or pack_weights) and lora:
