@@ -106,7 +106,7 @@ def test_every_kernel_source_is_package_data() -> None:
         pytest.skip("not a source checkout")
     patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["qwenvl"]
     files = sorted(kernels._source_files())
-    assert {"gemv.cpp", "decode.cpp", "layers.cpp", "kernels.h"} <= set(files)
+    assert {"gemv.cpp", "decode.cpp", "layers.cpp", "int4.cpp", "kernels.h"} <= set(files)
     for name in files:
         assert any(fnmatch.fnmatch(f"kernels/{name}", p) for p in patterns), name
 
@@ -230,7 +230,8 @@ def test_simd_path_passes_the_kernel_tests(isa: str, request) -> None:
         "import sys, pytest; from qwenvl import kernels; "
         f"assert kernels.isa() == {isa!r}, kernels.describe(); "
         "sys.exit(pytest.main(['-q', '-o', 'addopts=', '-p', 'no:cacheprovider', "
-        f"{str(TESTS / 'test_gemv.py')!r}, {str(TESTS / 'test_decode_ops.py')!r}]))"
+        f"{str(TESTS / 'test_gemv.py')!r}, {str(TESTS / 'test_decode_ops.py')!r}, "
+        f"{str(TESTS / 'test_int4.py')!r}]))"
     )
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -256,6 +257,6 @@ def test_every_simd_path_compiles(isa: str) -> None:
         "-fopenmp",
         *includes,
     ]
-    for source in ("gemv.cpp", "decode.cpp", "layers.cpp"):
+    for source in ("gemv.cpp", "decode.cpp", "layers.cpp", "int4.cpp"):
         r = subprocess.run([*cmd, str(SOURCES / source)], capture_output=True, text=True)
         assert r.returncode == 0, source + ":\n" + r.stderr[-3000:]

@@ -147,8 +147,9 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantization",
-        choices=["int8"],
-        help="int8 weight-only language model (per-channel scales): about 2x faster decoding",
+        choices=["int8", "int4"],
+        help="weight-only quantised language model: int8 (per-channel scales, about 2x faster "
+        "decoding) or int4 (group-wise 4-bit, quantised at load)",
     )
     p.add_argument(
         "--pack-weights",

@@ -48,14 +48,19 @@ __all__ = [
     "available",
     "decode_attention",
     "decode_layers",
+    "dequantize_int4",
     "describe",
     "huge_page_copy",
     "linear_bf16",
+    "linear_int4",
     "linear_int8",
+    "pack_int4",
+    "quantize_int4",
     "quantize_int8",
     "rms_norm",
     "silu_mul",
     "tile_int8",
+    "unpack_int4",
     "untile_int8",
 ]
 
@@ -454,3 +459,146 @@ def untile_int8(qt: torch.Tensor) -> torch.Tensor:
     """The ``[N, K]`` view back (a copy) of a ``tile_int8`` weight."""
     nt, kt, r, c = qt.shape
     return qt.permute(0, 2, 1, 3).reshape(nt * r, kt * c)
+
+
+# int4 weights (int4.cpp): output rows in tiles of 8, columns in groups of G (32, 64 or a multiple
+# of 128), one block of 4 G + 32 bytes per (tile, group): 8 rows x G/2 bytes of nibbles (per unit
+# of u = min(G, 128) columns, byte j = column j | column j + u/2 << 4), then 8 fp16 scales and 8
+# fp16 mins; w = q * scale + min.
+INT4_ROWS = 8
+INT4_UNIT = 128
+
+
+def int4_shape(n: int, k: int, group_size: int) -> tuple[int, int, int]:
+    """The packed int4 tensor's shape for an ``[n, k]`` weight in groups of ``group_size``."""
+    if not (group_size in (32, 64) or (group_size > 0 and group_size % INT4_UNIT == 0)) or (
+        k % group_size
+    ):
+        raise ValueError(
+            f"int4 needs a group size of 32, 64 or a multiple of {INT4_UNIT} that divides "
+            f"in_features, got group {group_size} for {k} columns"
+        )
+    return (n + INT4_ROWS - 1) // INT4_ROWS, k // group_size, 4 * group_size + 32
+
+
+@torch.no_grad()
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """``q [N, K]`` (values 0..15), ``scale``/``minimum [N, K / G]`` (``w = q * scale + min``)
+    -> the kernels' uint8 blocks ``[ceil(N/8), K/G, 4G+32]`` (scale and min rounded to fp16)."""
+    n, k = q.shape
+    ng = scale.shape[1]
+    g = k // ng if ng else 0
+    n8, _, bb = int4_shape(n, k, g)
+    if scale.shape != (n, ng) or minimum.shape != (n, ng) or g * ng != k:
+        shapes = f"scales {tuple(scale.shape)} / mins {tuple(minimum.shape)}"
+        raise ValueError(f"{shapes} do not fit q {(n, k)}")
+    pad = n8 * INT4_ROWS - n
+    q = q.to(torch.uint8)
+    s16 = scale.to(torch.float16)
+    m16 = minimum.to(torch.float16)
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        s16 = torch.cat([s16, s16.new_zeros(pad, ng)])
+        m16 = torch.cat([m16, m16.new_zeros(pad, ng)])
+    u = min(g, INT4_UNIT)  # columns per unit of nibbles: byte j = column j | column j + u/2 << 4
+    qv = q.view(n8, INT4_ROWS, k // u, 2, u // 2)
+    nib = qv[:, :, :, 0] | (qv[:, :, :, 1] << 4)  # [n8, 8, K/u, u/2]
+    nib = nib.reshape(n8, INT4_ROWS, ng, g // 2).permute(0, 2, 1, 3).reshape(n8, ng, -1)
+
+    def meta(t: torch.Tensor) -> torch.Tensor:  # [N8*8, ng] fp16 -> [n8, ng, 16] bytes
+        return t.view(n8, INT4_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    out = torch.cat([nib, meta(s16), meta(m16)], dim=2)
+    assert out.shape[2] == bb
+    return out.contiguous()
+
+
+@torch.no_grad()
+def unpack_int4(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pack_int4``'s inverse: (q [N, K] uint8, scale [N, K/G] fp32, min [N, K/G] fp32)."""
+    n8, ng, bb = packed.shape
+    g = (bb - 32) // 4
+    k = ng * g
+    u = min(g, INT4_UNIT)
+    nib = packed[:, :, : INT4_ROWS * g // 2].reshape(n8, ng, INT4_ROWS, g // u, u // 2)
+    q = torch.stack([nib & 0xF, nib >> 4], dim=4)  # [n8, ng, 8, G/u, 2, u/2]
+    q = q.permute(0, 2, 1, 3, 4, 5).reshape(n8 * INT4_ROWS, k)[:n]
+
+    def meta(off: int) -> torch.Tensor:
+        t = packed[:, :, off : off + 16].contiguous().view(torch.float16)  # [n8, ng, 8]
+        return t.permute(0, 2, 1).reshape(n8 * INT4_ROWS, ng)[:n].float()
+
+    base = INT4_ROWS * g // 2
+    return q.contiguous(), meta(base), meta(base + 16)
+
+
+def linear_int4(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ w.T + bias`` for x [M<=16, K] fp32/bf16 and the int4 weight ``packed``
+    (``pack_int4``) of ``n`` output rows; x is rounded to int8 per (row, group) inside."""
+    return _require().linear_int4(x, packed, n, bias)
+
+
+def dequantize_int4(packed: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 ``[n, K]`` weight of an int4 ``packed`` tensor (into ``out`` when given)."""
+    n8, ng, bb = packed.shape
+    k = ng * ((bb - 32) // 4)
+    if out is None:
+        out = torch.empty(n, k)
+    if available() and packed.device.type == "cpu":
+        _require().dequantize_int4(packed, n, out)
+        return out
+    q, s, m = unpack_int4(packed, n)
+    g = k // ng
+    w = q.float().view(n, ng, g) * s[:, :, None] + m[:, :, None]
+    return out.copy_(w.view(n, k))
+
+
+@torch.no_grad()
+def quantize_int4(
+    w: torch.Tensor, group_size: int = 128, refine: int = 2, rows_per_chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric 4-bit: ``w ~= q * scale + min`` per ``group_size`` columns of a row.
+
+    Round-to-nearest from the group's [min, max] (``scale = (max - min) / 15``), then ``refine``
+    rounds of a least-squares refit of (scale, min) to the chosen q and re-rounding, keeping per
+    group whichever has the smaller squared error. Scale and min are rounded to fp16 (what
+    ``pack_int4`` stores) before q is chosen. Returns (q uint8 [N, K], scale, min [N, K/G] fp32).
+    """
+    n, k = w.shape
+    int4_shape(n, k, group_size)
+    ng = k // group_size
+    q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(n, ng, device=w.device)
+    minimum = torch.empty(n, ng, device=w.device)
+
+    def fit(wf: torch.Tensor, s: torch.Tensor, m: torch.Tensor):
+        s = s.half().float()
+        m = m.half().float()
+        qq = torch.round((wf - m) / s).clamp_(0, 15)
+        err = (qq * s + m - wf).square().sum(-1, keepdim=True)
+        return qq, s, m, err
+
+    for r in range(0, n, rows_per_chunk):
+        wf = w[r : r + rows_per_chunk].float().view(-1, ng, group_size)
+        lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
+        s0 = (hi - lo) / 15
+        s0 = torch.where(s0 > 0, s0, torch.ones_like(s0))
+        best = fit(wf, s0, lo)
+        for _ in range(refine):
+            qq = best[0]
+            sq, sqq = qq.sum(-1, keepdim=True), qq.square().sum(-1, keepdim=True)
+            sw, sqw = wf.sum(-1, keepdim=True), (qq * wf).sum(-1, keepdim=True)
+            det = group_size * sqq - sq * sq
+            s1 = (group_size * sqw - sq * sw) / det.clamp(min=1e-30)
+            m1 = (sw - s1 * sq) / group_size
+            ok = (det > 0) & (s1 > 0)
+            cand = fit(wf, torch.where(ok, s1, best[1]), torch.where(ok, m1, best[2]))
+            better = cand[3] < best[3]
+            best = tuple(torch.where(better, c, b) for c, b in zip(cand, best))
+        qq, s, m, _ = best
+        q[r : r + rows_per_chunk] = qq.view(-1, k).to(torch.uint8)
+        scale[r : r + rows_per_chunk] = s.view(-1, ng)
+        minimum[r : r + rows_per_chunk] = m.view(-1, ng)
+    return q, scale, minimum

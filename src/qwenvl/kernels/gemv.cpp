@@ -428,6 +428,7 @@ bool wants_i16(const Weight& w) {
 // vector so the widening and the loads are shared by more FMAs.
 int64_t gemv_units(const Weight& w, int64_t M) {
   if (w.kind == WeightKind::kInt8Tiled) return w.N / kTileRows;
+  if (w.kind == WeightKind::kInt4) return (w.N + 7) / 8;
 #ifdef GEMV_I16
   if (w.kind == WeightKind::kInt8Rows)
     return M == 1 ? (w.N + Vec::NR1 - 1) / Vec::NR1 : (w.N + 1) / 2;
@@ -439,6 +440,9 @@ int64_t gemv_units(const Weight& w, int64_t M) {
 void gemv_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate) {
   const int64_t M = x.M, K = w.K, N = w.N;
   switch (w.kind) {
+    case WeightKind::kInt4:
+      int4_span(w, x, y, u0, u1, accumulate);
+      return;
     case WeightKind::kInt8Tiled:
       tiled_span(x.xq, x.xs, M, K, static_cast<const int8_t*>(w.data), N, w.scale, w.bias, y, u0,
                  u1, accumulate);

@@ -10,9 +10,10 @@ namespace qwenvl {
 
 constexpr int64_t kMaxM = 16;  // rows of x a GEMV takes (kernels.MAX_M)
 
-enum class WeightKind { kBF16, kInt8Rows, kInt8Tiled };
+enum class WeightKind { kBF16, kInt8Rows, kInt8Tiled, kInt4 };
 
 // A packed weight: bf16 [N, K]; int8 [N, K] or tiled [N/8, K/16, 8, 16] with fp32 scale [N];
+// int4 blocks (int4.cpp: [ceil(N/8), K/group, 4 * group + 32] bytes, scales inside);
 // optional fp32 bias [N].
 struct Weight {
   WeightKind kind;
@@ -20,6 +21,7 @@ struct Weight {
   const float* scale;
   const float* bias;
   int64_t N, K;
+  int64_t group = 0;  // int4: columns per scale group (a multiple of 128)
 };
 
 // The rows x [M, K] of one GEMV, and their int16 quantisation (xq [M, K], row scales xs [M])
@@ -29,9 +31,22 @@ struct Rows {
   const int16_t* xq;
   const float* xs;
   int64_t M;
+  // int4 weights: x quantised to int8 per (row, group of the weight's columns), xq8 [M, K], and
+  // per (row, group) its scale and the sum of its dequantised values, xg [M, K / group, 2]
+  const int8_t* xq8 = nullptr;
+  const float* xg = nullptr;
 };
 
 bool wants_i16(const Weight& w);
+bool wants_i8_groups(const Weight& w);
+// Per-(row, group) symmetric int8 quantisation of x [M, K] for int4 weights of this group size:
+// xq8 [M, K]; xg [M, K / group, 2] = (scale, scale * sum of the row's int8 values in the group).
+void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq8,
+                             float* xg);
+// int4 units (8 output rows each) [u0, u1) of gemv_span.
+void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate);
+// Bytes of one int4 block: 8 rows x group/2 bytes of nibbles, then 8 fp16 scales and 8 fp16 mins.
+constexpr int64_t int4_block_bytes(int64_t group) { return 8 * group / 2 + 8 * 4; }
 // Per-row symmetric int16 quantisation of x (error <= max|x| / 65534 per element).
 void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs);
 // The GEMV is split into independent units (tiles of output rows); threads take spans of them.

@@ -54,7 +54,8 @@ const float* vector_at(const Params& params, int64_t i, int64_t n, const char* w
 }
 
 // The packed linear at params[i..i+3) (weight, scale, bias) of shape [N, K], as PackedLinear
-// stores it: bf16 [N, K], or int8 [N, K] / tiled [N/8, K/16, 8, 16] with a float32 scale [N].
+// stores it: bf16 [N, K], or int8 [N, K] / tiled [N/8, K/16, 8, 16] with a float32 scale [N];
+// or as Int4Linear does: uint8 blocks [ceil(N/8), K/G, 4G+32] (scales inside, scale entry None).
 Weight weight_at(const Params& params, int64_t i, int64_t N, int64_t K, const char* what) {
   const std::optional<at::Tensor> w = params.get(i), scale = params.get(i + 1),
                                   bias = params.get(i + 2);
@@ -63,12 +64,21 @@ Weight weight_at(const Params& params, int64_t i, int64_t N, int64_t K, const ch
               "tensor");
   Weight out{WeightKind::kBF16, w->data_ptr(), nullptr, nullptr, N, K};
   const auto shape = w->sizes();
-  if (w->scalar_type() == at::kBFloat16) {
+  if (w->scalar_type() == at::kByte) {  // int4 blocks [ceil(N/8), K/G, 4G+32] (int4.cpp)
+    const int64_t G = shape.size() == 3 && shape[1] > 0 ? K / shape[1] : 0;
+    TORCH_CHECK(shape.size() == 3 && (G == 32 || G == 64 || (G >= 128 && G % 128 == 0)) &&
+                    shape[1] * G == K &&
+                    shape[0] == (N + 7) / 8 && shape[2] == int4_block_bytes(G),
+                "qwenvl decode_layers: int4 ", what, " must be [", (N + 7) / 8,
+                ", K/group, 4*group+32] for K = ", K, ", got ", shape);
+    out.kind = WeightKind::kInt4;
+    out.group = G;
+  } else if (w->scalar_type() == at::kBFloat16) {
     TORCH_CHECK(shape == at::IntArrayRef({N, K}), "qwenvl decode_layers: ", what, " must be [",
                 N, ", ", K, "], got ", shape);
   } else {
     TORCH_CHECK(w->scalar_type() == at::kChar, "qwenvl decode_layers: ", what,
-                " must be bfloat16 or int8, got ", w->scalar_type());
+                " must be bfloat16, int8 or int4 (uint8 blocks), got ", w->scalar_type());
     const bool rows = shape == at::IntArrayRef({N, K});
     const bool tiled = N % 8 == 0 && K % 16 == 0 &&
                        shape == at::IntArrayRef({N / 8, K / 16, 8, 16});
@@ -133,9 +143,12 @@ void decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
     ly.norm2 = vector_at(params, p + 7, Hd, "post_attention_layernorm");
     if (l == 0) {
       const std::optional<at::Tensor> gu = params.get(p + 8);
-      TORCH_CHECK(gu.has_value() && gu->numel() % (2 * Hd) == 0,
+      TORCH_CHECK(gu.has_value() && (gu->numel() % (2 * Hd) == 0 || gu->scalar_type() == at::kByte),
                   "qwenvl decode_layers: gate_up_proj must hold [2 * intermediate, ", Hd, "]");
       I = gu->numel() / (2 * Hd);
+      const std::optional<at::Tensor> dn = params.get(p + 11);
+      if (gu->scalar_type() == at::kByte && dn.has_value() && dn->dim() == 3)
+        I = dn->size(1) * ((dn->size(2) - 32) / 4);  // int4: down's K = groups x group size
     }
     ly.gate_up = weight_at(params, p + 8, 2 * I, Hd, "gate_up_proj");
     ly.down = weight_at(params, p + 11, Hd, I, "down_proj");
@@ -161,6 +174,9 @@ void decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
       scratch(nt, std::vector<float>((H / Hkv) * (D + most)));
   std::vector<std::vector<int16_t>> xq(nt, std::vector<int16_t>(T * widest));
   std::vector<std::vector<float>> xs(nt, std::vector<float>(kMaxM));
+  // int4: per-thread x quantised to int8 per (row, group) and each group's (scale, sum)
+  std::vector<std::vector<int8_t>> xq8(nt, std::vector<int8_t>(T * widest));
+  std::vector<std::vector<float>> xg(nt, std::vector<float>(T * (widest / 32 + 1) * 2));
   std::vector<float*> kp(L), vp(L);
   for (int64_t l = 0; l < L; ++l) {
     kp[l] = k_caches[l].data_ptr<float>();
@@ -180,6 +196,10 @@ void decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
       if (wants_i16(w)) {
         quantize_rows_i16(rows, T, w.K, xq[tid].data(), xs[tid].data());
         r.xq = xq[tid].data();
+      } else if (wants_i8_groups(w)) {
+        quantize_rows_i8_groups(rows, T, w.K, w.group, xq8[tid].data(), xg[tid].data());
+        r.xq8 = xq8[tid].data();
+        r.xg = xg[tid].data();
       }
       const auto [u0, u1] = share(gemv_units(w, T), tid, n);
       if (u0 < u1) gemv_span(w, r, y, u0, u1, accumulate);

@@ -78,8 +78,34 @@ class Quantized(WeightFormat):
         return quantized_linear(self, in_features, out_features, bias, parts)
 
 
+@dataclass(frozen=True)
+class Int4(WeightFormat):
+    """Our own int4: a 16-bit checkpoint's decoder linears quantised at load, group-wise
+    asymmetric in groups of ``group_size`` (``Int4Linear``), read by the int4 GEMV kernels; the LM
+    head packed in ``head`` ("bf16" or "int8", ``PackedLinear``). The vision tower stays as it is.
+    """
+
+    group_size: int = 128
+    head: str = "bf16"
+
+    def linear(
+        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
+    ) -> nn.Module:
+        from qwenvl.layers.int4_linear import Int4Linear
+
+        # The LM head is the one linear asked for without parts that widens (vocab > hidden;
+        # Qwen2's o_proj is square, down_proj narrows) and has no bias.
+        if parts is None and not bias and out_features > in_features:
+            return PackedLinear(in_features, out_features, bias, self.head)
+        group = self.group_size  # halved for narrow layers (the tiny test models): 64, 32
+        while in_features % group and group > 32:
+            group //= 2
+        return Int4Linear(in_features, out_features, bias, group, parts)
+
+
 FORMATS: dict[str, WeightFormat] = {
     "bf16": Packed("bf16"),
+    "int4": Int4("int4"),
     "int8": Packed("int8"),
     "awq": Quantized("awq:w4g128", method="awq"),
     "gptq": Quantized("gptq:w4g128"),
@@ -118,10 +144,11 @@ def plan_weights(
 ) -> tuple[str | torch.dtype, str | None]:
     """(activation dtype, weight format name or None) for loading a checkpoint.
 
-    ``quantization="int8"``: int8 weights, float32 activations on the CPU. ``pack_weights``:
-    True packs the decoder's weights in bf16 under float32 activations, False never; None (the
-    default) packs on the CPU when ``dtype`` is ``auto``, the checkpoint is 16-bit and at least
-    ``PACK_MIN_BYTES``, no LoRA adapter is applied and the kernels are built.
+    ``quantization="int8"``: int8 weights, float32 activations on the CPU; ``"int4"``: 4-bit
+    decoder weights (group 128) and a packed LM head, float32 activations on the CPU.
+    ``pack_weights``: True packs the decoder's weights in bf16 under float32 activations, False
+    never; None (the default) packs on the CPU when ``dtype`` is ``auto``, the checkpoint is
+    16-bit and at least ``PACK_MIN_BYTES``, no LoRA adapter is applied and the kernels are built.
 
     ``quantization_config`` (the checkpoint's own, from config.json): an AWQ or GPTQ checkpoint
     loads in its own format (:class:`Quantized`; float32 activations on the CPU), any other
@@ -137,12 +164,12 @@ def plan_weights(
         if lora:
             raise ConfigError("a LoRA adapter cannot be applied to a quantised checkpoint")
         return ("float32" if dtype == "auto" and on_cpu else dtype), fmt.name
-    if quantization not in (None, "int8"):
-        raise ConfigError(f"unknown quantization {quantization!r}; use 'int8' or None")
+    if quantization not in (None, "int8", "int4"):
+        raise ConfigError(f"unknown quantization {quantization!r}; use 'int8', 'int4' or None")
     if (quantization or pack_weights) and lora:
         raise ConfigError("compact weights cannot be combined with a LoRA adapter; merge it first")
-    if quantization == "int8":
-        return ("float32" if dtype == "auto" and on_cpu else dtype), "int8"
+    if quantization in ("int8", "int4"):
+        return ("float32" if dtype == "auto" and on_cpu else dtype), quantization
     if pack_weights:
         return ("float32" if dtype == "auto" else dtype), "bf16"
     auto = pack_weights is None and on_cpu and dtype == "auto" and not lora

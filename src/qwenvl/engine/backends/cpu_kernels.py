@@ -1,6 +1,7 @@
 """The CPU backend: float32 activations on the CPU with our kernels (``qwenvl.kernels``).
 
-Decode-only steps of a model in a compact weight format (bf16 or int8, fused q/k/v and gate/up)
+Decode-only steps of a model in a compact weight format (bf16, int8 or int4; fused q/k/v and
+gate/up; an int4 layer with GPTQ act-order ``perm`` falls back to the module path)
 run all layers in one kernel call (``kernels.decode_layers``: threads forked once instead of ~250
 torch calls, ~7 ms of a 2B-shape step on a small CPU). Other steps run the model's modules, with
 one attention kernel call per layer when the step is all decode.
@@ -16,7 +17,7 @@ from qwenvl.engine.backends.torch_eager import TorchBackend
 from qwenvl.engine.kv_cache import AttentionMetadata, PagedKVCache
 from qwenvl.models import DecoderLayout, VLModel
 
-FUSED_FORMATS = ("bf16", "int8")
+FUSED_FORMATS = ("bf16", "int8", "int4")
 
 
 def fuses(layout: DecoderLayout) -> bool:
@@ -44,14 +45,22 @@ class CpuKernelBackend(TorchBackend):
         self.layout = layout = model.decoder_layout()
         self.params: list[torch.Tensor | None] | None = None
         if fuses(layout):  # gathered once: module attribute lookups cost ~1 ms a step
-            self.params = []
-            for w in model.decoder_weights():
-                self.params.append(w["input_norm"].weight)
-                self.params += w["qkv"].kernel_params()
-                self.params += w["o"].kernel_params()
-                self.params.append(w["post_norm"].weight)
-                self.params += w["gate_up"].kernel_params()
-                self.params += w["down"].kernel_params()
+            try:
+                self.params = self._gather(model)
+            except ValueError:  # a layer the fused step cannot run (int4 with act-order perm)
+                self.params = None
+
+    @staticmethod
+    def _gather(model: VLModel) -> list[torch.Tensor | None]:
+        params: list[torch.Tensor | None] = []
+        for w in model.decoder_weights():
+            params.append(w["input_norm"].weight)
+            params += w["qkv"].kernel_params()
+            params += w["o"].kernel_params()
+            params.append(w["post_norm"].weight)
+            params += w["gate_up"].kernel_params()
+            params += w["down"].kernel_params()
+        return params
 
     def run(
         self,

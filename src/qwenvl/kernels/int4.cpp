@@ -1,0 +1,376 @@
+// 4-bit weights for CPU decode: GEMV over <= 16 rows of x, streaming half a byte per weight.
+//
+// Layout (Int4Linear, qwenvl.layers.int4_linear): output rows in tiles of 8, columns in groups of
+// G (a multiple of 128); one block per (tile, group), blocks in tile-major order, so a thread's
+// span of tiles is ONE sequential stream:
+//
+//   block = 8 rows x G/2 bytes of nibbles | 8 fp16 scales | 8 fp16 mins      (4 G + 32 bytes)
+//
+// w[n, k] = q * scale + min (min = -zero * scale for an integer zero point). In a row's G/2
+// bytes, each 128 columns are 64 bytes: byte j holds column j in its low nibble and column j + 64
+// in its high nibble, so an AVX2 32-byte load yields 32 consecutive columns per nibble and an
+// AVX-512 64-byte load 64. G = 128: 0.53 bytes per weight.
+//
+// Groups of 64 (and 32) columns are one unit of G/2 bytes (column j | column j + G/2 << 4); 64 runs
+// the AVX2 code, 32 the scalar code in every build.
+//
+// x is quantised to int8 per (row, group) (scale amax/127; the sum of the quantised values is
+// kept), so a group's dot product is integer: vpmaddubsw multiplies 32 nibbles (u8) by 32 x
+// values (s8) and adds pairs (|pair| <= 2 * 15 * 127, four such sums fit int16), vpmaddwd by ones
+// widens to int32 once per 128 columns. Per group and x row the 8 rows' int32 sums are reduced
+// together into one vector of 8 (hadd tree) and y += sum * scale * xscale + min * xsum: the
+// result is exactly the dequantised weight times the int8-rounded x, in fp32.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace qwenvl {
+namespace {
+
+constexpr int kRows = 8;     // output rows per tile
+constexpr int kUnit = 128;   // columns per 64 bytes of nibbles
+#ifndef INT4_PF
+#define INT4_PF 1024  // software prefetch distance in bytes ahead of the block being read (0: off)
+#endif
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#if defined(__AVX2__)
+// The 8 accumulators' lane sums as one vector [sum a0, ..., sum a7] (fp32 adds).
+inline __m256 reduce8(const __m256i* a) {
+  __m256 f[kRows];
+  for (int r = 0; r < kRows; ++r) f[r] = _mm256_cvtepi32_ps(a[r]);
+  const __m256 h1 = _mm256_hadd_ps(f[0], f[1]), h2 = _mm256_hadd_ps(f[2], f[3]);
+  const __m256 h3 = _mm256_hadd_ps(f[4], f[5]), h4 = _mm256_hadd_ps(f[6], f[7]);
+  const __m256 h5 = _mm256_hadd_ps(h1, h2), h6 = _mm256_hadd_ps(h3, h4);
+  const __m256 lo = _mm256_permute2f128_ps(h5, h6, 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(h5, h6, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+#endif
+
+#if defined(__AVX2__)
+// 8 rows' int32 dot products over one group of one x row, G a multiple of 128 or 64: per 128
+// columns two 32-byte loads a row, four vpmaddubsw summed in int16 (4 * 3810 < 32768), one
+// vpmaddwd to int32; a 64-column group is one load and two vpmaddubsw.
+inline void group_dots_avx2(const uint8_t* blk, int64_t rowb, const int8_t* xm, int64_t G,
+                            __m256i* s) {
+  const __m256i mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < kRows; ++r) s[r] = _mm256_setzero_si256();
+  if (G == 64) {
+    const auto* xp = reinterpret_cast<const __m256i*>(xm);
+    const __m256i x0 = _mm256_loadu_si256(xp), x1 = _mm256_loadu_si256(xp + 1);
+    for (int r = 0; r < kRows; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + r * rowb));
+      __m256i d = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), x0);
+      d = _mm256_add_epi16(
+          d, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), x1));
+      s[r] = _mm256_madd_epi16(d, ones);
+    }
+    return;
+  }
+  for (int64_t u = 0; u < G; u += kUnit) {
+    const auto* xp = reinterpret_cast<const __m256i*>(xm + u);
+    const __m256i x0 = _mm256_loadu_si256(xp), x1 = _mm256_loadu_si256(xp + 1);
+    const __m256i x2 = _mm256_loadu_si256(xp + 2), x3 = _mm256_loadu_si256(xp + 3);
+    for (int r = 0; r < kRows; ++r) {
+      const auto* p = reinterpret_cast<const __m256i*>(blk + r * rowb + u / 2);
+      const __m256i v0 = _mm256_loadu_si256(p), v1 = _mm256_loadu_si256(p + 1);
+      __m256i d = _mm256_maddubs_epi16(_mm256_and_si256(v0, mask), x0);
+      d = _mm256_add_epi16(d, _mm256_maddubs_epi16(_mm256_and_si256(v1, mask), x1));
+      d = _mm256_add_epi16(
+          d, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), mask), x2));
+      d = _mm256_add_epi16(
+          d, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), mask), x3));
+      s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(d, ones));
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// As group_dots_avx2 for G a multiple of 128: one 64-byte load a row per 128 columns (64 columns
+// a nibble); vpdpbusd where the CPU has AVX512-VNNI.
+inline void group_dots_avx512(const uint8_t* blk, int64_t rowb, const int8_t* xm, int64_t G,
+                              __m256i* out) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+#if !defined(__AVX512VNNI__)
+  const __m512i ones = _mm512_set1_epi16(1);
+#endif
+  __m512i s[kRows];
+  for (int r = 0; r < kRows; ++r) s[r] = _mm512_setzero_si512();
+  for (int64_t u = 0; u < G; u += kUnit) {
+    const __m512i x0 = _mm512_loadu_si512(xm + u), x1 = _mm512_loadu_si512(xm + u + 64);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i v = _mm512_loadu_si512(blk + r * rowb + u / 2);
+      const __m512i lo = _mm512_and_si512(v, mask);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+#if defined(__AVX512VNNI__)
+      s[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[r], lo, x0), hi, x1);
+#else
+      const __m512i d =
+          _mm512_add_epi16(_mm512_maddubs_epi16(lo, x0), _mm512_maddubs_epi16(hi, x1));
+      s[r] = _mm512_add_epi32(s[r], _mm512_madd_epi16(d, ones));
+#endif
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    out[r] = _mm256_add_epi32(_mm512_castsi512_si256(s[r]), _mm512_extracti64x4_epi64(s[r], 1));
+}
+#endif
+
+#if defined(__AVX2__)
+inline bool simd_group(int64_t G) { return G % kUnit == 0 || G == 64; }
+
+inline void group_dots(const uint8_t* blk, int64_t rowb, const int8_t* xm, int64_t G,
+                       __m256i* s) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (G % kUnit == 0) return group_dots_avx512(blk, rowb, xm, G, s);
+#endif
+  group_dots_avx2(blk, rowb, xm, G, s);
+}
+#endif
+
+// Columns per nibble unit: 128 (64 bytes: column j | column j + 64) or the whole group if smaller.
+inline int64_t unit_of(int64_t G) { return G < kUnit ? G : kUnit; }
+
+// The scalar dot products of 8 rows over one group of one x row (every build: G = 32 groups, and
+// the portable path).
+inline void group_dots_scalar(const uint8_t* blk, int64_t rowb, const int8_t* xm, int64_t G,
+                              int32_t* d) {
+  const int64_t U = unit_of(G);
+  for (int r = 0; r < kRows; ++r) {
+    const uint8_t* row = blk + r * rowb;
+    int32_t acc = 0;
+    for (int64_t u = 0; u < G; u += U)
+      for (int64_t j = 0; j < U / 2; ++j) {
+        const uint8_t b = row[u / 2 + j];
+        acc += static_cast<int32_t>(b & 0xf) * xm[u + j] +
+               static_cast<int32_t>(b >> 4) * xm[u + U / 2 + j];
+      }
+    d[r] = acc;
+  }
+}
+
+}  // namespace
+
+bool wants_i8_groups(const Weight& w) { return w.kind == WeightKind::kInt4; }
+
+void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq8,
+                             float* xg) {
+  const int64_t ng = K / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* xr = x + m * K + g * group;
+      int8_t* q = xq8 + m * K + g * group;
+      constexpr int kLanes = 8;
+      float part[kLanes] = {};
+      for (int64_t k = 0; k < group; k += kLanes)
+        for (int l = 0; l < kLanes; ++l) part[l] = std::max(part[l], std::fabs(xr[k + l]));
+      float mx = 0.f;
+      for (int l = 0; l < kLanes; ++l) mx = std::max(mx, part[l]);
+      const float s = mx > 0.f ? mx / 127.f : 1.f, inv = 1.f / s;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < group; ++k) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
+        q[k] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      xg[(m * ng + g) * 2] = s;
+      xg[(m * ng + g) * 2 + 1] = s * static_cast<float>(sum);
+    }
+}
+
+void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate) {
+  const int64_t M = x.M, K = w.K, N = w.N, G = w.group, ng = K / G;
+  const int64_t bb = int4_block_bytes(G), rowb = G / 2;
+  const auto* base = static_cast<const uint8_t*>(w.data);
+#if defined(__AVX2__)
+  const bool simd = simd_group(G);
+#endif
+  for (int64_t t = u0; t < u1; ++t) {
+    alignas(32) float acc[kMaxM][kRows] = {};
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* blk = base + (t * ng + g) * bb;
+      const uint8_t* meta = blk + kRows * rowb;  // 8 fp16 scales, 8 fp16 mins
+#if defined(__AVX2__)
+      if (simd) {
+#if INT4_PF > 0
+        for (int64_t o = 0; o < bb; o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(blk + INT4_PF + o), _MM_HINT_T0);
+#endif
+        const __m256 sc =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta)));
+        const __m256 mn =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 16)));
+        for (int64_t m = 0; m < M; ++m) {  // m > 0 re-reads the block from L1
+          __m256i s[kRows];
+          group_dots(blk, rowb, x.xq8 + m * K + g * G, G, s);
+          const float* xg = x.xg + (m * ng + g) * 2;
+          __m256 a = _mm256_load_ps(acc[m]);
+          a = _mm256_fmadd_ps(reduce8(s), _mm256_mul_ps(sc, _mm256_set1_ps(xg[0])), a);
+          a = _mm256_fmadd_ps(mn, _mm256_set1_ps(xg[1]), a);
+          _mm256_store_ps(acc[m], a);
+        }
+        continue;
+      }
+#endif
+      float sc[kRows], mn[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        uint16_t hs, hm;
+        std::memcpy(&hs, meta + 2 * r, 2);
+        std::memcpy(&hm, meta + 16 + 2 * r, 2);
+        sc[r] = half_to_float(hs);
+        mn[r] = half_to_float(hm);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t d[kRows];
+        group_dots_scalar(blk, rowb, x.xq8 + m * K + g * G, G, d);
+        const float* xg = x.xg + (m * ng + g) * 2;
+        for (int r = 0; r < kRows; ++r)
+          acc[m][r] += static_cast<float>(d[r]) * (sc[r] * xg[0]) + mn[r] * xg[1];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t n = t * kRows + r;
+        if (n >= N) break;
+        float v = acc[m][r];
+        if (w.bias) v += w.bias[n];
+        float& out = y[m * N + n];
+        out = accumulate ? out + v : v;
+      }
+  }
+}
+
+namespace {
+
+// The int4 weight of a packed tensor [ceil(N/8), K/G, 4G+32] (uint8) with N output rows.
+Weight int4_weight(const at::Tensor& packed, int64_t N, const char* what) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
+                  packed.dim() == 3 && packed.is_contiguous(),
+              "qwenvl ", what, ": an int4 weight must be a contiguous uint8 CPU tensor "
+              "[ceil(N/8), K/group, 4*group+32], got ", packed.scalar_type(), " ", packed.sizes());
+  const int64_t ng = packed.size(1), bb = packed.size(2), G = (bb - 32) / 4;
+  TORCH_CHECK(ng >= 1 && (G == 32 || G == 64 || (G >= kUnit && G % kUnit == 0)) &&
+                  int4_block_bytes(G) == bb,
+              "qwenvl ", what, ": int4 blocks of ", bb, " bytes (group must be 32, 64 or a ",
+              "multiple of ", kUnit, ")");
+  TORCH_CHECK(N >= 1 && (N + kRows - 1) / kRows == packed.size(0), "qwenvl ", what, ": ",
+              packed.size(0), " tiles of 8 rows cannot hold N = ", N);
+  Weight w{WeightKind::kInt4, packed.data_ptr(), nullptr, nullptr, N, ng * G};
+  w.group = G;
+  return w;
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                       const std::optional<at::Tensor>& bias) {
+  Weight w = int4_weight(packed, N, "linear_int4");
+  const int64_t K = w.K;
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K && x.size(0) >= 1 &&
+                  x.size(0) <= kMaxM,
+              "qwenvl linear_int4: x must be a CPU [M <= ", kMaxM, ", ", K, "] tensor, got ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "qwenvl linear_int4: x must be float32 or bfloat16, got ", x.scalar_type());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N &&
+                    at::isFloatingType(bias->scalar_type()),
+                "qwenvl linear_int4: bias must be a floating CPU tensor of shape [", N, "]");
+    b = bias->to(at::kFloat).contiguous();
+    w.bias = b.data_ptr<float>();
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xg(M * (K / w.group) * 2);
+  quantize_rows_i8_groups(xf.data_ptr<float>(), M, K, w.group, xq.data(), xg.data());
+  Rows rows{xf.data_ptr<float>(), nullptr, nullptr, M};
+  rows.xq8 = xq.data();
+  rows.xg = xg.data();
+  at::Tensor y = at::empty({M, N}, xf.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, gemv_units(w, M), 8,
+                   [&](int64_t u0, int64_t u1) { int4_span(w, rows, yp, u0, u1, false); });
+  return y.to(x.scalar_type());
+}
+
+// The dequantised weight [N, K] in float32 (prefill: the GEMM's operand), written into out.
+void dequantize_int4(const at::Tensor& packed, int64_t N, const at::Tensor& out) {
+  const Weight w = int4_weight(packed, N, "dequantize_int4");
+  const int64_t K = w.K, G = w.group, ng = K / G, bb = int4_block_bytes(G), rowb = G / 2;
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef({N, K}),
+              "qwenvl dequantize_int4: out must be a contiguous float32 [", N, ", ", K, "]");
+  const auto* base = static_cast<const uint8_t*>(w.data);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t g = 0; g < ng; ++g) {
+        const uint8_t* blk = base + (t * ng + g) * bb;
+        const uint8_t* meta = blk + kRows * rowb;
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t n = t * kRows + r;
+          if (n >= N) break;
+          uint16_t hs, hm;
+          std::memcpy(&hs, meta + 2 * r, 2);
+          std::memcpy(&hm, meta + 16 + 2 * r, 2);
+          const float s = half_to_float(hs), mn = half_to_float(hm);
+          const uint8_t* row = blk + r * rowb;
+          float* dst = o + n * K + g * G;
+          const int64_t U = unit_of(G);
+          for (int64_t u = 0; u < G; u += U)
+            for (int64_t j = 0; j < U / 2; ++j) {
+              const uint8_t b = row[u / 2 + j];
+              dst[u + j] = static_cast<float>(b & 0xf) * s + mn;
+              dst[u + U / 2 + j] = static_cast<float>(b >> 4) * s + mn;
+            }
+        }
+      }
+  });
+}
+
+}  // namespace
+}  // namespace qwenvl
+
+TORCH_LIBRARY_FRAGMENT(qwenvl_gemv, m) {
+  m.def("linear_int4(Tensor x, Tensor packed, int N, Tensor? bias=None) -> Tensor",
+        &qwenvl::linear_int4);
+  m.def("dequantize_int4(Tensor packed, int N, Tensor(a!) out) -> ()", &qwenvl::dequantize_int4);
+}

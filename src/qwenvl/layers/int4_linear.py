@@ -1,0 +1,173 @@
+"""A linear layer with 4-bit weights for CPU decoding: group-wise asymmetric int4.
+
+``w[n, k] = q[n, k] * scale[n, k // G] + min[n, k // G]`` with q in 0..15 and one (scale, min)
+per ``G = group_size`` columns of a row (0.53 bytes per weight at G = 128: half a byte of nibbles
+and two fp16 numbers per 128 weights). The weight is stored in the kernels' block layout
+(``qwenvl.kernels.pack_int4``: tiles of 8 output rows, one sequential stream); decode steps of <=
+16 rows run ``kernels.linear_int4`` (x rounded to int8 per row and group, integer dot products),
+larger ones (prefill) expand the weight to float32 in a scratch buffer for torch's GEMM.
+
+Two ways in: a 16-bit checkpoint quantised at load (``allocate`` / ``finish_loading``, as
+``PackedLinear``), or already-quantised tensors (an AWQ/GPTQ checkpoint's loader calls
+``load_quantized`` with q, scales and integer-unit zero points, and GPTQ's act-order ``perm``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenvl import kernels
+from qwenvl.layers.packed_linear import KERNEL_MAX_ROWS, _scratch
+
+
+class Int4Linear(nn.Module):
+    """``y = x[..., perm] @ W^T + b`` with ``W`` in 4 bits; inference only.
+
+    Built empty (on the meta device while the model is built); filled either by ``allocate`` +
+    ``finish_loading`` (quantise a 16-bit weight: round-to-nearest from each group's range, then a
+    least-squares refit of scale and min, ``kernels.quantize_int4``) or by ``load_quantized``.
+    ``parts``: a fused layer's checkpoint linears by name with their output rows (as
+    ``PackedLinear``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int = 128,
+        parts: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if parts is not None and sum(parts.values()) != out_features:
+            raise ValueError(f"parts {parts} do not add up to {out_features} output rows")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size
+        self.parts = parts
+        shape = kernels.int4_shape(out_features, in_features, group_size)
+        self.register_buffer("packed", torch.empty(shape, dtype=torch.uint8))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        self.register_buffer("perm", None)
+        self._staging: torch.Tensor | None = None  # the 16-bit weight until quantised
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 128
+    ) -> Int4Linear:
+        """A 4-bit copy of a dense ``[out, in]`` weight (and bias), quantised as at load."""
+        out, inp = weight.shape
+        with torch.device(weight.device):
+            m = cls(inp, out, bias is not None, group_size)
+        targets = m.allocate(weight.device, weight.dtype)
+        targets["weight"].copy_(weight.detach())
+        if bias is not None:
+            targets["bias"].copy_(bias.detach())
+        m.finish_loading()
+        return m
+
+    def allocate(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What the loader reads a 16-bit checkpoint into, by name relative to this module
+        (``weight``, ``bias``) or, for a fused layer, to its parent (``q_proj.weight``...)."""
+        self._staging = weight = torch.empty(
+            (self.out_features, self.in_features), dtype=dtype, device=device
+        )
+        if self.bias is not None:
+            self.bias = torch.empty(self.out_features, device=device)
+        if self.parts is None:
+            out = {"weight": weight}
+            if self.bias is not None:
+                out["bias"] = self.bias
+            return out
+        out, row = {}, 0
+        for name, rows in self.parts.items():
+            out[f"{name}.weight"] = weight[row : row + rows]
+            if self.bias is not None:
+                out[f"{name}.bias"] = self.bias[row : row + rows]
+            row += rows
+        return out
+
+    def finish_loading(self) -> None:
+        """Quantise what ``allocate``'s tensors received (nothing to do after
+        ``load_quantized``)."""
+        if self._staging is None:
+            return
+        q, scale, minimum = kernels.quantize_int4(self._staging, self.group_size)
+        self._staging = None
+        self._store(q, scale, minimum)
+
+    @torch.no_grad()
+    def load_quantized(
+        self,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        perm: torch.Tensor | None = None,
+    ) -> None:
+        """Take an already-quantised weight: ``w[n, k] = (q[n, k] - zeros[n, k // G]) *
+        scales[n, k // G]`` with ``q`` uint8 ``[out, in]`` in 0..15, ``scales`` / ``zeros``
+        ``[out, in // G]`` (zero points in q units, need not be integers). ``perm`` (GPTQ
+        act-order): ``y = x[..., perm] @ w.T``. Scales and ``-zeros * scales`` are kept in fp16."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if q.shape != (n, k):
+            raise ValueError(f"q must be [{n}, {k}], got {tuple(q.shape)}")
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if t.shape != (n, k // g):
+                raise ValueError(f"{name} must be [{n}, {k // g}], got {tuple(t.shape)}")
+        if q.dtype != torch.uint8 or (q.numel() and int(q.max()) > 15):
+            raise ValueError("q must be uint8 with values 0..15")
+        if perm is not None:
+            if perm.shape != (k,):
+                raise ValueError(f"perm must be [{k}], got {tuple(perm.shape)}")
+            if not torch.equal(torch.sort(perm.long().cpu()).values, torch.arange(k)):
+                raise ValueError("perm must be a permutation of the input features")
+        if (bias is None) != (self.bias is None):
+            raise ValueError("bias given for a layer built without one, or missing")
+        device = q.device if self.packed.is_meta else self.packed.device
+        s = scales.to(device=device, dtype=torch.float32)
+        self._store(q.to(device), s, -zeros.to(device=device, dtype=torch.float32) * s)
+        if bias is not None:
+            self.bias = bias.detach().to(device=device, dtype=torch.float32).contiguous()
+        self.perm = None if perm is None else perm.to(device=device, dtype=torch.long)
+
+    def _store(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> None:
+        self.packed = kernels.huge_page_copy(kernels.pack_int4(q, scale, minimum))
+
+    def extra_repr(self) -> str:
+        perm = ", act-order" if self.perm is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}{perm}"
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantised ``[out, in]`` weight in ``dtype`` (columns in the order
+        ``load_quantized`` got them, i.e. applied to ``x[..., perm]``), in a scratch buffer that
+        the next call overwrites: use it at once."""
+        n, k = self.out_features, self.in_features
+        out = _scratch(n * k, torch.float32, self.packed.device).view(n, k)
+        kernels.dequantize_int4(self.packed, n, out)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.mm(x.reshape(-1, self.in_features))
+        return y.view(*shape[:-1], self.out_features)
+
+    def kernel_params(self) -> tuple[torch.Tensor, None, torch.Tensor | None]:
+        """(packed weight, None, bias) as ``kernels.decode_layers`` takes them; only for a layer
+        without ``perm`` (the fused step does not permute its inputs)."""
+        b = self._buffers
+        if b["perm"] is not None:
+            raise ValueError("an act-order (perm) int4 layer cannot run in the fused decode step")
+        return b["packed"], None, b["bias"]
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for a 2-D ``x [rows, in]``, without the module call around it."""
+        perm = self._buffers["perm"]
+        if perm is not None:
+            x = x.index_select(1, perm)
+        bias = self.bias
+        if x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
+            return kernels.linear_int4(x.contiguous(), self.packed, self.out_features, bias)
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype), b)
