@@ -397,3 +397,62 @@ def test_config_parsing() -> None:
         assert formats.get_format(name).name == name
     assert quantized.quantization_config_of({"text_config": {"quantization_config": v2}}) == v2
     assert quantized.quantization_config_of({"model_type": "qwen2_vl"}) is None
+
+
+def _fused_gptq_tensors(
+    n_in: int, parts: dict[str, int], group: int, orders: dict[str, np.ndarray]
+):
+    """Packed GPTQ v1 4-bit tensors of a fused layer's parts (act-order ``orders`` per part)
+    and the dequantised ``[out, in]`` weight of each."""
+    rng = np.random.default_rng(3)
+    packed, deq = {}, {}
+    for name, rows in parts.items():
+        g_idx = np.empty(n_in, dtype=np.int64)
+        g_idx[orders[name]] = np.arange(n_in) // group
+        w = torch.from_numpy(rng.normal(size=(rows, n_in)).astype(np.float32))
+        q, zeros, scales, deq[name] = quantise(w, g_idx, 4, False, min_zero=1)
+        packed[f"{name}.qweight"] = pack_rows(q, 4)
+        packed[f"{name}.qzeros"] = pack_columns(zeros - 1, 4)
+        packed[f"{name}.scales"] = torch.from_numpy(scales)
+        packed[f"{name}.g_idx"] = torch.from_numpy(g_idx.astype(np.int32))
+        packed[f"{name}.bias"] = torch.randn(rows).half()
+    return packed, deq
+
+
+def _fused_layer(packed, n_in, parts):
+    fmt = formats.get_format("gptq:w4g128")
+    with torch.device("meta"):
+        m = fmt.linear(n_in, sum(parts.values()), bias=True, parts=parts)
+    for name, t in m.allocate("cpu", torch.float16).items():
+        t.copy_(packed[name])
+    return m
+
+
+def test_act_order_fused_layer_shares_one_input_order(monkeypatch) -> None:
+    """q/k/v with one act-order permutation over two groups of 128 (the int4 kernels' group):
+    one ``perm`` for the fused layer, and its product equals the dequantised weights'."""
+    monkeypatch.setattr(kernels, "available", lambda: False)  # the stored weight, no x rounding
+    n_in, parts = 256, {"q_proj": 64, "k_proj": 32, "v_proj": 32}
+    order = np.random.default_rng(0).permutation(n_in)
+    packed, deq = _fused_gptq_tensors(n_in, parts, 128, dict.fromkeys(parts, order))
+    m = _fused_layer(packed, n_in, parts)
+    m.finish_loading()
+    assert m.perm is not None and not torch.equal(m.perm, torch.arange(n_in))
+    x = torch.randn(20, n_in)
+    w = torch.cat([deq[n] for n in parts])
+    b = torch.cat([packed[f"{n}.bias"].float() for n in parts])
+    ref = torch.nn.functional.linear(x, w, b)
+    tol = 2e-3 * float(ref.abs().max())
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=tol)
+
+
+def test_act_order_parts_with_different_orders_are_refused() -> None:
+    from qwenvl.errors import CheckpointError
+
+    n_in, parts = 256, {"gate_proj": 32, "up_proj": 32}
+    rng = np.random.default_rng(1)
+    orders = {"gate_proj": rng.permutation(n_in), "up_proj": rng.permutation(n_in)}
+    packed, _ = _fused_gptq_tensors(n_in, parts, 128, orders)
+    m = _fused_layer(packed, n_in, parts)
+    with pytest.raises(CheckpointError, match="act-order .* differs between gate_proj and up_proj"):
+        m.finish_loading()
