@@ -108,7 +108,7 @@ def qwenvl_load(ck: Path, head: str):
     from qwenvl.engine.config import EngineConfig
     from qwenvl.models import formats
 
-    formats.FORMATS["int4"] = dataclasses.replace(formats.FORMATS["int4"], head=head)
+    formats.FORMATS["int4"] = dataclasses.replace(formats.FORMATS["int4"], head_mode=head)
     engine = EngineConfig(
         enable_prefix_caching=False, encoder_cache_memory=0, kv_cache_memory=1 << 30,
         max_num_seqs=16,

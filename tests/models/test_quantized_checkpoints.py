@@ -381,13 +381,8 @@ def test_config_parsing() -> None:
         "modules_to_not_convert": ["visual"],
     }
     fmt = quantized.format_for(released_awq)
-    assert (fmt.name, fmt.method, fmt.bits, fmt.group_size, fmt.dense_head) == (
-        "awq:w4g128",
-        "awq",
-        4,
-        128,
-        True,
-    )
+    assert (fmt.name, fmt.method, fmt.bits, fmt.group_size) == ("awq:w4g128", "awq", 4, 128)
+    assert fmt.head(64, 512) is None  # the head stays a plain 16-bit Linear
     released_gptq = {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False}
     assert quantized.format_for(released_gptq).name == "gptq:w8g128"  # no checkpoint_format: v1
     v2 = dict(released_gptq, checkpoint_format="gptq_v2", group_size=-1)

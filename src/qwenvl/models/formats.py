@@ -26,13 +26,10 @@ class WeightFormat:
     Args:
         name: the registry name (``DecoderLayout.weight_format`` reports it to the backends).
         fuse: build q/k/v and gate/up as one module each, one weight read per step.
-        dense_head: the LM head stays a plain ``nn.Linear`` (tied to the embedding when the
-            checkpoint ties them), as in the released AWQ/GPTQ checkpoints.
     """
 
     name: str
     fuse: bool = True
-    dense_head: bool = False
 
     def linear(
         self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
@@ -40,6 +37,11 @@ class WeightFormat:
         """A linear layer in this format; ``parts`` (fused layers): the checkpoint linears it
         holds, in output-row order, by name (relative to the parent module) with their rows."""
         raise NotImplementedError
+
+    def head(self, in_features: int, out_features: int) -> nn.Module | None:
+        """The LM head in this format (a tied head gets its own compact copy of the embedding);
+        None keeps a plain ``nn.Linear`` (tied when the checkpoint ties them)."""
+        return self.linear(in_features, out_features, bias=False)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ class Quantized(WeightFormat):
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128
-    dense_head: bool = True
+
+    def head(self, in_features: int, out_features: int) -> nn.Module | None:
+        return None  # the releases keep the LM head in 16-bit
 
     def linear(
         self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
@@ -82,25 +86,25 @@ class Quantized(WeightFormat):
 class Int4(WeightFormat):
     """Our own int4: a 16-bit checkpoint's decoder linears quantised at load, group-wise
     asymmetric in groups of ``group_size`` (``Int4Linear``), read by the int4 GEMV kernels; the LM
-    head packed in ``head`` ("bf16" or "int8", ``PackedLinear``). The vision tower stays as it is.
+    head packed in ``head_mode`` ("bf16" or "int8", ``PackedLinear``). The vision tower stays as
+    it is.
     """
 
     group_size: int = 128
-    head: str = "bf16"
+    head_mode: str = "bf16"
 
     def linear(
         self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
     ) -> nn.Module:
         from qwenvl.layers.int4_linear import Int4Linear
 
-        # The LM head is the one linear asked for without parts that widens (vocab > hidden;
-        # Qwen2's o_proj is square, down_proj narrows) and has no bias.
-        if parts is None and not bias and out_features > in_features:
-            return PackedLinear(in_features, out_features, bias, self.head)
         group = self.group_size  # halved for narrow layers (the tiny test models): 64, 32
         while in_features % group and group > 32:
             group //= 2
         return Int4Linear(in_features, out_features, bias, group, parts)
+
+    def head(self, in_features: int, out_features: int) -> nn.Module | None:
+        return PackedLinear(in_features, out_features, False, self.head_mode)
 
 
 FORMATS: dict[str, WeightFormat] = {

@@ -43,9 +43,9 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.visual = self.vision_class(config.vision)
         self.model = TextModel(config.text, weight_format)
         hidden, vocab = config.text.hidden_size, config.text.vocab_size
-        if weight_format is not None and not weight_format.dense_head:
-            # a tied head gets its own compact copy of the embedding
-            self.lm_head = weight_format.linear(hidden, vocab, bias=False)
+        head = None if weight_format is None else weight_format.head(hidden, vocab)
+        if head is not None:  # a compact format's head; a tied one copies the embedding
+            self.lm_head = head
         else:
             self.lm_head = nn.Linear(hidden, vocab, bias=False)
             if config.tie_word_embeddings:
