@@ -94,6 +94,11 @@ def load_model(
     folder = Path(folder)
     config = load_config(folder)
     family = family_of(config)
+    if weight_format is None:  # an AWQ/GPTQ checkpoint can only load in its own format
+        from qwenvl.models.quantized import format_for, quantization_config_of
+
+        quant = quantization_config_of(read_json(folder / "config.json"))
+        weight_format = None if quant is None else format_for(quant).name
     files = weight_files(folder)
     torch_dtype = resolve_dtype(dtype, config)
     stored = resolve_dtype("auto", config)

@@ -361,6 +361,20 @@ def test_refused_before_loading(checkpoints, tmp_path) -> None:
         LLM(folder)
 
 
+def test_load_model_reads_the_checkpoint_format(quantised) -> None:
+    """``load_model`` alone (no ``LLM``) loads a GPTQ folder in its own format: its logits equal
+    the dense model's on the test's dequantised weights."""
+    from qwenvl.checkpoint import load_model
+
+    qdir, ddir, _ = quantised("qwen2_vl", "gptq_int8")
+    model, _ = load_model(qdir, dtype="float32")
+    dense, _ = load_model(ddir, dtype="float32")
+    ids = torch.arange(5, 25)[None]
+    pos = torch.arange(20).expand(3, 1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pos), dense(ids, pos), rtol=0, atol=1e-4)
+
+
 def test_quantised_checkpoints_are_not_requantised(quantised) -> None:
     qdir, _, _ = quantised("qwen2_vl", "gptq_int4")
     with pytest.raises(ConfigError, match="already quantised"):
