@@ -17,31 +17,8 @@ from torch import nn
 from qwenvl import kernels
 from qwenvl.errors import ConfigError
 from qwenvl.layers.packed_linear import PackedLinear
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """A compact weight format of the decoder's linear layers (and the LM head).
-
-    Args:
-        name: the registry name (``DecoderLayout.weight_format`` reports it to the backends).
-        fuse: build q/k/v and gate/up as one module each, one weight read per step.
-    """
-
-    name: str
-    fuse: bool = True
-
-    def linear(
-        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
-    ) -> nn.Module:
-        """A linear layer in this format; ``parts`` (fused layers): the checkpoint linears it
-        holds, in output-row order, by name (relative to the parent module) with their rows."""
-        raise NotImplementedError
-
-    def head(self, in_features: int, out_features: int) -> nn.Module | None:
-        """The LM head in this format (a tied head gets its own compact copy of the embedding);
-        None keeps a plain ``nn.Linear`` (tied when the checkpoint ties them)."""
-        return self.linear(in_features, out_features, bias=False)
+from qwenvl.models.interface import WeightFormat
+from qwenvl.models.quantized import Quantized, format_for, format_named
 
 
 @dataclass(frozen=True)
@@ -53,33 +30,6 @@ class Packed(WeightFormat):
         self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
     ) -> nn.Module:
         return PackedLinear(in_features, out_features, bias, self.name, parts)
-
-
-@dataclass(frozen=True)
-class Quantized(WeightFormat):
-    """A released AWQ or GPTQ checkpoint's packed integer weights, read as they are on disk and
-    unpacked at load (``qwenvl.models.quantized``); chosen by the checkpoint's
-    ``quantization_config``. The LM head and the vision tower stay dense.
-
-    Args:
-        method: ``awq`` (gemm), ``gptq`` (zero points stored minus one) or ``gptq_v2``.
-        bits: 4 (AWQ, GPTQ) or 8 (GPTQ).
-        group_size: inputs per scale/zero group; -1: one group over the whole input.
-    """
-
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 128
-
-    def head(self, in_features: int, out_features: int) -> nn.Module | None:
-        return None  # the releases keep the LM head in 16-bit
-
-    def linear(
-        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
-    ) -> nn.Module:
-        from qwenvl.models.quantized import quantized_linear
-
-        return quantized_linear(self, in_features, out_features, bias, parts)
 
 
 @dataclass(frozen=True)
@@ -121,8 +71,6 @@ def get_format(name: str | None) -> WeightFormat | None:
     if name in (None, "dense"):
         return None
     if name not in FORMATS:
-        from qwenvl.models.quantized import format_named
-
         fmt = format_named(name)  # a checkpoint's own AWQ/GPTQ layout ("gptq:w8g128")
         if fmt is not None:
             return fmt
@@ -159,8 +107,6 @@ def plan_weights(
     method is refused; ``quantization`` and ``pack_weights`` cannot re-quantise it.
     """
     if quantization_config is not None:
-        from qwenvl.models.quantized import format_for
-
         fmt = format_for(quantization_config)
         if quantization or pack_weights:
             option = "quantization" if quantization else "pack_weights"

@@ -28,7 +28,6 @@ from torch import nn
 from qwenvl.models.qwen2_vl.config import ModelConfig
 
 if TYPE_CHECKING:
-    from qwenvl.models.formats import WeightFormat
     from qwenvl.processing.image import VisionPreprocessConfig
 
 Grid = tuple[int, int, int]
@@ -93,6 +92,31 @@ class WeightNames:
             if name.startswith(ours):
                 return theirs + name[len(ours) :]
         return name
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A compact weight format of the decoder's linear layers (and the LM head).
+
+    Args:
+        name: the registry name (``DecoderLayout.weight_format`` reports it to the backends).
+        fuse: build q/k/v and gate/up as one module each, one weight read per step.
+    """
+
+    name: str
+    fuse: bool = True
+
+    def linear(
+        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
+    ) -> nn.Module:
+        """A linear layer in this format; ``parts`` (fused layers): the checkpoint linears it
+        holds, in output-row order, by name (relative to the parent module) with their rows."""
+        raise NotImplementedError
+
+    def head(self, in_features: int, out_features: int) -> nn.Module | None:
+        """The LM head in this format (a tied head gets its own compact copy of the embedding);
+        None keeps a plain ``nn.Linear`` (tied when the checkpoint ties them)."""
+        return self.linear(in_features, out_features, bias=False)
 
 
 class VLModel(Protocol):

@@ -1,7 +1,7 @@
 """Released AWQ and GPTQ checkpoints, loaded as they are on disk.
 
 A checkpoint's ``quantization_config`` (config.json, top level or under ``text_config``) picks a
-:class:`~qwenvl.models.formats.Quantized` weight format before the model is built
+:class:`Quantized` weight format before the model is built
 (:func:`format_for`); every decoder linear then reads its packed tensors (``qweight``,
 ``qzeros``, ``scales``, ``g_idx``, ``bias``) by their checkpoint names, and ``finish_loading``
 unpacks them into integer weights ``q [out, in]`` with per-group ``scales`` and ``zeros``:
@@ -31,6 +31,7 @@ vision tower and the LM head are not quantised in the releases and stay dense.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.errors import CheckpointError, ConfigError
-from qwenvl.models.formats import Quantized
+from qwenvl.models.interface import WeightFormat
 
 # AWQ packs column c of each block of 8 into nibble _AWQ_NIBBLE[c] (the inverse of the pack
 # order [0, 2, 4, 6, 1, 3, 5, 7]).
@@ -65,6 +66,31 @@ _OTHER_METHODS = {
     "mxfp4": "MXFP4",
 }
 _NAME = re.compile(r"^(awq|gptq|gptq_v2):w(\d+)g(-1|\d+)$")
+
+
+@dataclass(frozen=True)
+class Quantized(WeightFormat):
+    """A released AWQ or GPTQ checkpoint's packed integer weights, read as they are on disk and
+    unpacked at load (below); chosen by the checkpoint's
+    ``quantization_config``. The LM head and the vision tower stay dense.
+
+    Args:
+        method: ``awq`` (gemm), ``gptq`` (zero points stored minus one) or ``gptq_v2``.
+        bits: 4 (AWQ, GPTQ) or 8 (GPTQ).
+        group_size: inputs per scale/zero group; -1: one group over the whole input.
+    """
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+
+    def head(self, in_features: int, out_features: int) -> nn.Module | None:
+        return None  # the releases keep the LM head in 16-bit
+
+    def linear(
+        self, in_features: int, out_features: int, bias: bool, parts: dict[str, int] | None = None
+    ) -> nn.Module:
+        return quantized_linear(self, in_features, out_features, bias, parts)
 
 
 def quantization_config_of(config: dict[str, Any]) -> dict[str, Any] | None:

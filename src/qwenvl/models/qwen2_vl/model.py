@@ -27,7 +27,7 @@ from qwenvl.models.qwen2_vl.vision import Grid, VisionTransformer
 from qwenvl.processing.image import normalize_patches
 
 if TYPE_CHECKING:
-    from qwenvl.models.formats import WeightFormat
+    from qwenvl.models.interface import WeightFormat
     from qwenvl.models.qwen2_vl.text import PagedAttention
 
 

@@ -22,7 +22,7 @@ from qwenvl.layers.rotary import apply_rotary
 from qwenvl.models.qwen2_vl.config import TextConfig
 
 if TYPE_CHECKING:
-    from qwenvl.models.formats import WeightFormat
+    from qwenvl.models.interface import WeightFormat
 
 
 class PagedAttention(Protocol):
