@@ -22,28 +22,17 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from gemv import read_bandwidth  # bench/gemv.py
 
 from qwenvl import kernels
 
 SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]  # qkv, o, gate_up, down
-
-
-def read_bandwidth(reps: int = 7) -> float:
-    a = torch.ones(512 * 2**20 // 4)
-    a.sum()
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return a.numel() * 4 / best / 1e9
 
 
 def _timer(fn, weights: list[torch.Tensor], x: torch.Tensor, arg):

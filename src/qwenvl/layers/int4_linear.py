@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl import kernels
-from qwenvl.layers.packed_linear import KERNEL_MAX_ROWS, _scratch
+from qwenvl.layers.packed_linear import KERNEL_MAX_ROWS, _scratch, load_targets
 
 
 class Int4Linear(nn.Module):
@@ -75,18 +75,7 @@ class Int4Linear(nn.Module):
         )
         if self.bias is not None:
             self.bias = torch.empty(self.out_features, device=device)
-        if self.parts is None:
-            out = {"weight": weight}
-            if self.bias is not None:
-                out["bias"] = self.bias
-            return out
-        out, row = {}, 0
-        for name, rows in self.parts.items():
-            out[f"{name}.weight"] = weight[row : row + rows]
-            if self.bias is not None:
-                out[f"{name}.bias"] = self.bias[row : row + rows]
-            row += rows
-        return out
+        return load_targets(weight, self.bias, self.parts)
 
     def finish_loading(self) -> None:
         """Quantise what ``allocate``'s tensors received (nothing to do after

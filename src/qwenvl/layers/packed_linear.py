@@ -42,6 +42,23 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return buf[:numel]
 
 
+def load_targets(
+    weight: torch.Tensor, bias: torch.Tensor | None, parts: dict[str, int] | None
+) -> dict[str, torch.Tensor]:
+    """The tensors a compact linear's loader fills, by checkpoint name: ``weight``/``bias`` of
+    the layer itself, or, for a fused layer, the row slices of each part (``q_proj.weight``...,
+    relative to the parent module)."""
+    if parts is None:
+        return {"weight": weight} | ({} if bias is None else {"bias": bias})
+    out, row = {}, 0
+    for name, rows in parts.items():
+        out[f"{name}.weight"] = weight[row : row + rows]
+        if bias is not None:
+            out[f"{name}.bias"] = bias[row : row + rows]
+        row += rows
+    return out
+
+
 class PackedLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` stored packed; inference only (no gradients).
 
@@ -101,18 +118,7 @@ class PackedLinear(nn.Module):
             self.weight = weight = torch.empty(shape, dtype=torch.bfloat16, device=device)
         if self.bias is not None:
             self.bias = torch.empty(self.out_features, device=device)
-        if self.parts is None:
-            out = {"weight": weight}
-            if self.bias is not None:
-                out["bias"] = self.bias
-            return out
-        out, row = {}, 0
-        for name, rows in self.parts.items():
-            out[f"{name}.weight"] = weight[row : row + rows]
-            if self.bias is not None:
-                out[f"{name}.bias"] = self.bias[row : row + rows]
-            row += rows
-        return out
+        return load_targets(weight, self.bias, self.parts)
 
     def finish_loading(self) -> None:
         """Pack what the loader read: int8 quantises per output row (and tiles where that

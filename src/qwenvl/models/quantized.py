@@ -222,7 +222,8 @@ def unpack_gptq(
 
 class GroupQuantLinear(nn.Module):
     """``y = x[..., perm] @ W^T + b`` with ``W`` kept as integers and per-group scales/zeros,
-    dequantised per call (a torch path: 8-bit GPTQ, and 4-bit until ``Int4Linear`` exists).
+    dequantised per call (a torch path: 8-bit GPTQ, and 4-bit group sizes ``Int4Linear``'s kernels
+    do not take).
     Same constructor and ``load_quantized`` as ``Int4Linear``."""
 
     def __init__(
