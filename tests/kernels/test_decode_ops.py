@@ -157,9 +157,12 @@ def _decoder(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inter:
     def linear(n: int, k: int, bias: bool):
         w = torch.randn(n, k, generator=g) / math.sqrt(k)
         b = torch.randn(n, generator=g) * 0.1 if bias else None
-        if mode == "int4":  # groups of 128, 64 or 32 columns: whichever divides k
+        if mode.startswith("int4"):  # groups of 128, 64 or 32 columns: whichever divides k
             p4 = Int4Linear.from_dense(w, b, next(gs for gs in (128, 64, 32) if k % gs == 0))
             dense = p4.dense_weight(torch.float32).double()
+            if mode == "int4_perm":  # GPTQ act-order: y = x[:, perm] @ dense.T
+                p4.perm = torch.randperm(k, generator=g)
+                dense = torch.zeros_like(dense).index_copy_(1, p4.perm, dense)
             return list(p4.kernel_params()), (dense, None if b is None else p4.bias.double())
         p = PackedLinear.from_dense(w, b, mode)
         dense = p.int8_rows().double() * p.scale.double()[:, None] if mode == "int8" else None
@@ -212,6 +215,7 @@ def _decoder_reference(x, cos, sin, ref, k_caches, v_caches, slots, keys, lens, 
         ("int8", 1, 40, 4, 1, 10, 36, [6]),  # row-layout int8 (K = 40 is not a multiple of 16)
         ("int4", 2, 64, 4, 2, 16, 128, [4, 7]),  # groups of 64 (AVX2) and 128
         ("int4", 3, 128, 4, 2, 32, 96, [1, 5, 12]),  # groups of 128, and 32 (scalar) in down
+        ("int4_perm", 2, 128, 4, 2, 32, 256, [3, 9]),  # act-order: x[:, perm] in every linear
     ],
 )
 def test_decode_layers_match_float64(mode, t, hidden, heads, kv_heads, d, inter, ctx) -> None:
@@ -228,14 +232,14 @@ def test_decode_layers_match_float64(mode, t, hidden, heads, kv_heads, d, inter,
     kernels.decode_layers(out, cos, sin, params, k_caches, v_caches, slots, keys, lens, heads, eps)
     # int8: x is multiplied as int16 (relative error <= 1/65534 of the row's largest value)
     # int4: x is rounded to int8 per (row, group) (<= 1/254 of the group's largest value)
-    tol = {"bf16": 1e-5, "int8": 2e-4, "int4": 3e-2}[mode]  # int4: 3 layers of that noise
+    tol = {"bf16": 1e-5, "int8": 2e-4, "int4": 3e-2, "int4_perm": 3e-2}[mode]  # int4: 3 layers
     scale = want.abs().max().item()
     assert torch.allclose(out.double(), want, rtol=tol, atol=tol * scale)
     for got, exp in zip(k_caches + v_caches, kc_ref + vc_ref):
         assert torch.allclose(got.double(), exp, rtol=tol, atol=tol * scale)
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "int4_perm"])
 def test_decode_layers_equal_the_single_ops_bit_for_bit(mode) -> None:
     """The fused call runs the same functions as the single ops, only threads split differently:
     every output is computed the same way, so the results are identical."""
@@ -249,8 +253,8 @@ def test_decode_layers_equal_the_single_ops_bit_for_bit(mode) -> None:
     def mm(h, w, scale, bias):
         if mode == "int8":
             return kernels.linear_int8(h, w, scale, bias)
-        if mode == "int4":  # every N here is a multiple of 8
-            return kernels.linear_int4(h, w, w.shape[0] * 8, bias)
+        if mode.startswith("int4"):  # every N here is a multiple of 8; scale slot: the perm
+            return kernels.linear_int4(h, w, w.shape[0] * 8, bias, scale)
         return kernels.linear_bf16(h, w, bias)
 
     y = x.clone()

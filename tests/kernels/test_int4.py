@@ -132,6 +132,41 @@ def test_quantize_int4_round_trip_and_refit() -> None:
     assert err_fit < 0.95 * err_rtn  # measured ~0.88 on gaussian weights
 
 
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("n,k,g", [(16, 256, 128), (24, 384, 64), (8, 96, 32)])
+def test_linear_int4_act_order_perm(m: int, n: int, k: int, g: int) -> None:
+    """GPTQ act-order: ``y = x[:, perm] @ w.T``, the gather done inside the kernel."""
+    q, s, mn = _random_int4(n, k, g, seed=k + m)
+    gen = torch.Generator().manual_seed(m)
+    perm = torch.randperm(k, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    y = kernels.linear_int4(x, kernels.pack_int4(q, s, mn), n, None, perm)
+    xp = x[:, perm]
+    w = _dequant(q, s, mn)
+    ref = _x_int8(xp, g) @ w.T
+    assert ((y.double() - ref).abs() <= 1e-5 * (_x_int8(xp, g).abs() @ w.abs().T) + 1e-5).all()
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.linear_int4(x, kernels.pack_int4(q, s, mn), n, None, perm + 1)
+    with pytest.raises(RuntimeError, match="perm must be"):
+        kernels.linear_int4(x, kernels.pack_int4(q, s, mn), n, None, perm[:-1])
+
+
+def test_quantize_int4_kernel_equals_the_torch_reference() -> None:
+    """The C++ quantiser and the whole-tensor torch code (the definition, run on other devices)
+    choose the same integers: their sums differ only in order (double vs float), which can flip
+    a refit on a tie, so a handful of groups may differ, each no worse in squared error."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 1024, generator=gen) * torch.logspace(-3, 1, 256)[:, None]
+    w[7, :128] = 0.25  # a constant group
+    q, s, m = kernels.quantize_int4(w.bfloat16(), 128)
+    q2, s2, m2 = kernels._quantize_int4_torch(w.bfloat16(), 128, 2)
+    assert (s == s2).float().mean() > 0.999 and (q == q2).float().mean() > 0.9999
+    err = (_dequant(q, s, m) - w.bfloat16().double()).square().view(256, 8, 128).sum(-1)
+    err2 = (_dequant(q2, s2, m2) - w.bfloat16().double()).square().view(256, 8, 128).sum(-1)
+    differ = (s != s2) | (m != m2)
+    assert (err[differ] <= err2[differ] * (1 + 1e-6) + 1e-12).all()
+
+
 def test_bad_inputs() -> None:
     q, s, mn = _random_int4(8, 256, 128, 0)
     p = kernels.pack_int4(q, s, mn)

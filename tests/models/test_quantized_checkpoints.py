@@ -32,8 +32,8 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # column of each nibble, lowest nibble first
 
 # name -> (quant_method, bits, symmetric, act-order, checkpoint_format, config layout, group).
-# The tiny decoder's inputs are 64 and 128 wide: with group 32 every layer takes the torch path;
-# with 128 (the releases' size; a 64-wide input is one group) down_proj is an Int4Linear.
+# The tiny decoder's inputs are 64 and 128 wide: with group 32, or 128 (the releases' size; a
+# 64-wide input is then one group), every 4-bit linear is an Int4Linear; 8-bit is GroupQuantLinear.
 VARIANTS = {
     "awq": ("awq", 4, False, False, None, "flat", 32),
     "awq_g128": ("awq", 4, False, False, None, "flat", 128),
@@ -325,6 +325,31 @@ def test_greedy_tokens_match_transformers_on_the_dequantised_weights(
         worst = max(worst, *(abs(float(a) - b) for a, b in zip(ours, theirs)))
     print(f"{family} {variant}: max |logprob diff| {worst:.2e}")
     assert worst < 2e-3
+
+
+@pytest.mark.parametrize("variant", ["gptq_int4_act_order", "awq", "gptq_v2_int4"])
+def test_int4_checkpoints_decode_in_the_fused_step(variant, quantised, monkeypatch) -> None:
+    """Where every decoder linear is an Int4Linear (act-order included: the kernel gathers
+    ``x[:, perm]``), decode steps run the fused whole-decoder kernel, which computes exactly
+    what the layer-by-layer kernels compute (checked against float64 in tests/kernels), so the
+    tokens and log-probs are the same with the fused step switched off."""
+    from qwenvl.engine.backends.cpu_kernels import CpuKernelBackend
+
+    qdir, _, _ = quantised("qwen2_vl", variant)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    llm = LLM(qdir)
+    backend = llm.engine.runner.backend
+    assert isinstance(backend, CpuKernelBackend) and backend.params is not None
+    calls = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    fused = llm.generate(PROMPTS, params)
+    assert len(calls) >= 9  # every decode step after the prefill
+    backend.params = None  # the module path: one linear_int4 call per layer
+    unfused = llm.generate(PROMPTS, params)
+    for a, b in zip(fused, unfused):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
 
 
 # ---------------------------------------------------------------- (c) refusals and parsing

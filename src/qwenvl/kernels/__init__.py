@@ -533,11 +533,16 @@ def unpack_int4(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def linear_int4(
-    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ w.T + bias`` for x [M<=16, K] fp32/bf16 and the int4 weight ``packed``
-    (``pack_int4``) of ``n`` output rows; x is rounded to int8 per (row, group) inside."""
-    return _require().linear_int4(x, packed, n, bias)
+    """``x[:, perm] @ w.T + bias`` for x [M<=16, K] fp32/bf16 and the int4 weight ``packed``
+    (``pack_int4``) of ``n`` output rows; x is rounded to int8 per (row, group) inside. ``perm``
+    (int64 [K], GPTQ act-order) is gathered while x is quantised, not as a separate pass."""
+    return _require().linear_int4(x, packed, n, bias, perm)
 
 
 def dequantize_int4(packed: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -557,7 +562,7 @@ def dequantize_int4(packed: torch.Tensor, n: int, out: torch.Tensor | None = Non
 
 @torch.no_grad()
 def quantize_int4(
-    w: torch.Tensor, group_size: int = 128, refine: int = 2, rows_per_chunk: int = 2048
+    w: torch.Tensor, group_size: int = 128, refine: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-wise asymmetric 4-bit: ``w ~= q * scale + min`` per ``group_size`` columns of a row.
 
@@ -565,9 +570,22 @@ def quantize_int4(
     rounds of a least-squares refit of (scale, min) to the chosen q and re-rounding, keeping per
     group whichever has the smaller squared error. Scale and min are rounded to fp16 (what
     ``pack_int4`` stores) before q is chosen. Returns (q uint8 [N, K], scale, min [N, K/G] fp32).
+    On the CPU the kernels do it group by group in one pass (a 2B decoder in ~5 s; the torch
+    code below, ~25 whole-tensor passes, took 56 s); elsewhere the torch code runs.
     """
     n, k = w.shape
     int4_shape(n, k, group_size)
+    if w.device.type == "cpu" and available():
+        q, scale, minimum = _require().quantize_int4(w, group_size, refine)
+        return q, scale, minimum
+    return _quantize_int4_torch(w, group_size, refine)
+
+
+def _quantize_int4_torch(
+    w: torch.Tensor, group_size: int, refine: int, rows_per_chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_int4`` in whole-tensor torch ops (any device; the C++ code's reference)."""
+    n, k = w.shape
     ng = k // group_size
     q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     scale = torch.empty(n, ng, device=w.device)

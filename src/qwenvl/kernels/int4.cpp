@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "kernels.h"
@@ -31,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -191,12 +193,18 @@ inline void group_dots_scalar(const uint8_t* blk, int64_t rowb, const int8_t* xm
 
 bool wants_i8_groups(const Weight& w) { return w.kind == WeightKind::kInt4; }
 
-void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq8,
-                             float* xg) {
+void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group,
+                             const int64_t* perm, int8_t* xq8, float* xg) {
   const int64_t ng = K / group;
+  std::vector<float> gathered(perm ? group : 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
       const float* xr = x + m * K + g * group;
+      if (perm) {  // this group's columns of x[:, perm]
+        const int64_t* p = perm + g * group;
+        for (int64_t k = 0; k < group; ++k) gathered[k] = x[m * K + p[k]];
+        xr = gathered.data();
+      }
       int8_t* q = xq8 + m * K + g * group;
       constexpr int kLanes = 8;
       float part[kLanes] = {};
@@ -298,9 +306,27 @@ Weight int4_weight(const at::Tensor& packed, int64_t N, const char* what) {
   return w;
 }
 
+}  // namespace
+
+const int64_t* int4_perm(const at::Tensor& perm, int64_t K, const char* what) {
+  TORCH_CHECK(perm.device().is_cpu() && perm.scalar_type() == at::kLong && perm.dim() == 1 &&
+                  perm.size(0) == K && perm.is_contiguous(),
+              "qwenvl ", what, ": an int4 act-order perm must be a contiguous int64 CPU tensor [",
+              K, "], got ", perm.scalar_type(), " ", perm.sizes());
+  const int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k)  // ~1 us per 1000 columns: cheaper than trusting the caller
+    TORCH_CHECK(p[k] >= 0 && p[k] < K, "qwenvl ", what, ": perm[", k, "] = ", p[k],
+                " is outside [0, ", K, ")");
+  return p;
+}
+
+namespace {
+
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t N,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& perm) {
   Weight w = int4_weight(packed, N, "linear_int4");
+  if (perm.has_value() && perm->defined()) w.perm = int4_perm(*perm, w.K, "linear_int4");
   const int64_t K = w.K;
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == K && x.size(0) >= 1 &&
                   x.size(0) <= kMaxM,
@@ -320,7 +346,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t N,
   const int64_t M = xf.size(0);
   std::vector<int8_t> xq(M * K);
   std::vector<float> xg(M * (K / w.group) * 2);
-  quantize_rows_i8_groups(xf.data_ptr<float>(), M, K, w.group, xq.data(), xg.data());
+  quantize_rows_i8_groups(xf.data_ptr<float>(), M, K, w.group, w.perm, xq.data(), xg.data());
   Rows rows{xf.data_ptr<float>(), nullptr, nullptr, M};
   rows.xq8 = xq.data();
   rows.xg = xg.data();
@@ -329,6 +355,78 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& packed, int64_t N,
   at::parallel_for(0, gemv_units(w, M), 8,
                    [&](int64_t u0, int64_t u1) { int4_span(w, rows, yp, u0, u1, false); });
   return y.to(x.scalar_type());
+}
+
+// One group's fit for a given (scale, min), both rounded to fp16 first (what the blocks store):
+// q = clamp(round((w - min) / scale), 0, 15) and the squared error of q * scale + min.
+struct Fit {
+  float s, m;
+  double err;
+};
+
+inline Fit fit_group(const float* w, int64_t G, float s, float m, uint8_t* q) {
+  s = static_cast<float>(c10::Half(s));
+  m = static_cast<float>(c10::Half(m));
+  double err = 0;
+  for (int64_t k = 0; k < G; ++k) {
+    const float v = std::min(15.f, std::max(0.f, std::nearbyint((w[k] - m) / s)));
+    q[k] = static_cast<uint8_t>(v);
+    const double d = static_cast<double>(v) * s + m - w[k];
+    err += d * d;
+  }
+  return {s, m, err};
+}
+
+// quantize_int4 (kernels/__init__.py, whose torch code is the reference) for one group:
+// round-to-nearest from [min, max], then `refine` least-squares refits of (scale, min) to the
+// chosen q, each kept only where it lowers the squared error.
+void quantize_group(const float* w, int64_t G, int refine, uint8_t* q, uint8_t* cand, float* s,
+                    float* m) {
+  float lo = w[0], hi = w[0];
+  for (int64_t k = 1; k < G; ++k) lo = std::min(lo, w[k]), hi = std::max(hi, w[k]);
+  float s0 = (hi - lo) / 15.f;
+  if (!(s0 > 0.f)) s0 = 1.f;
+  Fit best = fit_group(w, G, s0, lo, q);
+  for (int r = 0; r < refine; ++r) {
+    double sq = 0, sqq = 0, sw = 0, sqw = 0;
+    for (int64_t k = 0; k < G; ++k) {
+      const double qk = q[k];
+      sq += qk, sqq += qk * qk, sw += w[k], sqw += qk * w[k];
+    }
+    const double det = G * sqq - sq * sq;
+    const double s1 = (G * sqw - sq * sw) / std::max(det, 1e-30), m1 = (sw - s1 * sq) / G;
+    const bool ok = det > 0 && s1 > 0;
+    const Fit c = fit_group(w, G, ok ? static_cast<float>(s1) : best.s,
+                            ok ? static_cast<float>(m1) : best.m, cand);
+    if (c.err < best.err) {
+      best = c;
+      std::memcpy(q, cand, G);
+    }
+  }
+  *s = best.s;
+  *m = best.m;
+}
+
+// w [N, K] (float32 or bfloat16) -> q uint8 [N, K], scale and min float32 [N, K / G].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4(const at::Tensor& w, int64_t G,
+                                                             int64_t refine) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && G > 0 && w.size(1) % G == 0,
+              "qwenvl quantize_int4: w must be a CPU [N, K] tensor with K a multiple of the "
+              "group size ", G, ", got ", w.sizes());
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  const int64_t N = wf.size(0), K = wf.size(1), ng = K / G;
+  at::Tensor q = at::empty({N, K}, wf.options().dtype(at::kByte));
+  at::Tensor s = at::empty({N, ng}, wf.options()), m = at::empty({N, ng}, wf.options());
+  const float* wp = wf.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float *sp = s.data_ptr<float>(), *mp = m.data_ptr<float>();
+  at::parallel_for(0, N * ng, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> cand(G);
+    for (int64_t i = i0; i < i1; ++i)
+      quantize_group(wp + i * G, G, static_cast<int>(refine), qp + i * G, cand.data(), sp + i,
+                     mp + i);
+  });
+  return {q, s, m};
 }
 
 // The dequantised weight [N, K] in float32 (prefill: the GEMM's operand), written into out.
@@ -370,7 +468,10 @@ void dequantize_int4(const at::Tensor& packed, int64_t N, const at::Tensor& out)
 }  // namespace qwenvl
 
 TORCH_LIBRARY_FRAGMENT(qwenvl_gemv, m) {
-  m.def("linear_int4(Tensor x, Tensor packed, int N, Tensor? bias=None) -> Tensor",
+  m.def("linear_int4(Tensor x, Tensor packed, int N, Tensor? bias=None, Tensor? perm=None) -> "
+        "Tensor",
         &qwenvl::linear_int4);
   m.def("dequantize_int4(Tensor packed, int N, Tensor(a!) out) -> ()", &qwenvl::dequantize_int4);
+  m.def("quantize_int4(Tensor w, int group, int refine) -> (Tensor, Tensor, Tensor)",
+        &qwenvl::quantize_int4);
 }

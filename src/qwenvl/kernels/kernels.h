@@ -22,6 +22,8 @@ struct Weight {
   const float* bias;
   int64_t N, K;
   int64_t group = 0;  // int4: columns per scale group (a multiple of 128)
+  // int4 with GPTQ act-order: y = x[:, perm] @ W^T (perm [K], a permutation of 0..K-1)
+  const int64_t* perm = nullptr;
 };
 
 // The rows x [M, K] of one GEMV, and their int16 quantisation (xq [M, K], row scales xs [M])
@@ -41,8 +43,10 @@ bool wants_i16(const Weight& w);
 bool wants_i8_groups(const Weight& w);
 // Per-(row, group) symmetric int8 quantisation of x [M, K] for int4 weights of this group size:
 // xq8 [M, K]; xg [M, K / group, 2] = (scale, scale * sum of the row's int8 values in the group).
-void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq8,
-                             float* xg);
+// With perm, the columns of x[:, perm] (GPTQ act-order) are quantised: the gather costs K loads
+// per row, the weight itself was permuted once at load.
+void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group,
+                             const int64_t* perm, int8_t* xq8, float* xg);
 // int4 units (8 output rows each) [u0, u1) of gemv_span.
 void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate);
 // Bytes of one int4 block: 8 rows x group/2 bytes of nibbles, then 8 fp16 scales and 8 fp16 mins.

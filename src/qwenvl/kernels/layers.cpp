@@ -43,6 +43,13 @@ struct Layer {
 
 using Params = c10::List<std::optional<at::Tensor>>;
 
+}  // namespace
+
+// int4.cpp: the checked data of an act-order perm [K].
+const int64_t* int4_perm(const at::Tensor& perm, int64_t K, const char* what);
+
+namespace {
+
 // The float32 CPU vector [n] at params[i]: a norm weight.
 const float* vector_at(const Params& params, int64_t i, int64_t n, const char* what) {
   const std::optional<at::Tensor> t = params.get(i);
@@ -55,7 +62,8 @@ const float* vector_at(const Params& params, int64_t i, int64_t n, const char* w
 
 // The packed linear at params[i..i+3) (weight, scale, bias) of shape [N, K], as PackedLinear
 // stores it: bf16 [N, K], or int8 [N, K] / tiled [N/8, K/16, 8, 16] with a float32 scale [N];
-// or as Int4Linear does: uint8 blocks [ceil(N/8), K/G, 4G+32] (scales inside, scale entry None).
+// or as Int4Linear does: uint8 blocks [ceil(N/8), K/G, 4G+32] (scales inside; the scale entry is
+// None or, for GPTQ act-order, the int64 input permutation [K]).
 Weight weight_at(const Params& params, int64_t i, int64_t N, int64_t K, const char* what) {
   const std::optional<at::Tensor> w = params.get(i), scale = params.get(i + 1),
                                   bias = params.get(i + 2);
@@ -73,6 +81,7 @@ Weight weight_at(const Params& params, int64_t i, int64_t N, int64_t K, const ch
                 ", K/group, 4*group+32] for K = ", K, ", got ", shape);
     out.kind = WeightKind::kInt4;
     out.group = G;
+    if (scale.has_value()) out.perm = int4_perm(*scale, K, what);
   } else if (w->scalar_type() == at::kBFloat16) {
     TORCH_CHECK(shape == at::IntArrayRef({N, K}), "qwenvl decode_layers: ", what, " must be [",
                 N, ", ", K, "], got ", shape);
@@ -197,7 +206,7 @@ void decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
         quantize_rows_i16(rows, T, w.K, xq[tid].data(), xs[tid].data());
         r.xq = xq[tid].data();
       } else if (wants_i8_groups(w)) {
-        quantize_rows_i8_groups(rows, T, w.K, w.group, xq8[tid].data(), xg[tid].data());
+        quantize_rows_i8_groups(rows, T, w.K, w.group, w.perm, xq8[tid].data(), xg[tid].data());
         r.xq8 = xq8[tid].data();
         r.xg = xg[tid].data();
       }

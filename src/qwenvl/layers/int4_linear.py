@@ -142,21 +142,18 @@ class Int4Linear(nn.Module):
         y = self.mm(x.reshape(-1, self.in_features))
         return y.view(*shape[:-1], self.out_features)
 
-    def kernel_params(self) -> tuple[torch.Tensor, None, torch.Tensor | None]:
-        """(packed weight, None, bias) as ``kernels.decode_layers`` takes them; only for a layer
-        without ``perm`` (the fused step does not permute its inputs)."""
+    def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(packed weight, act-order perm or None, bias) as ``kernels.decode_layers`` takes
+        them (the kernel gathers ``x[:, perm]`` while it rounds x to int8)."""
         b = self._buffers
-        if b["perm"] is not None:
-            raise ValueError("an act-order (perm) int4 layer cannot run in the fused decode step")
-        return b["packed"], None, b["bias"]
+        return b["packed"], b["perm"], b["bias"]
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` for a 2-D ``x [rows, in]``, without the module call around it."""
-        perm = self._buffers["perm"]
+        perm, bias = self._buffers["perm"], self.bias
+        if x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
+            return kernels.linear_int4(x.contiguous(), self.packed, self.out_features, bias, perm)
         if perm is not None:
             x = x.index_select(1, perm)
-        bias = self.bias
-        if x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and kernels.available():
-            return kernels.linear_int4(x.contiguous(), self.packed, self.out_features, bias)
         b = None if bias is None else bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), b)

@@ -1,10 +1,10 @@
 """The CPU backend: float32 activations on the CPU with our kernels (``qwenvl.kernels``).
 
-Decode-only steps of a model in a compact weight format (bf16, int8 or int4; fused q/k/v and
-gate/up; an int4 layer with GPTQ act-order ``perm`` falls back to the module path)
-run all layers in one kernel call (``kernels.decode_layers``: threads forked once instead of ~250
-torch calls, ~7 ms of a 2B-shape step on a small CPU). Other steps run the model's modules, with
-one attention kernel call per layer when the step is all decode.
+Decode-only steps of a model in a compact weight format (bf16, int8 or int4, GPTQ act-order
+included; fused q/k/v and gate/up) run all layers in one kernel call (``kernels.decode_layers``:
+threads forked once instead of ~250 torch calls, ~7 ms of a 2B-shape step on a small CPU).
+Other steps run the model's modules, with one attention kernel call per layer when the step is
+all decode.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from qwenvl.engine.backends.torch_eager import TorchBackend
 from qwenvl.engine.kv_cache import AttentionMetadata, PagedKVCache
 from qwenvl.models import DecoderLayout, VLModel
 
-FUSED_FORMATS = ("bf16", "int8", "int4")
-
 
 def fuses(layout: DecoderLayout) -> bool:
     """Whether ``kernels.decode_layers`` computes this layer: Qwen2's pre-norm RMSNorm, q/k/v
-    bias, no o bias, gated SiLU MLP, weights in a format the GEMV kernels read."""
+    bias, no o bias, gated SiLU MLP (the weights must also be ones the GEMV kernels read:
+    ``_gather``)."""
     return (
-        layout.weight_format in FUSED_FORMATS
-        and layout.norm == "rms"
+        layout.norm == "rms"
         and layout.activation == "silu_gated"
         and layout.qkv_bias
         and not layout.o_bias
@@ -45,15 +43,19 @@ class CpuKernelBackend(TorchBackend):
         self.layout = layout = model.decoder_layout()
         self.params: list[torch.Tensor | None] | None = None
         if fuses(layout):  # gathered once: module attribute lookups cost ~1 ms a step
-            try:
-                self.params = self._gather(model)
-            except ValueError:  # a layer the fused step cannot run (int4 with act-order perm)
-                self.params = None
+            self.params = self._gather(model)
 
     @staticmethod
-    def _gather(model: VLModel) -> list[torch.Tensor | None]:
+    def _gather(model: VLModel) -> list[torch.Tensor | None] | None:
+        """The fused step's parameters, or None unless every decoder linear is a compact layer
+        of the kernels (``kernel_params``: PackedLinear bf16/int8, Int4Linear; not a plain
+        Linear or a GroupQuantLinear)."""
         params: list[torch.Tensor | None] = []
-        for w in model.decoder_weights():
+        weights = model.decoder_weights()
+        linears = ("qkv", "o", "gate_up", "down")
+        if not all(hasattr(w[k], "kernel_params") for w in weights for k in linears):
+            return None
+        for w in weights:
             params.append(w["input_norm"].weight)
             params += w["qkv"].kernel_params()
             params += w["o"].kernel_params()
