@@ -8,12 +8,13 @@
 that L3 never holds them; GB/s of the weight's own bytes (int4: 0.53 B/weight with its fp16 scale
 and min; int8 tiled: 1 B) and the fraction of the read bandwidth (a 512 MiB fp32 sum).
 
-``decode``: in alternating rounds, qwenvl ``LLM(ck, quantization="int4")`` (each ``--head``: the
-LM head packed bf16, the default, or int8) decoding 64 tokens after a 512-token prompt at batch 1
-and 4 prompts at once (engine stepped and timed as bench/cpu_speed.py and the peers' harness), and
-llama.cpp's ``llama-bench -t 2 -p 0 -n 64 -d 512`` (batch 1) and ``llama-batched-bench -npp 512
--ntg 64 -npl 4`` (batch 4) on each GGUF. Prints one row per (round, system) and the in-round
-ratios; the bytes a decode step streams and the share of the bandwidth bound.
+``decode``: in alternating rounds, qwenvl ``LLM(ck, quantization="int4")`` (each ``--head``:
+the LM head bf16, the default, or ``head_quantization`` int8 / int4) decoding 64 tokens after a
+512-token prompt at batch 1 and 4 prompts at once (engine stepped and timed as
+bench/cpu_speed.py and the peers' harness), and llama.cpp's ``llama-bench -t 2 -p 0 -n 64 -d
+512`` (batch 1) and ``llama-batched-bench -npp 512 -ntg 64 -npl 4`` (batch 4) on each GGUF.
+Prints one row per (round, system) and the in-round ratios; the bytes a decode step streams and
+the share of the bandwidth bound.
 """
 
 from __future__ import annotations
@@ -95,15 +96,14 @@ CORPUS = (
 def qwenvl_load(ck: Path, head: str):
     from qwenvl import LLM
     from qwenvl.engine.config import EngineConfig
-    from qwenvl.models import formats
 
-    formats.FORMATS["int4"] = dataclasses.replace(formats.FORMATS["int4"], head_mode=head)
     engine = EngineConfig(
         enable_prefix_caching=False, encoder_cache_memory=0, kv_cache_memory=1 << 30,
         max_num_seqs=16,
     )  # fmt: skip
     t = time.perf_counter()
-    llm = LLM(ck, engine_config=engine, quantization="int4")
+    head_q = None if head == "bf16" else head
+    llm = LLM(ck, engine_config=engine, quantization="int4", head_quantization=head_q)
     load_s = time.perf_counter() - t
     prompts = []
     for i in range(4):  # four different 512-token prompts, no shared prefix
@@ -183,7 +183,9 @@ def _bytes_per_step(llm) -> str:
 
     dec = weights = head = 0
     for name, m in llm.model.named_modules():
-        if isinstance(m, Int4Linear):
+        if "lm_head" in name and isinstance(m, Int4Linear):
+            head = m.packed.numel()
+        elif isinstance(m, Int4Linear):
             dec += m.packed.numel()
             weights += m.in_features * m.out_features
         elif isinstance(m, PackedLinear) and "lm_head" in name:
@@ -204,7 +206,7 @@ def main() -> None:
     d.add_argument("--llama-bin", type=Path)
     d.add_argument("--gguf", type=Path, nargs="*")
     d.add_argument("--rounds", type=int, default=3)
-    d.add_argument("--head", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
+    d.add_argument("--head", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "int4"])
     args = p.parse_args()
     if not kernels.available():
         sys.exit(f"qwenvl kernels unavailable: {kernels.describe()}")

@@ -35,6 +35,7 @@ def _weight_plan(
     quantization: str | None,
     pack_weights: bool | None,
     lora: bool,
+    head_quantization: str | None = None,
 ) -> tuple[str | torch.dtype, str | None]:
     """(activation dtype, weight format) for a checkpoint: ``formats.plan_weights``."""
     from qwenvl.checkpoint import load_config, resolve_dtype
@@ -50,6 +51,7 @@ def _weight_plan(
         pack_weights=pack_weights,
         lora=lora,
         quantization_config=quantization_config_of(read_json(path / "config.json")),
+        head_quantization=head_quantization,
     )
 
 
@@ -78,8 +80,11 @@ class LLM:
         lora: a peft LoRA adapter folder (``qwenvl train --lora``), applied without merging.
         quantization: ``"int8"`` stores the language model's linear weights as int8 with one
             scale per output channel (weight-only; activations stay in ``dtype``), halving the
-            bytes a decode step reads again. None keeps them in ``dtype``, except on the CPU
-            (below).
+            bytes a decode step reads again; ``"int4"`` quantises them at load to 4 bits in groups
+            of 128 (0.53 bytes a weight). None keeps them in ``dtype``, except on the CPU (below).
+            AWQ and GPTQ checkpoints load in their own format without this.
+        head_quantization: with ``quantization="int4"``, ``"int8"`` or ``"int4"`` quantises the
+            LM head too (default: it stays 16-bit; llama.cpp's Q4 files hold it in 6 bits).
         pack_weights: True stores the language model's linear weights in bf16 under float32
             activations (the CPU decode layout), False never; None decides as below.
 
@@ -107,6 +112,7 @@ class LLM:
         lora: str | Path | None = None,
         quantization: str | None = None,
         pack_weights: bool | None = None,
+        head_quantization: str | None = None,
     ) -> None:
         if model is None:  # the bundled demo model: a fresh install answers something real
             from qwenvl import demo
@@ -120,7 +126,13 @@ class LLM:
         self.path = resolve_checkpoint(model)
         on_cpu = torch.device(device).type == "cpu"
         dtype, fmt = _weight_plan(
-            self.path, dtype, on_cpu, quantization, pack_weights, lora is not None
+            self.path,
+            dtype,
+            on_cpu,
+            quantization,
+            pack_weights,
+            lora is not None,
+            head_quantization,
         )
         self.model, self.config = load_model(
             self.path, dtype=dtype, device=device, progress=progress, weight_format=fmt

@@ -352,6 +352,20 @@ def test_int4_checkpoints_decode_in_the_fused_step(variant, quantised, monkeypat
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
 
 
+def test_info_shows_the_format_and_bytes_per_weight(quantised) -> None:
+    """AWQ 4-bit in groups of 32: half a byte of nibbles, an fp16 scale and a 4-bit zero per 32
+    weights: 0.5 + 2/32 + 0.5/32 = 0.578125 bytes a weight, by hand."""
+    from qwenvl.cli.info import describe_checkpoint, format_info
+
+    qdir, _, known = quantised("qwen2_vl", "awq")
+    info = describe_checkpoint(qdir)
+    fmt = info["weight_format"]
+    assert fmt["name"] == "awq:w4g32" and fmt["bits"] == 4 and fmt["group_size"] == 32
+    assert fmt["quantized_weights"] == sum(v[4].numel() for v in known.values())
+    assert fmt["bytes_per_weight"] == 0.5781
+    assert "awq:w4g32 (4-bit, group 32: 0.578 bytes/weight" in format_info(info)
+
+
 # ---------------------------------------------------------------- (c) refusals and parsing
 
 

@@ -152,6 +152,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
         "decoding) or int4 (group-wise 4-bit, quantised at load)",
     )
     p.add_argument(
+        "--head-quantization",
+        choices=["int8", "int4"],
+        help="with --quantization int4: quantise the LM head too (default: it stays 16-bit)",
+    )
+    p.add_argument(
         "--pack-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -183,6 +188,7 @@ def load_llm(args: argparse.Namespace) -> LLM:
             progress=bar,
             quantization=args.quantization,
             pack_weights=args.pack_weights,
+            head_quantization=args.head_quantization,
         )
     finally:
         bar.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,36 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
         if name.startswith("visual."):
             vision += p.numel()
     return {"total": total, "vision": vision, "language": total - vision}
+
+
+QUANT_TENSORS = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def weight_format(config_json: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    """The checkpoint's weight format and, for AWQ/GPTQ, the bytes per weight its quantised
+    linears take on disk (packed integers, scales, zeros and act-order indices, from the
+    safetensors headers: what a decode step streams for them once loaded)."""
+    from qwenvl.models.quantized import format_for, quantization_config_of
+
+    quant = quantization_config_of(config_json)
+    if quant is None:
+        return {"name": "dense", "bytes_per_weight": None}
+    fmt = format_for(quant)
+    weights = nbytes = 0
+    for f in files:
+        for name, spec in read_header(f)[0].items():
+            if not name.endswith(QUANT_TENSORS):
+                continue
+            nbytes += spec["data_offsets"][1] - spec["data_offsets"][0]
+            if name.endswith(".qweight"):  # int32 words of 32 / bits values each
+                weights += math.prod(spec["shape"]) * (32 // fmt.bits)
+    return {
+        "name": fmt.name,
+        "bits": fmt.bits,
+        "group_size": fmt.group_size,
+        "quantized_weights": weights,
+        "bytes_per_weight": round(nbytes / weights, 4) if weights else None,
+    }
 
 
 def describe_checkpoint(
@@ -98,6 +129,7 @@ def describe_checkpoint(
         ),
         "weight_files": len(files),
         "weights_bytes": sum(f.stat().st_size for f in files),
+        "weight_format": weight_format(read_json(path / "config.json"), files),
         "disk_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "image_limits": {
             "min_pixels": vision_pre.min_pixels,
@@ -118,6 +150,16 @@ def _human(n: float, units: tuple[str, ...] = ("", "K", "M", "B", "T")) -> str:
     return f"{n:.2f}{units[-1]}"
 
 
+def _format_line(fmt: dict[str, Any]) -> str:
+    if fmt["bytes_per_weight"] is None:
+        return fmt["name"]
+    return (
+        f"{fmt['name']} ({fmt['bits']}-bit, group {fmt['group_size']}: "
+        f"{fmt['bytes_per_weight']:.3f} bytes/weight over {_human(fmt['quantized_weights'])} "
+        "quantised weights; the rest 16-bit)"
+    )
+
+
 def format_info(info: dict[str, Any]) -> str:
     """``describe_checkpoint``'s dict as an aligned two-column table."""
     n = info["parameters"]
@@ -134,6 +176,7 @@ def format_info(info: dict[str, Any]) -> str:
                 ("  language", f"{n['language']:,} ({_human(n['language'])})"),
                 ("dtype", f"{info['dtype']} (stored: {', '.join(info['stored_dtypes'])})"),
                 ("size on disk", f"{size} in {info['weight_files']} weight file(s)"),
+                ("weight format", _format_line(info["weight_format"])),
                 ("CPU kernels", info["kernels"]),
             ],
         ),

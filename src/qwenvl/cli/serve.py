@@ -247,6 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         media_policy=settings.media_policy(),
         quantization=args.quantization,
         pack_weights=args.pack_weights,
+        head_quantization=args.head_quantization,
         engine_config=engine_config(args),
     )
     serve(llm, settings, host=args.host, port=args.port)
