@@ -31,6 +31,7 @@ from qwenvl.cli.common import (
 )
 from qwenvl.cli.ground import add_ground
 from qwenvl.cli.info import add_info
+from qwenvl.cli.quantize import add_quantize
 from qwenvl.cli.serve import add_serve
 from qwenvl.cli.train import add_merge_lora, add_train
 from qwenvl.demo import DEMO_MODEL_NAME, default_model_path
@@ -297,6 +298,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_train,
     add_merge_lora,
     add_eval_demo,
+    add_quantize,
 )
 
 
