@@ -45,6 +45,7 @@ SERVE_OTHERS = {
     "--model",
     "--dtype",
     "--quantization",
+    "--head-quantization",
     "--pack-weights",
     "--no-pack-weights",
     "--device",

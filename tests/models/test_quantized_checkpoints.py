@@ -352,6 +352,21 @@ def test_int4_checkpoints_decode_in_the_fused_step(variant, quantised, monkeypat
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
 
 
+def test_fp16_scales_survive_a_bfloat16_config(quantised, tmp_path) -> None:
+    """A GPTQ file whose config says bfloat16 (fp16 scales on disk, as gptqmodel writes them)
+    keeps its scales exact: the 8-bit torch path computes exactly the dequantised product."""
+    qdir, _, known = quantised("qwen2_vl", "gptq_int8")
+    relabelled = tmp_path / "bf16-config"
+    shutil.copytree(qdir, relabelled)
+    config = json.loads((relabelled / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"
+    (relabelled / "config.json").write_text(json.dumps(config))
+    mod, stems = _linears(LLM(relabelled))["model.layers.0.down"]
+    w, b = known[stems[0]][4], known[stems[0]][5]
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, w, b), rtol=1e-6, atol=1e-6)
+
+
 def test_info_shows_the_format_and_bytes_per_weight(quantised) -> None:
     """AWQ 4-bit in groups of 32: half a byte of nibbles, an fp16 scale and a 4-bit zero per 32
     weights: 0.5 + 2/32 + 0.5/32 = 0.578125 bytes a weight, by hand."""

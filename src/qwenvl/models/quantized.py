@@ -280,7 +280,9 @@ class _FromCheckpoint:
 
     def allocate(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The packed tensors the loader reads, by checkpoint name (relative to this module, or
-        to its parent for a fused layer: ``q_proj.qweight``...); ``dtype``: scales and bias."""
+        to its parent for a fused layer: ``q_proj.qweight``...). Scales and bias are read into
+        float32, which holds fp16 and bf16 values exactly whatever the config's dtype says (a
+        bf16-labelled GPTQ file's fp16 scales would otherwise be rounded to bf16)."""
         fmt, n_in, g = self.fmt, self.in_features, self.group_size
         per = 32 // fmt.bits
         parts = self.parts or {"": self.out_features}
@@ -293,11 +295,11 @@ class _FromCheckpoint:
             tensors = {
                 k: torch.empty(s, dtype=torch.int32, device=device) for k, s in shapes.items()
             }
-            tensors["scales"] = torch.empty(n_in // g, rows, dtype=dtype, device=device)
+            tensors["scales"] = torch.empty(n_in // g, rows, dtype=torch.float32, device=device)
             if fmt.method != "awq":
                 tensors["g_idx"] = torch.empty(n_in, dtype=torch.int32, device=device)
             if self._has_bias:
-                tensors["bias"] = torch.empty(rows, dtype=dtype, device=device)
+                tensors["bias"] = torch.empty(rows, dtype=torch.float32, device=device)
             self._ckpt[name] = tensors
             targets.update({f"{name}.{k}" if name else k: t for k, t in tensors.items()})
         return targets
