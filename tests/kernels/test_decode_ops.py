@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwenvl import kernels
-from qwenvl.layers.int4_linear import Int4Linear
+from qwenvl.layers.int4_linear import Int4Linear, Int8GroupLinear
 from qwenvl.layers.packed_linear import PackedLinear
 
 
@@ -164,6 +164,13 @@ def _decoder(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inter:
                 p4.perm = torch.randperm(k, generator=g)
                 dense = torch.zeros_like(dense).index_copy_(1, p4.perm, dense)
             return list(p4.kernel_params()), (dense, None if b is None else p4.bias.double())
+        if mode == "int8g":  # GPTQ-Int8 groups of 32: symmetric 8-bit from the definition
+            s = (w.view(n, k // 32, 32).abs().amax(-1) / 127).half().float()
+            q = torch.round(w / s.repeat_interleave(32, 1)) + 128
+            p8 = Int8GroupLinear(k, n, b is not None, 32)
+            p8.load_quantized(q.to(torch.uint8), s, torch.full_like(s, 128), bias=b)
+            dense = p8.dense_weight(torch.float32).double()
+            return list(p8.kernel_params()), (dense, None if b is None else p8.bias.double())
         p = PackedLinear.from_dense(w, b, mode)
         dense = p.int8_rows().double() * p.scale.double()[:, None] if mode == "int8" else None
         dense = p.weight.double() if dense is None else dense
@@ -216,6 +223,7 @@ def _decoder_reference(x, cos, sin, ref, k_caches, v_caches, slots, keys, lens, 
         ("int4", 2, 64, 4, 2, 16, 128, [4, 7]),  # groups of 64 (AVX2) and 128
         ("int4", 3, 128, 4, 2, 32, 96, [1, 5, 12]),  # groups of 128, and 32 (scalar) in down
         ("int4_perm", 2, 128, 4, 2, 32, 256, [3, 9]),  # act-order: x[:, perm] in every linear
+        ("int8g", 2, 64, 4, 2, 16, 96, [4, 7]),  # GPTQ-Int8 blocks
     ],
 )
 def test_decode_layers_match_float64(mode, t, hidden, heads, kv_heads, d, inter, ctx) -> None:
@@ -232,14 +240,16 @@ def test_decode_layers_match_float64(mode, t, hidden, heads, kv_heads, d, inter,
     kernels.decode_layers(out, cos, sin, params, k_caches, v_caches, slots, keys, lens, heads, eps)
     # int8: x is multiplied as int16 (relative error <= 1/65534 of the row's largest value)
     # int4: x is rounded to int8 per (row, group) (<= 1/254 of the group's largest value)
-    tol = {"bf16": 1e-5, "int8": 2e-4, "int4": 3e-2, "int4_perm": 3e-2}[mode]  # int4: 3 layers
+    tol = {"bf16": 1e-5, "int8": 2e-4, "int4": 3e-2, "int4_perm": 3e-2, "int8g": 3e-2}[
+        mode
+    ]  # int4: 3 layers
     scale = want.abs().max().item()
     assert torch.allclose(out.double(), want, rtol=tol, atol=tol * scale)
     for got, exp in zip(k_caches + v_caches, kc_ref + vc_ref):
         assert torch.allclose(got.double(), exp, rtol=tol, atol=tol * scale)
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "int4_perm"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "int4_perm", "int8g"])
 def test_decode_layers_equal_the_single_ops_bit_for_bit(mode) -> None:
     """The fused call runs the same functions as the single ops, only threads split differently:
     every output is computed the same way, so the results are identical."""
@@ -253,7 +263,7 @@ def test_decode_layers_equal_the_single_ops_bit_for_bit(mode) -> None:
     def mm(h, w, scale, bias):
         if mode == "int8":
             return kernels.linear_int8(h, w, scale, bias)
-        if mode.startswith("int4"):  # every N here is a multiple of 8; scale slot: the perm
+        if mode.startswith("int4") or mode == "int8g":  # N % 8 == 0; scale slot: the perm
             return kernels.linear_int4(h, w, w.shape[0] * 8, bias, scale)
         return kernels.linear_bf16(h, w, bias)
 

@@ -167,6 +167,35 @@ def test_quantize_int4_kernel_equals_the_torch_reference() -> None:
     assert (err[differ] <= err2[differ] * (1 + 1e-6) + 1e-12).all()
 
 
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k,g", [(8, 128, 128), (13, 256, 128), (24, 96, 32), (40, 512, 64)])
+def test_linear_8bit_groups(m: int, n: int, k: int, g: int) -> None:
+    """GPTQ-Int8 blocks: ``w = q * scale + min`` with q in 0..255 (0 and 255 included: stored
+    as -128 and 127), by the definition in float64 with x rounded as the kernel rounds it."""
+    gen = torch.Generator().manual_seed(n + k + m)
+    q = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    q[0, :] = 0
+    q[1 % n, :] = 255
+    s = (torch.rand(n, k // g, generator=gen) * 0.01 + 1e-3).half().float()
+    mn = -128 * s  # symmetric GPTQ: zero point 128
+    mn[-1] = -100 * s[-1]  # and an asymmetric row
+    packed = kernels.pack_int8_groups(q, s, mn)
+    assert packed.dtype == torch.int8 and packed.shape == ((n + 7) // 8, k // g, 8 * g + 32)
+    w = _dequant(q, s, mn)
+    # stored: q - 128 and fp16(min + 128 scale): exact for the symmetric rows, fp16-rounded min
+    # (<= 2^-11 relative) for the asymmetric one
+    stored = (q.double() - 128) * s.double().repeat_interleave(g, 1)
+    stored += (mn.double() + 128 * s.double()).half().double().repeat_interleave(g, 1)
+    assert torch.equal(stored[:-1], w[:-1])
+    w = stored
+    assert torch.allclose(kernels.dequantize_int4(packed, n).double(), w, rtol=0, atol=1e-7)
+    x = torch.randn(m, k, generator=gen)
+    x[0, :g] = torch.where(x[0, :g] > 0, 1.0, -1.0)  # |x| hits 127 after rounding
+    y = kernels.linear_int4(x, packed, n)
+    ref = _x_int8(x, g) @ w.T
+    assert ((y.double() - ref).abs() <= 1e-5 * (_x_int8(x, g).abs() @ w.abs().T) + 1e-5).all()
+
+
 def test_bad_inputs() -> None:
     q, s, mn = _random_int4(8, 256, 128, 0)
     p = kernels.pack_int4(q, s, mn)
@@ -177,6 +206,6 @@ def test_bad_inputs() -> None:
     with pytest.raises(RuntimeError, match="tiles of 8"):
         kernels.linear_int4(torch.zeros(1, 256), p, 9)
     with pytest.raises(RuntimeError, match="uint8"):
-        kernels.linear_int4(torch.zeros(1, 256), p.view(torch.int8), 8)
+        kernels.linear_int4(torch.zeros(1, 256), p.to(torch.int32), 8)
     with pytest.raises(ValueError, match="group"):
         kernels.pack_int4(q[:, :96], s[:, :1], mn[:, :1])

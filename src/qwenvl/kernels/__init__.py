@@ -56,6 +56,9 @@ __all__ = [
     "linear_int8",
     "pack_int4",
     "quantize_int4",
+    "pack_int8_groups",
+    "unpack_int8_groups",
+    "int8_group_shape",
     "quantize_int8",
     "rms_norm",
     "silu_mul",
@@ -532,6 +535,64 @@ def unpack_int4(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     return q.contiguous(), meta(base), meta(base + 16)
 
 
+def int8_group_shape(n: int, k: int, group_size: int) -> tuple[int, int, int]:
+    """The packed 8-bit group tensor's shape (GPTQ-Int8) for ``[n, k]`` in groups of
+    ``group_size`` (a multiple of 32 dividing k)."""
+    if group_size <= 0 or group_size % 32 or k % group_size:
+        raise ValueError(
+            f"8-bit groups need a group size that is a multiple of 32 and divides in_features, "
+            f"got group {group_size} for {k} columns"
+        )
+    return (n + INT4_ROWS - 1) // INT4_ROWS, k // group_size, 8 * group_size + 32
+
+
+@torch.no_grad()
+def pack_int8_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """``q [N, K]`` (0..255), ``scale``/``minimum [N, K / G]`` (``w = q * scale + min``) -> the
+    kernels' int8 blocks ``[ceil(N/8), K/G, 8G+32]``: per tile and group 8 rows of ``q - 128``
+    (signed, column order), then fp16 scales and fp16 ``min + 128 * scale`` (int4.cpp)."""
+    n, k = q.shape
+    ng = scale.shape[1]
+    g = k // ng if ng else 0
+    n8, _, bb = int8_group_shape(n, k, g)
+    if scale.shape != (n, ng) or minimum.shape != (n, ng) or g * ng != k:
+        raise ValueError(f"scales {tuple(scale.shape)} / mins {tuple(minimum.shape)} do not fit q")
+    pad = n8 * INT4_ROWS - n
+    qs = (q.to(torch.int16) - 128).to(torch.int8)
+    s16 = scale.to(torch.float16)
+    m16 = (minimum.double() + 128 * s16.double()).to(torch.float16)
+    if pad:
+        qs = torch.cat([qs, qs.new_zeros(pad, k)])
+        s16 = torch.cat([s16, s16.new_zeros(pad, ng)])
+        m16 = torch.cat([m16, m16.new_zeros(pad, ng)])
+    rows = qs.view(n8, INT4_ROWS, ng, g).permute(0, 2, 1, 3).reshape(n8, ng, INT4_ROWS * g)
+
+    def meta(t: torch.Tensor) -> torch.Tensor:  # [N8*8, ng] fp16 -> [n8, ng, 16] bytes
+        return t.view(n8, INT4_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.int8)
+
+    out = torch.cat([rows, meta(s16), meta(m16)], dim=2)
+    assert out.shape[2] == bb
+    return out.contiguous()
+
+
+@torch.no_grad()
+def unpack_int8_groups(
+    packed: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pack_int8_groups``'s stored form: (signed q' [N, K] int8, scale, min' [N, K/G] fp32)
+    with ``w = q' * scale + min'``."""
+    n8, ng, bb = packed.shape
+    g = (bb - 32) // 8
+    q = packed[:, :, : INT4_ROWS * g].reshape(n8, ng, INT4_ROWS, g).permute(0, 2, 1, 3)
+    q = q.reshape(n8 * INT4_ROWS, ng * g)[:n]
+
+    def meta(off: int) -> torch.Tensor:
+        t = packed[:, :, off : off + 16].contiguous().view(torch.float16)
+        return t.permute(0, 2, 1).reshape(n8 * INT4_ROWS, ng)[:n].float()
+
+    return q.contiguous(), meta(INT4_ROWS * g), meta(INT4_ROWS * g + 16)
+
+
 def linear_int4(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -546,15 +607,17 @@ def linear_int4(
 
 
 def dequantize_int4(packed: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 ``[n, K]`` weight of an int4 ``packed`` tensor (into ``out`` when given)."""
+    """The float32 ``[n, K]`` weight of an int4 ``packed`` tensor, or of 8-bit groups
+    (``pack_int8_groups``, an int8 tensor), into ``out`` when given."""
     n8, ng, bb = packed.shape
-    k = ng * ((bb - 32) // 4)
+    eight = packed.dtype == torch.int8
+    k = ng * ((bb - 32) // (8 if eight else 4))
     if out is None:
-        out = torch.empty(n, k)
+        out = torch.empty(n, k, device=packed.device)
     if available() and packed.device.type == "cpu":
         _require().dequantize_int4(packed, n, out)
         return out
-    q, s, m = unpack_int4(packed, n)
+    q, s, m = unpack_int8_groups(packed, n) if eight else unpack_int4(packed, n)
     g = k // ng
     w = q.float().view(n, ng, g) * s[:, :, None] + m[:, :, None]
     return out.copy_(w.view(n, k))

@@ -11,6 +11,11 @@
 // in its high nibble, so an AVX2 32-byte load yields 32 consecutive columns per nibble and an
 // AVX-512 64-byte load 64. G = 128: 0.53 bytes per weight.
 //
+// 8-bit blocks (GPTQ-Int8: WeightKind::kInt4 with bits = 8, a torch.int8 tensor) hold each row's
+// G columns as signed bytes q - 128 in column order, then the same fp16 scales and mins (min + 128
+// scale), so w = q' * scale + min'. Their dot products put the sign on x (llama.cpp's Q8 trick):
+// vpmaddubsw(|q'|, sign(x, q')) with |q'| <= 128 and |x| <= 127 keeps a pair within int16.
+//
 // Groups of 64 (and 32) columns are one unit of G/2 bytes (column j | column j + G/2 << 4); 64 runs
 // the AVX2 code, 32 the scalar code in every build.
 //
@@ -168,6 +173,34 @@ inline void group_dots(const uint8_t* blk, int64_t rowb, const int8_t* xm, int64
 }
 #endif
 
+#if defined(__AVX2__)
+// 8 rows' int32 dot products over one group of 8-bit weights (G a multiple of 32).
+inline void group_dots_i8_avx2(const uint8_t* blk, int64_t rowb, const int8_t* xm, int64_t G,
+                               __m256i* s) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < kRows; ++r) s[r] = _mm256_setzero_si256();
+  for (int64_t u = 0; u < G; u += 32) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + u));
+    for (int r = 0; r < kRows; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + r * rowb + u));
+      const __m256i d = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+      s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(d, ones));
+    }
+  }
+}
+#endif
+
+// The scalar dot products of 8 rows over one group of 8-bit weights.
+inline void group_dots_i8_scalar(const uint8_t* blk, int64_t rowb, const int8_t* xm, int64_t G,
+                                 int32_t* d) {
+  for (int r = 0; r < kRows; ++r) {
+    const auto* row = reinterpret_cast<const int8_t*>(blk + r * rowb);
+    int32_t acc = 0;
+    for (int64_t k = 0; k < G; ++k) acc += static_cast<int32_t>(row[k]) * xm[k];
+    d[r] = acc;
+  }
+}
+
 // Columns per nibble unit: 128 (64 bytes: column j | column j + 64) or the whole group if smaller.
 inline int64_t unit_of(int64_t G) { return G < kUnit ? G : kUnit; }
 
@@ -226,10 +259,11 @@ void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group
 
 void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate) {
   const int64_t M = x.M, K = w.K, N = w.N, G = w.group, ng = K / G;
-  const int64_t bb = int4_block_bytes(G), rowb = G / 2;
+  const bool i8 = w.bits == 8;
+  const int64_t bb = int4_block_bytes(G, w.bits), rowb = i8 ? G : G / 2;
   const auto* base = static_cast<const uint8_t*>(w.data);
 #if defined(__AVX2__)
-  const bool simd = simd_group(G);
+  const bool simd = i8 || simd_group(G);
 #endif
   for (int64_t t = u0; t < u1; ++t) {
     alignas(32) float acc[kMaxM][kRows] = {};
@@ -248,7 +282,10 @@ void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1,
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 16)));
         for (int64_t m = 0; m < M; ++m) {  // m > 0 re-reads the block from L1
           __m256i s[kRows];
-          group_dots(blk, rowb, x.xq8 + m * K + g * G, G, s);
+          if (i8)
+            group_dots_i8_avx2(blk, rowb, x.xq8 + m * K + g * G, G, s);
+          else
+            group_dots(blk, rowb, x.xq8 + m * K + g * G, G, s);
           const float* xg = x.xg + (m * ng + g) * 2;
           __m256 a = _mm256_load_ps(acc[m]);
           a = _mm256_fmadd_ps(reduce8(s), _mm256_mul_ps(sc, _mm256_set1_ps(xg[0])), a);
@@ -268,7 +305,10 @@ void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1,
       }
       for (int64_t m = 0; m < M; ++m) {
         int32_t d[kRows];
-        group_dots_scalar(blk, rowb, x.xq8 + m * K + g * G, G, d);
+        if (i8)
+          group_dots_i8_scalar(blk, rowb, x.xq8 + m * K + g * G, G, d);
+        else
+          group_dots_scalar(blk, rowb, x.xq8 + m * K + g * G, G, d);
         const float* xg = x.xg + (m * ng + g) * 2;
         for (int r = 0; r < kRows; ++r)
           acc[m][r] += static_cast<float>(d[r]) * (sc[r] * xg[0]) + mn[r] * xg[1];
@@ -288,21 +328,27 @@ void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1,
 
 namespace {
 
-// The int4 weight of a packed tensor [ceil(N/8), K/G, 4G+32] (uint8) with N output rows.
+// The weight of a packed tensor with N output rows: int4 blocks [ceil(N/8), K/G, 4G+32] (uint8)
+// or 8-bit blocks [ceil(N/8), K/G, 8G+32] (int8).
 Weight int4_weight(const at::Tensor& packed, int64_t N, const char* what) {
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
+  const bool i8 = packed.scalar_type() == at::kChar;
+  TORCH_CHECK(packed.device().is_cpu() && (i8 || packed.scalar_type() == at::kByte) &&
                   packed.dim() == 3 && packed.is_contiguous(),
               "qwenvl ", what, ": an int4 weight must be a contiguous uint8 CPU tensor "
-              "[ceil(N/8), K/group, 4*group+32], got ", packed.scalar_type(), " ", packed.sizes());
-  const int64_t ng = packed.size(1), bb = packed.size(2), G = (bb - 32) / 4;
-  TORCH_CHECK(ng >= 1 && (G == 32 || G == 64 || (G >= kUnit && G % kUnit == 0)) &&
-                  int4_block_bytes(G) == bb,
-              "qwenvl ", what, ": int4 blocks of ", bb, " bytes (group must be 32, 64 or a ",
-              "multiple of ", kUnit, ")");
+              "[ceil(N/8), K/group, 4*group+32] (int8 [.., 8*group+32] for 8-bit groups), got ",
+              packed.scalar_type(), " ", packed.sizes());
+  const int bits = i8 ? 8 : 4;
+  const int64_t ng = packed.size(1), bb = packed.size(2), G = (bb - 32) / bits;
+  const bool ok_group = i8 ? G >= 32 && G % 32 == 0
+                           : G == 32 || G == 64 || (G >= kUnit && G % kUnit == 0);
+  TORCH_CHECK(ng >= 1 && ok_group && int4_block_bytes(G, bits) == bb, "qwenvl ", what, ": ",
+              bits, "-bit blocks of ", bb, " bytes (group must be ",
+              i8 ? "a multiple of 32" : "32, 64 or a multiple of 128", ")");
   TORCH_CHECK(N >= 1 && (N + kRows - 1) / kRows == packed.size(0), "qwenvl ", what, ": ",
               packed.size(0), " tiles of 8 rows cannot hold N = ", N);
   Weight w{WeightKind::kInt4, packed.data_ptr(), nullptr, nullptr, N, ng * G};
   w.group = G;
+  w.bits = bits;
   return w;
 }
 
@@ -432,7 +478,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4(const at::Tensor& w
 // The dequantised weight [N, K] in float32 (prefill: the GEMM's operand), written into out.
 void dequantize_int4(const at::Tensor& packed, int64_t N, const at::Tensor& out) {
   const Weight w = int4_weight(packed, N, "dequantize_int4");
-  const int64_t K = w.K, G = w.group, ng = K / G, bb = int4_block_bytes(G), rowb = G / 2;
+  const bool i8 = w.bits == 8;
+  const int64_t K = w.K, G = w.group, ng = K / G, bb = int4_block_bytes(G, w.bits);
+  const int64_t rowb = i8 ? G : G / 2;
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
                   out.sizes() == at::IntArrayRef({N, K}),
               "qwenvl dequantize_int4: out must be a contiguous float32 [", N, ", ", K, "]");
@@ -452,6 +500,11 @@ void dequantize_int4(const at::Tensor& packed, int64_t N, const at::Tensor& out)
           const float s = half_to_float(hs), mn = half_to_float(hm);
           const uint8_t* row = blk + r * rowb;
           float* dst = o + n * K + g * G;
+          if (i8) {
+            for (int64_t k = 0; k < G; ++k)
+              dst[k] = static_cast<float>(static_cast<int8_t>(row[k])) * s + mn;
+            continue;
+          }
           const int64_t U = unit_of(G);
           for (int64_t u = 0; u < G; u += U)
             for (int64_t j = 0; j < U / 2; ++j) {

@@ -22,6 +22,7 @@ struct Weight {
   const float* bias;
   int64_t N, K;
   int64_t group = 0;  // int4: columns per scale group (a multiple of 128)
+  int bits = 4;       // kInt4 blocks: 4-bit nibbles, or 8-bit (GPTQ-Int8, signed q - 128)
   // int4 with GPTQ act-order: y = x[:, perm] @ W^T (perm [K], a permutation of 0..K-1)
   const int64_t* perm = nullptr;
 };
@@ -49,8 +50,11 @@ void quantize_rows_i8_groups(const float* x, int64_t M, int64_t K, int64_t group
                              const int64_t* perm, int8_t* xq8, float* xg);
 // int4 units (8 output rows each) [u0, u1) of gemv_span.
 void int4_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1, bool accumulate);
-// Bytes of one int4 block: 8 rows x group/2 bytes of nibbles, then 8 fp16 scales and 8 fp16 mins.
-constexpr int64_t int4_block_bytes(int64_t group) { return 8 * group / 2 + 8 * 4; }
+// Bytes of one int4 block: 8 rows x group/2 bytes of nibbles, then 8 fp16 scales and 8 fp16 mins
+// (8-bit blocks: 8 rows x group bytes, then the same 32 bytes).
+constexpr int64_t int4_block_bytes(int64_t group, int bits = 4) {
+  return 8 * group * bits / 8 + 8 * 4;
+}
 // Per-row symmetric int16 quantisation of x (error <= max|x| / 65534 per element).
 void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs);
 // The GEMV is split into independent units (tiles of output rows); threads take spans of them.

@@ -72,15 +72,19 @@ Weight weight_at(const Params& params, int64_t i, int64_t N, int64_t K, const ch
               "tensor");
   Weight out{WeightKind::kBF16, w->data_ptr(), nullptr, nullptr, N, K};
   const auto shape = w->sizes();
-  if (w->scalar_type() == at::kByte) {  // int4 blocks [ceil(N/8), K/G, 4G+32] (int4.cpp)
+  if (w->scalar_type() == at::kByte || (w->scalar_type() == at::kChar && shape.size() == 3)) {
+    // group blocks (int4.cpp): int4 [ceil(N/8), K/G, 4G+32] uint8, 8-bit [.., 8G+32] int8
+    const int bits = w->scalar_type() == at::kByte ? 4 : 8;
     const int64_t G = shape.size() == 3 && shape[1] > 0 ? K / shape[1] : 0;
-    TORCH_CHECK(shape.size() == 3 && (G == 32 || G == 64 || (G >= 128 && G % 128 == 0)) &&
-                    shape[1] * G == K &&
-                    shape[0] == (N + 7) / 8 && shape[2] == int4_block_bytes(G),
-                "qwenvl decode_layers: int4 ", what, " must be [", (N + 7) / 8,
-                ", K/group, 4*group+32] for K = ", K, ", got ", shape);
+    const bool ok_group = bits == 8 ? G >= 32 && G % 32 == 0
+                                    : G == 32 || G == 64 || (G >= 128 && G % 128 == 0);
+    TORCH_CHECK(shape.size() == 3 && ok_group && shape[1] * G == K &&
+                    shape[0] == (N + 7) / 8 && shape[2] == int4_block_bytes(G, bits),
+                "qwenvl decode_layers: ", bits, "-bit group ", what, " must be [", (N + 7) / 8,
+                ", K/group, ", bits / 2, "*group+32] for K = ", K, ", got ", shape);
     out.kind = WeightKind::kInt4;
     out.group = G;
+    out.bits = bits;
     if (scale.has_value()) out.perm = int4_perm(*scale, K, what);
   } else if (w->scalar_type() == at::kBFloat16) {
     TORCH_CHECK(shape == at::IntArrayRef({N, K}), "qwenvl decode_layers: ", what, " must be [",
@@ -152,12 +156,13 @@ void decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
     ly.norm2 = vector_at(params, p + 7, Hd, "post_attention_layernorm");
     if (l == 0) {
       const std::optional<at::Tensor> gu = params.get(p + 8);
-      TORCH_CHECK(gu.has_value() && (gu->numel() % (2 * Hd) == 0 || gu->scalar_type() == at::kByte),
+      const bool blocks = gu.has_value() && gu->dim() == 3;
+      TORCH_CHECK(gu.has_value() && (gu->numel() % (2 * Hd) == 0 || blocks),
                   "qwenvl decode_layers: gate_up_proj must hold [2 * intermediate, ", Hd, "]");
       I = gu->numel() / (2 * Hd);
       const std::optional<at::Tensor> dn = params.get(p + 11);
-      if (gu->scalar_type() == at::kByte && dn.has_value() && dn->dim() == 3)
-        I = dn->size(1) * ((dn->size(2) - 32) / 4);  // int4: down's K = groups x group size
+      if (blocks && dn.has_value() && dn->dim() == 3)  // down's K = groups x group size
+        I = dn->size(1) * ((dn->size(2) - 32) / (dn->scalar_type() == at::kChar ? 8 : 4));
     }
     ly.gate_up = weight_at(params, p + 8, 2 * I, Hd, "gate_up_proj");
     ly.down = weight_at(params, p + 11, Hd, I, "down_proj");

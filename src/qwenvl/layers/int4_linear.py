@@ -46,11 +46,16 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size = group_size
         self.parts = parts
-        shape = kernels.int4_shape(out_features, in_features, group_size)
-        self.register_buffer("packed", torch.empty(shape, dtype=torch.uint8))
+        shape = self._packed_shape(out_features, in_features, group_size)
+        self.register_buffer("packed", torch.empty(shape, dtype=self._packed_dtype))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
         self.register_buffer("perm", None)
         self._staging: torch.Tensor | None = None  # the 16-bit weight until quantised
+
+    bits = 4
+    _packed_dtype = torch.uint8
+    _packed_shape = staticmethod(kernels.int4_shape)
+    _pack = staticmethod(kernels.pack_int4)
 
     @classmethod
     def from_dense(
@@ -105,8 +110,9 @@ class Int4Linear(nn.Module):
         for name, t in (("scales", scales), ("zeros", zeros)):
             if t.shape != (n, k // g):
                 raise ValueError(f"{name} must be [{n}, {k // g}], got {tuple(t.shape)}")
-        if q.dtype != torch.uint8 or (q.numel() and int(q.max()) > 15):
-            raise ValueError("q must be uint8 with values 0..15")
+        top = 2**self.bits - 1
+        if q.dtype != torch.uint8 or (q.numel() and int(q.max()) > top):
+            raise ValueError(f"q must be uint8 with values 0..{top}")
         if perm is not None:
             if perm.shape != (k,):
                 raise ValueError(f"perm must be [{k}], got {tuple(perm.shape)}")
@@ -122,11 +128,12 @@ class Int4Linear(nn.Module):
         self.perm = None if perm is None else perm.to(device=device, dtype=torch.long)
 
     def _store(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> None:
-        self.packed = kernels.huge_page_copy(kernels.pack_int4(q, scale, minimum))
+        self.packed = kernels.huge_page_copy(self._pack(q, scale, minimum))
 
     def extra_repr(self) -> str:
         perm = ", act-order" if self.perm is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}{perm}"
+        g = self.group_size
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits} group={g}{perm}"
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantised ``[out, in]`` weight in ``dtype`` (columns in the order
@@ -157,3 +164,18 @@ class Int4Linear(nn.Module):
             x = x.index_select(1, perm)
         b = None if bias is None else bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), b)
+
+
+class Int8GroupLinear(Int4Linear):
+    """GPTQ-Int8's group-wise 8-bit weights in the same kernels (``kernels.pack_int8_groups``:
+    tiles of 8 rows, signed bytes, fp16 scale and min per group; 1.03 bytes a weight at G = 128),
+    so they decode in the fused step like int4 instead of being dequantised every call. Filled by
+    ``load_quantized`` only (q in 0..255); quantising a 16-bit weight to it is not offered."""
+
+    bits = 8
+    _packed_dtype = torch.int8
+    _packed_shape = staticmethod(kernels.int8_group_shape)
+    _pack = staticmethod(kernels.pack_int8_groups)
+
+    def allocate(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("Int8GroupLinear loads GPTQ tensors (load_quantized) only")

@@ -23,8 +23,9 @@ The on-disk layouts (written from the formats' published definitions):
   is contiguous again, and the layer multiplies ``x[..., perm]``. The q/k/v (and gate/up) parts
   of a fused layer share their input, so they must share that order.
 
-4-bit layers become :class:`~qwenvl.layers.int4_linear.Int4Linear` when that module is present
-(else the torch :class:`GroupQuantLinear` here); 8-bit GPTQ runs :class:`GroupQuantLinear`. The
+4-bit layers become :class:`~qwenvl.layers.int4_linear.Int4Linear` and 8-bit ones
+``Int8GroupLinear`` (the CPU kernels' block layouts, decoded in the fused step) where the kernels
+take the group size, else the torch :class:`GroupQuantLinear` here (dequantise per call). The
 vision tower and the LM head are not quantised in the releases and stay dense.
 """
 
@@ -222,8 +223,7 @@ def unpack_gptq(
 
 class GroupQuantLinear(nn.Module):
     """``y = x[..., perm] @ W^T + b`` with ``W`` kept as integers and per-group scales/zeros,
-    dequantised per call (a torch path: 8-bit GPTQ, and 4-bit group sizes ``Int4Linear``'s kernels
-    do not take).
+    dequantised per call (a torch path for group sizes the kernels' layouts do not take).
     Same constructor and ``load_quantized`` as ``Int4Linear``."""
 
     def __init__(
@@ -345,17 +345,17 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return torch.equal(a, b)
 
 
-def _int4_class(in_features: int, group: int) -> type[nn.Module]:
-    """``Int4Linear`` where its kernels take the group size (a multiple of 128), else the torch
-    path, which computes the same product."""
+def _kernel_class(in_features: int, group: int, bits: int) -> type[nn.Module]:
+    """``Int4Linear`` (4-bit) or ``Int8GroupLinear`` (8-bit) where the kernels' layout takes the
+    group size, else the torch path, which computes the same product."""
     try:
-        from qwenvl import kernels
-        from qwenvl.layers.int4_linear import Int4Linear
+        from qwenvl.layers.int4_linear import Int4Linear, Int8GroupLinear
 
-        kernels.int4_shape(8, in_features, group)
+        cls = Int4Linear if bits == 4 else Int8GroupLinear
+        cls._packed_shape(8, in_features, group)
     except (ImportError, AttributeError, ValueError):
         return GroupQuantLinear
-    return Int4Linear
+    return cls
 
 
 _CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -378,7 +378,7 @@ def quantized_linear(
             f"{fmt.name}: a linear layer {in_features} -> {out_features} (parts {rows}) does not "
             f"divide into groups of {group} and {per}-value int32 packs"
         )
-    base = _int4_class(in_features, group) if fmt.bits == 4 else GroupQuantLinear
+    base = _kernel_class(in_features, group, fmt.bits)
     cls = _CLASSES.get(base)
     if cls is None:
         cls = _CLASSES[base] = type(f"Quantized{base.__name__}", (_FromCheckpoint, base), {})
