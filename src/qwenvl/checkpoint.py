@@ -111,7 +111,18 @@ def load_model(
     }
     # int8 quantises from the checkpoint's 16-bit weights, or from ``dtype`` when that is smaller
     staging = stored if stored.itemsize < torch_dtype.itemsize else torch_dtype
-    compact = _allocate_compact(model, device, staging)
+    compact, owners = _allocate_compact(model, device, staging)
+    pending: dict[nn.Module, int] = {}
+    for m in owners.values():
+        pending[m] = pending.get(m, 0) + 1
+
+    def loaded(name: str) -> None:  # compact a module as soon as its last tensor is in: the
+        m = owners.get(name)  # staging of one layer at a time, not of the whole decoder
+        if m is not None:
+            pending[m] -= 1
+            if pending[m] == 0:
+                m.finish_loading()
+
     tied = config.tie_word_embeddings
     load_into(
         {**params, **compact},
@@ -120,18 +131,17 @@ def load_model(
         ignored={"lm_head.weight"} if tied else set(),
         optional={"lm_head.weight"} if tied else set(),
         progress=progress,
+        on_loaded=loaded,
     )
     if tied:
         if "lm_head.weight" in compact:  # the compact head gets its own copy of the embedding
             compact["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
+            loaded("lm_head.weight")
         else:
             params["lm_head.weight"] = params["model.embed_tokens.weight"]
     model.load_state_dict(params, strict=False, assign=True)
     if tied and "lm_head.weight" not in compact:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for m in model.modules():
-        if hasattr(m, "finish_loading"):
-            m.finish_loading()
     model.to(device)
     model.eval().requires_grad_(False)
     logger.info(
@@ -142,19 +152,23 @@ def load_model(
 
 def _allocate_compact(
     model: nn.Module, device: str | torch.device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Allocate the compact-format modules; the tensors they read, by checkpoint name."""
+) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """Allocate the compact-format modules: the tensors they read by checkpoint name, and the
+    module each name belongs to (whose ``finish_loading`` runs once all of its are read)."""
     targets: dict[str, torch.Tensor] = {}
+    owners: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if not hasattr(m, "allocate"):
             continue
         parent = name.rpartition(".")[0]
         for rel, t in m.allocate(device, dtype).items():
             if getattr(m, "parts", None):
-                targets[f"{parent}.{rel}" if parent else rel] = t
+                key = f"{parent}.{rel}" if parent else rel
             else:
-                targets[f"{name}.{rel}"] = t
-    return targets
+                key = f"{name}.{rel}"
+            targets[key] = t
+            owners[key] = m
+    return targets, owners
 
 
 def read_json(path: Path) -> dict:

@@ -131,11 +131,12 @@ def load_into(
     optional: set[str] = frozenset(),
     ignored: set[str] = frozenset(),
     progress: Callable[[int, int], None] | None = None,
+    on_loaded: Callable[[str], None] | None = None,
 ) -> None:
     """Fill ``params`` (preallocated, by native name) from the files; strict about names and shapes.
 
     ``optional`` names may be absent from the files; ``ignored`` names may be present and are
-    skipped.
+    skipped. ``on_loaded(native name)`` is called after each tensor is read.
     """
     specs = [s for s in iter_tensor_specs(files) if rename(s[0]) not in ignored]
     total = sum(s["data_offsets"][1] - s["data_offsets"][0] for _, _, s, _ in specs)
@@ -147,6 +148,8 @@ def load_into(
             continue
         read_tensor(path, spec, base, out=params[native])
         loaded.add(native)
+        if on_loaded is not None:
+            on_loaded(native)
         done += spec["data_offsets"][1] - spec["data_offsets"][0]
         if progress is not None:
             progress(done, total)
