@@ -300,7 +300,7 @@ def test_decode_layers_reject_bad_input_before_writing() -> None:
         call(params=params[:-1])
     with pytest.raises(RuntimeError, match="must be \\[32, 32\\]"):  # o_proj of the wrong shape
         call(params=params[:4] + [params[4][:, :16].contiguous()] + params[5:])
-    with pytest.raises(RuntimeError, match="bfloat16, int8 or int4"):
+    with pytest.raises(RuntimeError, match="bfloat16, float16, int8 or int4"):
         call(params=params[:1] + [params[1].float()] + params[2:])
     with pytest.raises(RuntimeError, match="slot out of range"):
         call(slots=slots + 1000)

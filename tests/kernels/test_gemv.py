@@ -28,10 +28,15 @@ def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.T
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_bf16(m: int, n: int, k: int, x_dtype: torch.dtype, with_bias: bool) -> None:
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
+def test_linear_bf16(m: int, n: int, k: int, x_dtype, with_bias: bool, w_dtype) -> None:
+    """16-bit weights: bf16 (the CPU default) and fp16 (the AWQ/GPTQ releases' head), widened
+    exactly (fp16 with vcvtph2ps, subnormals included)."""
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=g).to(x_dtype)
-    w = torch.randn(n, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).to(w_dtype)
+    if w_dtype == torch.float16:
+        w[0, : min(k, 5)] = torch.tensor([6e-8, -3e-6, 6e-5, 100.0, -1e-7])[: min(k, 5)].half()
     bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
     y = kernels.linear_bf16(x, w, bias)
     assert y.dtype == x_dtype and y.shape == (m, n)

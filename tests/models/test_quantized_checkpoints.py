@@ -269,7 +269,8 @@ def test_loaded_linears_compute_the_dequantised_weights(family, variant, quantis
     method, bits, _, _, layout, _, group = VARIANTS[variant]
     assert llm.weight_format == f"{layout or method}:w{bits}g{group}"
     assert llm.model.dtype == torch.float32  # CPU: float32 activations over integer weights
-    assert isinstance(llm.model.lm_head, torch.nn.Linear)  # the head stays dense
+    head = llm.model.lm_head  # the checkpoint's fp16 head, exactly, read by the fp16 GEMV
+    assert head.mode == "fp16" and head.weight.dtype == torch.float16
     for mod, stems in _linears(llm).values():
         w = torch.cat([known[s][4] for s in stems])
         biases = [known[s][5] for s in stems]
@@ -452,7 +453,7 @@ def test_config_parsing() -> None:
     }
     fmt = quantized.format_for(released_awq)
     assert (fmt.name, fmt.method, fmt.bits, fmt.group_size) == ("awq:w4g128", "awq", 4, 128)
-    assert fmt.head(64, 512) is None  # the head stays a plain 16-bit Linear
+    assert fmt.head(64, 512).mode == "16bit"  # the head keeps the checkpoint's 16-bit values
     released_gptq = {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False}
     assert quantized.format_for(released_gptq).name == "gptq:w8g128"  # no checkpoint_format: v1
     v2 = dict(released_gptq, checkpoint_format="gptq_v2", group_size=-1)

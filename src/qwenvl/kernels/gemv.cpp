@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "kernels.h"
@@ -60,6 +61,14 @@ inline float bf16_to_f32(uint16_t v) {
 }
 inline float w_to_f32(uint16_t v) { return bf16_to_f32(v); }
 inline float w_to_f32(int8_t v) { return static_cast<float>(v); }
+// An fp16 weight (the AWQ/GPTQ releases' 16-bit tensors): its own type so the templates widen it
+// with vcvtph2ps instead of bf16's shift.
+struct F16 {
+  uint16_t bits;
+};
+inline float w_to_f32(F16 v) {
+  return static_cast<float>(c10::Half(v.bits, c10::Half::from_bits()));
+}
 
 // One SIMD flavour per ISA: width W, widening loads of weights and x, FMA, horizontal sum.
 #if defined(__AVX512F__)
@@ -72,6 +81,9 @@ struct Vec {
   static T load(const uint16_t* p) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
+  static T load(const F16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static T load(const int8_t* p) {
     __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -100,6 +112,9 @@ struct Vec {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   }
+  static T load(const F16* p) {  // F16C: every AVX2 CPU has it
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static T load(const int8_t* p) {
     __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
@@ -124,6 +139,7 @@ struct Vec {  // portable fallback: "vectors" of one float, the compiler may aut
   static T zero() { return 0.f; }
   static T load(const float* p) { return *p; }
   static T load(const uint16_t* p) { return bf16_to_f32(*p); }
+  static T load(const F16* p) { return w_to_f32(*p); }
   static T load(const int8_t* p) { return static_cast<float>(*p); }
   static T fma(T a, T b, T c) { return a * b + c; }
   static T pin(T v) { return v; }
@@ -467,6 +483,14 @@ void gemv_span(const Weight& w, const Rows& x, float* y, int64_t u0, int64_t u1,
         tiles_span<Vec::NR, Vec::MR>(x.x, M, K, b, N, nullptr, w.bias, y, u0, u1, accumulate);
       return;
     }
+    case WeightKind::kF16: {
+      const auto* h = static_cast<const F16*>(w.data);
+      if (M == 1)
+        tiles_span<Vec::NR1, 1>(x.x, M, K, h, N, nullptr, w.bias, y, u0, u1, accumulate);
+      else
+        tiles_span<Vec::NR, Vec::MR>(x.x, M, K, h, N, nullptr, w.bias, y, u0, u1, accumulate);
+      return;
+    }
   }
 }
 
@@ -516,10 +540,10 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
               "qwenvl linear_bf16: w must be a contiguous CPU [N, K] tensor, got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "qwenvl linear_bf16: w must be bfloat16, got ",
-              w.scalar_type());
-  return linear(x, {WeightKind::kBF16, w.data_ptr(), nullptr, nullptr, w.size(0), w.size(1)},
-                bias);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+              "qwenvl linear_bf16: w must be bfloat16 or float16, got ", w.scalar_type());
+  const auto kind = w.scalar_type() == at::kHalf ? WeightKind::kF16 : WeightKind::kBF16;
+  return linear(x, {kind, w.data_ptr(), nullptr, nullptr, w.size(0), w.size(1)}, bias);
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,

@@ -10,9 +10,9 @@ namespace qwenvl {
 
 constexpr int64_t kMaxM = 16;  // rows of x a GEMV takes (kernels.MAX_M)
 
-enum class WeightKind { kBF16, kInt8Rows, kInt8Tiled, kInt4 };
+enum class WeightKind { kBF16, kF16, kInt8Rows, kInt8Tiled, kInt4 };
 
-// A packed weight: bf16 [N, K]; int8 [N, K] or tiled [N/8, K/16, 8, 16] with fp32 scale [N];
+// A packed weight: bf16 or fp16 [N, K]; int8 [N, K] or tiled [N/8, K/16, 8, 16] with fp32 scale [N];
 // int4 blocks (int4.cpp: [ceil(N/8), K/group, 4 * group + 32] bytes, scales inside);
 // optional fp32 bias [N].
 struct Weight {

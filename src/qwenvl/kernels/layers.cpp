@@ -86,12 +86,13 @@ Weight weight_at(const Params& params, int64_t i, int64_t N, int64_t K, const ch
     out.group = G;
     out.bits = bits;
     if (scale.has_value()) out.perm = int4_perm(*scale, K, what);
-  } else if (w->scalar_type() == at::kBFloat16) {
+  } else if (w->scalar_type() == at::kBFloat16 || w->scalar_type() == at::kHalf) {
     TORCH_CHECK(shape == at::IntArrayRef({N, K}), "qwenvl decode_layers: ", what, " must be [",
                 N, ", ", K, "], got ", shape);
+    if (w->scalar_type() == at::kHalf) out.kind = WeightKind::kF16;
   } else {
     TORCH_CHECK(w->scalar_type() == at::kChar, "qwenvl decode_layers: ", what,
-                " must be bfloat16, int8 or int4 (uint8 blocks), got ", w->scalar_type());
+                " must be bfloat16, float16, int8 or int4 (uint8 blocks), got ", w->scalar_type());
     const bool rows = shape == at::IntArrayRef({N, K});
     const bool tiled = N % 8 == 0 && K % 16 == 0 &&
                        shape == at::IntArrayRef({N / 8, K / 16, 8, 16});

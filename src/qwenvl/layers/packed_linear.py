@@ -1,4 +1,4 @@
-"""Linear layers with compact weights for CPU decoding: bf16, or int8 with per-row scales.
+"""Linear layers with compact weights for CPU decoding: bf16 or fp16, or int8 with per-row scales.
 
 A decode step multiplies a few activation rows by every weight of the decoder, so it is bound by
 how fast the weights stream from memory. ``PackedLinear`` keeps the weight in 2 bytes (bf16) or 1
@@ -18,7 +18,9 @@ from torch import nn
 
 from qwenvl import kernels
 
-MODES = ("bf16", "int8")
+# "16bit": bf16 or fp16, whichever the checkpoint holds (decided at ``allocate``: an AWQ/GPTQ
+# release's fp16 LM head stays exact instead of widening to fp32 or rounding to bf16)
+MODES = ("bf16", "fp16", "16bit", "int8")
 KERNEL_MAX_ROWS = 16  # the GEMV kernels' row limit; beyond it GEMM wins anyway
 SCRATCH_MAX_ELEMENTS = 64 * 2**20  # larger weights (a vocabulary head) expand into fresh memory
 
@@ -115,7 +117,10 @@ class PackedLinear(nn.Module):
             self._staging = weight = torch.empty(shape, dtype=dtype, device=device)
             self.scale = torch.empty(self.out_features, device=device)
         else:
-            self.weight = weight = torch.empty(shape, dtype=torch.bfloat16, device=device)
+            if self.mode == "16bit":
+                self.mode = "fp16" if dtype == torch.float16 else "bf16"
+            store = torch.float16 if self.mode == "fp16" else torch.bfloat16
+            self.weight = weight = torch.empty(shape, dtype=store, device=device)
         if self.bias is not None:
             self.bias = torch.empty(self.out_features, device=device)
         return load_targets(weight, self.bias, self.parts)
@@ -145,6 +150,8 @@ class PackedLinear(nn.Module):
         """The weight expanded to ``dtype`` (int8: dequantised), in a scratch buffer that the
         next call overwrites: use it at once."""
         stored = self.qweight if self.mode == "int8" else self.weight
+        if self.mode != "int8" and stored.dtype == dtype:  # a GPU in the checkpoint's dtype
+            return stored
         out = _scratch(stored.numel(), dtype, stored.device)
         if self.mode != "int8":
             return out.view(stored.shape).copy_(self.weight)
