@@ -267,3 +267,33 @@ def test_vision_activation_defaults_like_transformers(family):
     }
     hf = (Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig)(**cfg_dict)
     assert parse_config(cfg_dict).vision.hidden_act == hf.vision_config.hidden_act
+
+
+def test_released_7b_minimal_vision_config_takes_transformers_defaults():
+    """Qwen2-VL-7B/72B-Instruct's config.json lists only three vision fields; every ViT
+    dimension then comes from transformers' Qwen2VLVisionConfig defaults, parsed here by
+    transformers itself from the same dict."""
+    from transformers import Qwen2VLConfig
+
+    cfg_dict = {
+        "model_type": "qwen2_vl",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"in_chans": 3, "model_type": "qwen2_vl", "spatial_patch_size": 14},
+    }
+    hf = Qwen2VLConfig(**cfg_dict).vision_config
+    v = parse_config(cfg_dict).vision
+    assert (v.depth, v.embed_dim, v.num_heads) == (hf.depth, hf.embed_dim, hf.num_heads)
+    assert v.intermediate_size == int(hf.embed_dim * hf.mlp_ratio)
+    assert (v.out_hidden_size, v.hidden_act) == (hf.hidden_size, hf.hidden_act)
+    assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size) == (
+        hf.patch_size,
+        hf.temporal_patch_size,
+        hf.spatial_merge_size,
+    )
+    assert (v.depth, v.embed_dim, v.out_hidden_size) == (32, 1280, 3584)

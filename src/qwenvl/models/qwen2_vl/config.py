@@ -140,13 +140,15 @@ class VisionConfig:
             raise ConfigError("vision config: head_dim must be divisible by 4 (2-D rotary)")
 
     @staticmethod
-    def _common(d: dict[str, Any], src: str, default_act: str) -> dict[str, Any]:
-        """The fields both families name alike (``default_act``: when the config omits it, as
-        the released Qwen2-VL configs do, transformers' default applies)."""
+    def _common(
+        d: dict[str, Any], src: str, default_act: str, defaults: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The fields both families name alike (``default_act`` and ``defaults``: transformers'
+        values where the config omits a field, as the released Qwen2-VL configs do)."""
         rope = d.get("rope_parameters") or {}
         return dict(
-            depth=_get(d, "depth", src, kind=int),
-            num_heads=_get(d, "num_heads", src, kind=int),
+            depth=_get(d, "depth", src, defaults.get("depth", _MISSING), kind=int),
+            num_heads=_get(d, "num_heads", src, defaults.get("num_heads", _MISSING), kind=int),
             hidden_act=_get(d, "hidden_act", src, default_act, kind=str),
             patch_size=_get(d, "patch_size", src, d.get("spatial_patch_size", 14), kind=int),
             temporal_patch_size=_get(d, "temporal_patch_size", src, 2, kind=int),
@@ -157,14 +159,17 @@ class VisionConfig:
 
     @classmethod
     def from_qwen2_vl(cls, d: dict[str, Any], source: str) -> VisionConfig:
-        """Qwen2-VL: ``embed_dim`` is the ViT width, ``hidden_size`` the merger output."""
+        """Qwen2-VL: ``embed_dim`` is the ViT width, ``hidden_size`` the merger output. The 7B
+        and 72B releases' ``vision_config`` holds only ``in_chans``, ``model_type`` and
+        ``spatial_patch_size``: the rest are transformers' ``Qwen2VLVisionConfig`` defaults
+        (the one ViT of the family: depth 32, width 1280, 16 heads, output 3584)."""
         src = f"{source} (vision_config)"
-        width = _get(d, "embed_dim", src, kind=int)
+        width = _get(d, "embed_dim", src, 1280, kind=int)
         return cls(
             embed_dim=width,
             intermediate_size=int(width * _get(d, "mlp_ratio", src, 4, kind=(int, float))),
-            out_hidden_size=_get(d, "hidden_size", src, kind=int),
-            **cls._common(d, src, "quick_gelu"),
+            out_hidden_size=_get(d, "hidden_size", src, 3584, kind=int),
+            **cls._common(d, src, "quick_gelu", {"depth": 32, "num_heads": 16}),
         )
 
     @classmethod
@@ -182,7 +187,7 @@ class VisionConfig:
             tokens_per_second=float(_get(d, "tokens_per_second", src, kind=(int, float))),
             gated_mlp=True,
             rms_norm=True,
-            **cls._common(d, src, "silu"),
+            **cls._common(d, src, "silu", {}),
         )
 
 
