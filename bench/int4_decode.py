@@ -2,19 +2,19 @@
 
     PYTHONPATH=src python bench/int4_decode.py gemv [--m 1 4]
     PYTHONPATH=src python bench/int4_decode.py decode --ckpt CK [--llama-bin DIR --gguf Q4_0.gguf
-        Q4_K_M.gguf] [--rounds 3] [--head bf16 int8]
+        Q4_K_M.gguf Q8_0.gguf] [--rounds 3] [--modes int4 int4:head-int8 int8]
 
 ``gemv``: y = x @ W.T for the Qwen2-VL-2B decoder shapes, rotating over enough distinct weights
 that L3 never holds them; GB/s of the weight's own bytes (int4: 0.53 B/weight with its fp16 scale
 and min; int8 tiled: 1 B) and the fraction of the read bandwidth (a 512 MiB fp32 sum).
 
-``decode``: in alternating rounds, qwenvl ``LLM(ck, quantization="int4")`` (each ``--head``:
-the LM head bf16, the default, or ``head_quantization`` int8 / int4) decoding 64 tokens after a
-512-token prompt at batch 1 and 4 prompts at once (engine stepped and timed as
-bench/cpu_speed.py and the peers' harness), and llama.cpp's ``llama-bench -t 2 -p 0 -n 64 -d
-512`` (batch 1) and ``llama-batched-bench -npp 512 -ntg 64 -npl 4`` (batch 4) on each GGUF.
-Prints one row per (round, system) and the in-round ratios; the bytes a decode step streams and
-the share of the bandwidth bound.
+``decode``: in alternating rounds, qwenvl in each ``--modes`` (``int4``: ``quantization="int4"``
+with the LM head bf16; ``int4:head-int8`` / ``int4:head-int4``: with ``head_quantization``;
+``int8``) decoding 64 tokens after a 512-token prompt at batch 1 and 4 prompts at once (engine
+stepped and timed as bench/cpu_speed.py and the peers' harness), and llama.cpp's ``llama-bench -t
+2 -p 0 -n 64 -d 512`` (batch 1) and ``llama-batched-bench -npp 512 -ntg 64 -npl 4`` (batch 4) on
+each GGUF. Prints one row per (round, system), the load time and peak RSS of each qwenvl model
+(loaded one after another), and the bytes a decode step streams.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ CORPUS = (
 ).split()
 
 
-def qwenvl_load(ck: Path, head: str):
+def qwenvl_load(ck: Path, mode: str):
     from qwenvl import LLM
     from qwenvl.engine.config import EngineConfig
 
@@ -102,8 +102,8 @@ def qwenvl_load(ck: Path, head: str):
         max_num_seqs=16,
     )  # fmt: skip
     t = time.perf_counter()
-    head_q = None if head == "bf16" else head
-    llm = LLM(ck, engine_config=engine, quantization="int4", head_quantization=head_q)
+    quant, _, head = mode.partition(":head-")
+    llm = LLM(ck, engine_config=engine, quantization=quant, head_quantization=head or None)
     load_s = time.perf_counter() - t
     prompts = []
     for i in range(4):  # four different 512-token prompts, no shared prefix
@@ -158,14 +158,17 @@ def llama_b4(bin_dir: Path, gguf: Path) -> float:
 
 def decode(args) -> None:
     rows = []
-    llms = {h: qwenvl_load(args.ckpt, h) for h in args.head}
+    llms = {}
+    for mode in args.modes:
+        llms[mode] = qwenvl_load(args.ckpt, mode)
+        print(f"# {mode}: loaded in {llms[mode][2]:.1f} s, peak RSS so far {_peak_gib():.2f} GiB")
     for llm, prompts, load_s in llms.values():
         qwenvl_decode(llm, prompts[:1], 8)  # warm up
         print(f"# loaded in {load_s:.1f} s; {_bytes_per_step(llm)}", flush=True)
     for r in range(args.rounds):
         for h, (llm, prompts, _) in llms.items():
             for b in (1, 4):
-                rows.append((r, f"qwenvl int4 head {h}", b, qwenvl_decode(llm, prompts[:b])))
+                rows.append((r, f"qwenvl {h}", b, qwenvl_decode(llm, prompts[:b])))
                 print(rows[-1], flush=True)
         for g in args.gguf or []:
             rows.append((r, f"llama.cpp {g.stem}", 1, llama_b1(args.llama_bin, g)))
@@ -175,6 +178,12 @@ def decode(args) -> None:
     print("\n| round | system | batch | tok/s |\n|---|---|---|---|")
     for r, name, b, v in rows:
         print(f"| {r} | {name} | {b} | {v:.2f} |")
+
+
+def _peak_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _bytes_per_step(llm) -> str:
@@ -188,9 +197,15 @@ def _bytes_per_step(llm) -> str:
         elif isinstance(m, Int4Linear):
             dec += m.packed.numel()
             weights += m.in_features * m.out_features
-        elif isinstance(m, PackedLinear) and "lm_head" in name:
+        elif isinstance(m, PackedLinear):
             t = m.qweight if m.mode == "int8" else m.weight
-            head = t.numel() * t.element_size()
+            if "lm_head" in name:
+                head = t.numel() * t.element_size()
+            else:
+                dec += t.numel() * t.element_size() + (
+                    m.scale.numel() * 4 if m.mode == "int8" else 0
+                )
+                weights += m.in_features * m.out_features
     return (f"decoder {dec / 1e6:.0f} MB for {weights / 1e9:.3f} G weights "
             f"({dec / weights:.4f} B/weight), head {head / 1e6:.0f} MB, "
             f"step {(dec + head) / 1e6:.0f} MB")  # fmt: skip
@@ -206,7 +221,12 @@ def main() -> None:
     d.add_argument("--llama-bin", type=Path)
     d.add_argument("--gguf", type=Path, nargs="*")
     d.add_argument("--rounds", type=int, default=3)
-    d.add_argument("--head", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "int4"])
+    d.add_argument(
+        "--modes",
+        nargs="+",
+        default=["int4", "int4:head-int8", "int8"],
+        choices=["int4", "int4:head-int8", "int4:head-int4", "int8"],
+    )
     args = p.parse_args()
     if not kernels.available():
         sys.exit(f"qwenvl kernels unavailable: {kernels.describe()}")
