@@ -1,7 +1,8 @@
 """Random-weight checkpoints of the exact released shapes of Qwen2-VL-2B-Instruct and
-Qwen2.5-VL-3B-Instruct (``full``), or of the same structure with small widths (``small``), in the
-released layout: flat hub config.json, bf16 safetensors with the released tensor names (shards of at
-most 4 GB written one at a time), the special tokens at their released ids. Used by the benchmarks.
+Qwen2.5-VL-3B-Instruct (``full``), of Qwen2-VL-7B-Instruct (``7b``: its own vocabulary size and an
+untied LM head), or of the same structure with small widths (``small``), in the released layout:
+flat hub config.json, bf16 safetensors with the released tensor names (shards of at most 4 GB
+written one at a time), the special tokens at their released ids. Used by the benchmarks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ FIRST_ADDED_ID = 151643
 VOCAB_SIZE = 151936
 PAD_ID, IM_END_ID = 151643, 151645
 
-# LLM and vision shapes. "full" = the released checkpoints; "small" = same structure, tiny widths.
+# LLM and vision shapes. "full" = the released checkpoints; "small" = same structure, tiny widths;
+# "7b" = Qwen2-VL-7B-Instruct. Optional keys (defaults for the entries without them): vocab
+# (VOCAB_SIZE), tied (True: no lm_head tensor), released (RELEASED[family], the folder name).
 SHAPES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "qwen2_vl": dict(
@@ -50,6 +53,14 @@ SHAPES: dict[str, dict[str, dict[str, Any]]] = {
             vision=dict(depth=4, width=128, heads=2, intermediate=256, fullatt=[1, 3]),
         ),
     },
+    "7b": {
+        "qwen2_vl": dict(
+            hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, max_pos=32768,
+            mrope=[16, 24, 24], max_window_layers=28, vocab=152064, tied=False,
+            released="Qwen2-VL-7B-Instruct",
+            vision=dict(depth=32, width=1280, heads=16, mlp_ratio=4),
+        ),
+    },
 }  # fmt: skip
 
 
@@ -69,9 +80,14 @@ def log(msg: str) -> None:
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-def hub_config(family: str, shape: str) -> dict[str, Any]:
+def spec_of(family: str, shape: str | dict[str, Any]) -> dict[str, Any]:
+    """The SHAPES entry for (family, shape); a dict ``shape`` is itself such an entry."""
+    return SHAPES[shape][family] if isinstance(shape, str) else shape
+
+
+def hub_config(family: str, shape: str | dict[str, Any]) -> dict[str, Any]:
     """config.json in the released flat (transformers 4.x) layout."""
-    s = SHAPES[shape][family]
+    s = spec_of(family, shape)
     v = s["vision"]
     if family == "qwen2_vl":
         vision = {
@@ -128,24 +144,26 @@ def hub_config(family: str, shape: str) -> dict[str, Any]:
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
         "sliding_window": 32768,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": s.get("tied", True),
         "torch_dtype": "bfloat16",
         "transformers_version": "4.41.2",
         "use_cache": True,
         "use_sliding_window": False,
         "vision_config": vision,
         "rope_scaling": {"type": "mrope", "mrope_section": s["mrope"]},
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": s.get("vocab", VOCAB_SIZE),
     }
 
 
-def tensor_shapes(family: str, shape: str) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the checkpoint with the released (4.x) names; the embedding is tied."""
-    s = SHAPES[shape][family]
+def tensor_shapes(family: str, shape: str | dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint with the released (4.x) names; no ``lm_head.weight`` when
+    the embedding is tied."""
+    s = spec_of(family, shape)
     v = s["vision"]
     h, inter = s["hidden"], s["intermediate"]
     kv = s["kv_heads"] * (h // s["heads"])
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB_SIZE, h)}
+    vocab = s.get("vocab", VOCAB_SIZE)
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(s["layers"]):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = (h,)
@@ -158,6 +176,8 @@ def tensor_shapes(family: str, shape: str) -> dict[str, tuple[int, ...]]:
         out[p + "mlp.up_proj.weight"] = (inter, h)
         out[p + "mlp.down_proj.weight"] = (h, inter)
     out["model.norm.weight"] = (h,)
+    if not s.get("tied", True):
+        out["lm_head.weight"] = (vocab, h)
     e = v["width"]
     qwen2 = family == "qwen2_vl"
     out["visual.patch_embed.proj.weight"] = (e, 3, 2, 14, 14)
@@ -231,22 +251,12 @@ def build_tokenizer():
     return tok
 
 
-def build_checkpoint(cache: Path, family: str, shape: str, seed: int = 0) -> Path:
-    """The checkpoint folder for (family, shape), built once; later calls reuse it."""
-    config = hub_config(family, shape)
-    shapes = tensor_shapes(family, shape)
-    spec = json.dumps([config, sorted(shapes.items()), seed, 2], sort_keys=True)
-    key = hashlib.sha256(spec.encode()).hexdigest()[:10]
-    out = cache / f"{RELEASED[family]}-{shape}-random-{key}"
-    if (out / ".complete").exists():
-        return out
-    from safetensors.torch import save_file
-
+def write_side_files(out: Path, family: str, config: dict[str, Any]) -> None:
+    """Everything of a released checkpoint folder but the weights: config.json, the tokenizer
+    files with the chat template, generation_config.json and preprocessor_config.json."""
     from qwenvl.processing.image import VisionPreprocessConfig
     from qwenvl.tokenizer import save_tokenizer_files
 
-    log(f"building {out} ...")
-    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     template = files("qwenvl").joinpath("data/qwen2_vl_chat_template.jinja").read_text()
     save_tokenizer_files(
@@ -272,6 +282,23 @@ def build_checkpoint(cache: Path, family: str, shape: str, seed: int = 0) -> Pat
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     preprocessor = VisionPreprocessConfig(min_pixels=3136, max_pixels=12845056).to_hf()
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+
+
+def build_checkpoint(cache: Path, family: str, shape: str, seed: int = 0) -> Path:
+    """The checkpoint folder for (family, shape), built once; later calls reuse it."""
+    config = hub_config(family, shape)
+    shapes = tensor_shapes(family, shape)
+    spec = json.dumps([config, sorted(shapes.items()), seed, 2], sort_keys=True)
+    key = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    released = spec_of(family, shape).get("released", RELEASED[family])
+    out = cache / f"{released}-{shape}-random-{key}"
+    if (out / ".complete").exists():
+        return out
+    from safetensors.torch import save_file
+
+    log(f"building {out} ...")
+    t0 = time.perf_counter()
+    write_side_files(out, family, config)
 
     # Shards of at most 4 GB, written one at a time (only one shard's bf16 tensors in memory).
     limit = 4 * 10**9
