@@ -112,35 +112,40 @@ def load_model(
     # int8 quantises from the checkpoint's 16-bit weights, or from ``dtype`` when that is smaller
     staging = stored if stored.itemsize < torch_dtype.itemsize else torch_dtype
     compact, owners = _allocate_compact(model, device, staging)
-    pending: dict[nn.Module, int] = {}
-    for m in owners.values():
-        pending[m] = pending.get(m, 0) + 1
+    targets = {**params, **compact}
+    pending: dict[nn.Module, list[str]] = {}
+    for name, m in owners.items():
+        pending.setdefault(m, []).append(name)
 
-    def loaded(name: str) -> None:  # compact a module as soon as its last tensor is in: the
-        m = owners.get(name)  # staging of one layer at a time, not of the whole decoder
-        if m is not None:
-            pending[m] -= 1
-            if pending[m] == 0:
-                m.finish_loading()
+    def loaded(name: str) -> None:  # compact a module as soon as its last tensor is in, and
+        m = owners.get(name)  # let its staging go: one layer's at a time, not the decoder's
+        if m is None or any(n not in done for n in pending[m]):
+            return
+        m.finish_loading()
+        for n in pending.pop(m):
+            targets.pop(n, None), compact.pop(n, None)
 
+    done: set[str] = set()
     tied = config.tie_word_embeddings
+    compact_head = "lm_head.weight" in compact
     load_into(
-        {**params, **compact},
+        targets,
         files,
         family.weights.from_hf,
         ignored={"lm_head.weight"} if tied else set(),
         optional={"lm_head.weight"} if tied else set(),
         progress=progress,
-        on_loaded=loaded,
+        on_loaded=lambda name: (done.add(name), loaded(name)),
     )
     if tied:
-        if "lm_head.weight" in compact:  # the compact head gets its own copy of the embedding
+        if compact_head:  # the compact head gets its own copy of the embedding
             compact["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
+            done.add("lm_head.weight")
             loaded("lm_head.weight")
         else:
             params["lm_head.weight"] = params["model.embed_tokens.weight"]
     model.load_state_dict(params, strict=False, assign=True)
-    if tied and "lm_head.weight" not in compact:
+    if tied and not compact_head:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.to(device)
     model.eval().requires_grad_(False)

@@ -38,7 +38,7 @@ def _bound(x: torch.Tensor, w: torch.Tensor, g: int) -> torch.Tensor:
     return (xa / 254) @ w.abs().T + x.double().abs() @ (w.abs().T * 1e-3 + 1e-4) + 1e-4
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16, 40])  # the GEMV kernel, and the prefill GEMM
+@pytest.mark.parametrize("rows", [1, 4, 16, 40, 70])  # GEMV kernel (chunks of 16), then GEMM
 @pytest.mark.parametrize("with_perm", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_load_quantized_matches_the_definition(rows: int, with_perm: bool, with_bias: bool):

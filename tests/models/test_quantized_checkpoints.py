@@ -426,8 +426,8 @@ def test_load_model_reads_the_checkpoint_format(quantised) -> None:
     qdir, ddir, _ = quantised("qwen2_vl", "gptq_int8")
     model, _ = load_model(qdir, dtype="float32")
     dense, _ = load_model(ddir, dtype="float32")
-    ids = torch.arange(5, 25)[None]
-    pos = torch.arange(20).expand(3, 1, -1)
+    ids = torch.arange(5, 85)[None]  # > 64 rows: the exact dequantised GEMM, not the GEMV
+    pos = torch.arange(80).expand(3, 1, -1)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, pos), dense(ids, pos), rtol=0, atol=1e-4)
 
