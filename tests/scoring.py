@@ -94,3 +94,25 @@ def _split_per_prompt(feats: torch.Tensor, counts: list[list[int]]) -> dict[int,
             out[i] = feats[offset : offset + n]
         offset += n
     return out
+
+
+def greedy_logprob_gap_to_hf(llm, hf, prompts: Sequence[str], max_tokens: int = 12) -> float:
+    """Greedy-decode ``prompts`` with ``llm`` (an ``LLM``) and check each token is transformers'
+    argmax (``hf``, a model on the same weights) after the tokens before it; returns the largest
+    |log-prob difference| of the chosen tokens."""
+    from qwenvl import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    worst = 0.0
+    for prompt, out in zip(prompts, llm.generate(list(prompts), params)):
+        ids = llm.processor.prepare_text(prompt).token_ids
+        gen = out.outputs[0].token_ids
+        seq = torch.tensor([list(ids) + list(gen)])
+        with torch.no_grad():
+            logits = hf(input_ids=seq, mm_token_type_ids=torch.zeros_like(seq)).logits[0]
+        ref = torch.log_softmax(logits[len(ids) - 1 : -1].double(), -1)
+        assert ref.argmax(-1).tolist() == list(gen), prompt
+        ours = [d[t] for d, t in zip(out.outputs[0].logprobs, gen)]
+        theirs = ref[torch.arange(len(gen)), torch.tensor(gen)].tolist()
+        worst = max(worst, *(abs(float(a) - b) for a, b in zip(ours, theirs)))
+    return worst

@@ -27,6 +27,7 @@ import tiny
 from qwenvl import LLM, SamplingParams, kernels
 from qwenvl.errors import ConfigError
 from qwenvl.models import formats, quantized
+from scoring import greedy_logprob_gap_to_hf
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # column of each nibble, lowest nibble first
@@ -310,21 +311,7 @@ def test_greedy_tokens_match_transformers_on_the_dequantised_weights(
     qdir, ddir, _ = quantised(family, variant)
     llm = LLM(qdir)
     hf = tiny.load_hf(ddir, family)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    outs = llm.generate(PROMPTS, params)
-    worst = 0.0
-    for prompt, out in zip(PROMPTS, outs):
-        ids = llm.processor.prepare_text(prompt).token_ids
-        gen = out.outputs[0].token_ids
-        seq = torch.tensor([list(ids) + list(gen)])
-        with torch.no_grad():
-            logits = hf(input_ids=seq, mm_token_type_ids=torch.zeros_like(seq)).logits[0]
-        ref = torch.log_softmax(logits[len(ids) - 1 : -1].double(), -1)
-        # greedy: each of our tokens is transformers' argmax after the tokens before it
-        assert ref.argmax(-1).tolist() == list(gen), prompt
-        ours = [d[t] for d, t in zip(out.outputs[0].logprobs, gen)]
-        theirs = ref[torch.arange(len(gen)), torch.tensor(gen)].tolist()
-        worst = max(worst, *(abs(float(a) - b) for a, b in zip(ours, theirs)))
+    worst = greedy_logprob_gap_to_hf(llm, hf, PROMPTS)  # greedy = transformers' argmax
     print(f"{family} {variant}: max |logprob diff| {worst:.2e}")
     assert worst < 2e-3
 

@@ -34,6 +34,7 @@ from qwenvl.checkpoint import load_model
 from qwenvl.cli.main import main
 from qwenvl.errors import CheckpointError
 from qwenvl.models import quantized, quantized_export
+from scoring import greedy_logprob_gap_to_hf
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 SOURCE_DTYPE = {"qwen2_vl": torch.bfloat16, "qwen2_5_vl": torch.float16}
@@ -349,19 +350,7 @@ def test_greedy_tokens_match_transformers_on_the_dequantised_weights(
     known = truth(load_file(src / "model.safetensors"), case)
     llm = LLM(exported(family, case))
     hf = tiny.load_hf(dequantised_checkpoint(src, known, tmp_path / "deq"), family)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    worst = 0.0
-    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params)):
-        ids = llm.processor.prepare_text(prompt).token_ids
-        gen = out.outputs[0].token_ids
-        seq = torch.tensor([list(ids) + list(gen)])
-        with torch.no_grad():
-            logits = hf(input_ids=seq, mm_token_type_ids=torch.zeros_like(seq)).logits[0]
-        ref = torch.log_softmax(logits[len(ids) - 1 : -1].double(), -1)
-        assert ref.argmax(-1).tolist() == list(gen), prompt
-        ours = [d[t] for d, t in zip(out.outputs[0].logprobs, gen)]
-        theirs = ref[torch.arange(len(gen)), torch.tensor(gen)].tolist()
-        worst = max(worst, *(abs(float(a) - b) for a, b in zip(ours, theirs)))
+    worst = greedy_logprob_gap_to_hf(llm, hf, PROMPTS)
     print(f"{family} {case}: max |logprob diff| {worst:.2e}")
     assert worst < 2e-3
 

@@ -484,6 +484,18 @@ def int4_shape(n: int, k: int, group_size: int) -> tuple[int, int, int]:
     return (n + INT4_ROWS - 1) // INT4_ROWS, k // group_size, 4 * group_size + 32
 
 
+def _meta_bytes(t: torch.Tensor, n8: int, ng: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row fp16 values ``[n8 * 8, ng]`` -> the blocks' ``[n8, ng, 16]`` bytes (8 rows each)."""
+    return t.view(n8, INT4_ROWS, ng).permute(0, 2, 1).contiguous().view(dtype)
+
+
+def _meta_values(packed: torch.Tensor, off: int, n: int) -> torch.Tensor:
+    """The 8 fp16 values at byte ``off`` of every block -> float32 ``[n, ng]`` per row."""
+    n8, ng, _ = packed.shape
+    t = packed[:, :, off : off + 16].contiguous().view(torch.float16)  # [n8, ng, 8]
+    return t.permute(0, 2, 1).reshape(n8 * INT4_ROWS, ng)[:n].float()
+
+
 @torch.no_grad()
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """``q [N, K]`` (values 0..15), ``scale``/``minimum [N, K / G]`` (``w = q * scale + min``)
@@ -508,10 +520,8 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> to
     nib = qv[:, :, :, 0] | (qv[:, :, :, 1] << 4)  # [n8, 8, K/u, u/2]
     nib = nib.reshape(n8, INT4_ROWS, ng, g // 2).permute(0, 2, 1, 3).reshape(n8, ng, -1)
 
-    def meta(t: torch.Tensor) -> torch.Tensor:  # [N8*8, ng] fp16 -> [n8, ng, 16] bytes
-        return t.view(n8, INT4_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.uint8)
-
-    out = torch.cat([nib, meta(s16), meta(m16)], dim=2)
+    meta = [_meta_bytes(t, n8, ng, torch.uint8) for t in (s16, m16)]
+    out = torch.cat([nib, *meta], dim=2)
     assert out.shape[2] == bb
     return out.contiguous()
 
@@ -527,12 +537,8 @@ def unpack_int4(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     q = torch.stack([nib & 0xF, nib >> 4], dim=4)  # [n8, ng, 8, G/u, 2, u/2]
     q = q.permute(0, 2, 1, 3, 4, 5).reshape(n8 * INT4_ROWS, k)[:n]
 
-    def meta(off: int) -> torch.Tensor:
-        t = packed[:, :, off : off + 16].contiguous().view(torch.float16)  # [n8, ng, 8]
-        return t.permute(0, 2, 1).reshape(n8 * INT4_ROWS, ng)[:n].float()
-
     base = INT4_ROWS * g // 2
-    return q.contiguous(), meta(base), meta(base + 16)
+    return q.contiguous(), _meta_values(packed, base, n), _meta_values(packed, base + 16, n)
 
 
 def int8_group_shape(n: int, k: int, group_size: int) -> tuple[int, int, int]:
@@ -567,10 +573,8 @@ def pack_int8_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
         m16 = torch.cat([m16, m16.new_zeros(pad, ng)])
     rows = qs.view(n8, INT4_ROWS, ng, g).permute(0, 2, 1, 3).reshape(n8, ng, INT4_ROWS * g)
 
-    def meta(t: torch.Tensor) -> torch.Tensor:  # [N8*8, ng] fp16 -> [n8, ng, 16] bytes
-        return t.view(n8, INT4_ROWS, ng).permute(0, 2, 1).contiguous().view(torch.int8)
-
-    out = torch.cat([rows, meta(s16), meta(m16)], dim=2)
+    meta = [_meta_bytes(t, n8, ng, torch.int8) for t in (s16, m16)]
+    out = torch.cat([rows, *meta], dim=2)
     assert out.shape[2] == bb
     return out.contiguous()
 
@@ -586,11 +590,8 @@ def unpack_int8_groups(
     q = packed[:, :, : INT4_ROWS * g].reshape(n8, ng, INT4_ROWS, g).permute(0, 2, 1, 3)
     q = q.reshape(n8 * INT4_ROWS, ng * g)[:n]
 
-    def meta(off: int) -> torch.Tensor:
-        t = packed[:, :, off : off + 16].contiguous().view(torch.float16)
-        return t.permute(0, 2, 1).reshape(n8 * INT4_ROWS, ng)[:n].float()
-
-    return q.contiguous(), meta(INT4_ROWS * g), meta(INT4_ROWS * g + 16)
+    base = INT4_ROWS * g
+    return q.contiguous(), _meta_values(packed, base, n), _meta_values(packed, base + 16, n)
 
 
 def linear_int4(
