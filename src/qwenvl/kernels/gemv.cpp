@@ -342,19 +342,6 @@ inline void tile_step(__m256i xv, const int8_t* p, __m256i* a) {
     a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(xv, wv));
   }
 }
-
-// The 8 accumulators' lane sums as one vector [sum a0, ..., sum a7], added in fp32: a lane holds
-// at most KC / 16 vpmaddwd sums of 2 * 128 * 32767 (fits int32), eight lanes together may not.
-inline __m256 reduce8(const __m256i* a) {
-  __m256 f[kTileRows];
-  for (int r = 0; r < kTileRows; ++r) f[r] = _mm256_cvtepi32_ps(a[r]);
-  const __m256 h1 = _mm256_hadd_ps(f[0], f[1]), h2 = _mm256_hadd_ps(f[2], f[3]);
-  const __m256 h3 = _mm256_hadd_ps(f[4], f[5]), h4 = _mm256_hadd_ps(f[6], f[7]);
-  const __m256 h5 = _mm256_hadd_ps(h1, h2), h6 = _mm256_hadd_ps(h3, h4);
-  const __m256 lo = _mm256_permute2f128_ps(h5, h6, 0x20);
-  const __m256 hi = _mm256_permute2f128_ps(h5, h6, 0x31);
-  return _mm256_add_ps(lo, hi);
-}
 #endif
 
 // Units [u0, u1) of 8 output rows each.

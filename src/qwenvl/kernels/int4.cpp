@@ -77,19 +77,6 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-#if defined(__AVX2__)
-// The 8 accumulators' lane sums as one vector [sum a0, ..., sum a7] (fp32 adds).
-inline __m256 reduce8(const __m256i* a) {
-  __m256 f[kRows];
-  for (int r = 0; r < kRows; ++r) f[r] = _mm256_cvtepi32_ps(a[r]);
-  const __m256 h1 = _mm256_hadd_ps(f[0], f[1]), h2 = _mm256_hadd_ps(f[2], f[3]);
-  const __m256 h3 = _mm256_hadd_ps(f[4], f[5]), h4 = _mm256_hadd_ps(f[6], f[7]);
-  const __m256 h5 = _mm256_hadd_ps(h1, h2), h6 = _mm256_hadd_ps(h3, h4);
-  const __m256 lo = _mm256_permute2f128_ps(h5, h6, 0x20);
-  const __m256 hi = _mm256_permute2f128_ps(h5, h6, 0x31);
-  return _mm256_add_ps(lo, hi);
-}
-#endif
 
 #if defined(__AVX2__)
 // 8 rows' int32 dot products over one group of one x row, G a multiple of 128 or 64: per 128

@@ -6,7 +6,26 @@
 
 #include <cstdint>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace qwenvl {
+
+#if defined(__AVX2__)
+// 8 int32 accumulators' lane sums as one vector [sum a0, ..., sum a7], added in fp32 (eight lanes
+// of int32 sums together may not fit int32): the int8 tiles' and the int4 blocks' final reduction.
+inline __m256 reduce8(const __m256i* a) {
+  __m256 f[8];
+  for (int r = 0; r < 8; ++r) f[r] = _mm256_cvtepi32_ps(a[r]);
+  const __m256 h1 = _mm256_hadd_ps(f[0], f[1]), h2 = _mm256_hadd_ps(f[2], f[3]);
+  const __m256 h3 = _mm256_hadd_ps(f[4], f[5]), h4 = _mm256_hadd_ps(f[6], f[7]);
+  const __m256 h5 = _mm256_hadd_ps(h1, h2), h6 = _mm256_hadd_ps(h3, h4);
+  const __m256 lo = _mm256_permute2f128_ps(h5, h6, 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(h5, h6, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+#endif
 
 constexpr int64_t kMaxM = 16;  // rows of x a GEMV takes (kernels.MAX_M)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl import kernels
-from qwenvl.layers.packed_linear import KERNEL_MAX_ROWS, _scratch, load_targets
+from qwenvl.layers.packed_linear import KERNEL_MAX_ROWS, _scratch, from_dense, load_targets
 
 CHUNKED_MAX_ROWS = 64  # rows the GEMV kernel takes in chunks of 16 before a dequantised GEMM
 
@@ -66,13 +66,7 @@ class Int4Linear(nn.Module):
         """A 4-bit copy of a dense ``[out, in]`` weight (and bias), quantised as at load."""
         out, inp = weight.shape
         with torch.device(weight.device):
-            m = cls(inp, out, bias is not None, group_size)
-        targets = m.allocate(weight.device, weight.dtype)
-        targets["weight"].copy_(weight.detach())
-        if bias is not None:
-            targets["bias"].copy_(bias.detach())
-        m.finish_loading()
-        return m
+            return from_dense(cls(inp, out, bias is not None, group_size), weight, bias)
 
     def allocate(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """What the loader reads a 16-bit checkpoint into, by name relative to this module

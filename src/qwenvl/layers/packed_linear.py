@@ -61,6 +61,17 @@ def load_targets(
     return out
 
 
+def from_dense(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """Fill a compact linear built empty for ``weight``'s ``[out, in]`` shape the way the loader
+    does (``allocate``, copy, ``finish_loading``): the one path from a dense weight."""
+    targets = module.allocate(weight.device, weight.dtype)
+    targets["weight"].copy_(weight.detach())
+    if bias is not None:
+        targets["bias"].copy_(bias.detach())
+    module.finish_loading()
+    return module
+
+
 class PackedLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` stored packed; inference only (no gradients).
 
@@ -100,13 +111,7 @@ class PackedLinear(nn.Module):
         """A packed copy of a dense ``[out, in]`` weight (and bias)."""
         out, inp = weight.shape
         with torch.device(weight.device):
-            m = cls(inp, out, bias is not None, mode)
-        targets = m.allocate(weight.device, weight.dtype)
-        targets["weight"].copy_(weight.detach())
-        if bias is not None:
-            targets["bias"].copy_(bias.detach())
-        m.finish_loading()
-        return m
+            return from_dense(cls(inp, out, bias is not None, mode), weight, bias)
 
     def allocate(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Allocate the buffers on ``device``; return what the loader reads the checkpoint into,
