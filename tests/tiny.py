@@ -46,8 +46,9 @@ def tiny_tokenizer():
     return train_qwen_style_tokenizer(CORPUS, vocab_size=400)
 
 
-def hf_config(family: str, tok, tie: bool = False):
-    """A transformers config of the tiny shape with the tokenizer's special ids."""
+def hf_config(family: str, tok, tie: bool = False, text: dict | None = None):
+    """A transformers config of the tiny shape with the tokenizer's special ids (``text``:
+    fields of the text config to change, ``mrope_section`` among them)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = {
@@ -56,10 +57,12 @@ def hf_config(family: str, tok, tie: bool = False):
         "vision_start_token_id": tok.token_to_id("<|vision_start|>"),
         "vision_end_token_id": tok.token_to_id("<|vision_end|>"),
     }
+    text = dict(TEXT, **(text or {}))
+    mrope = text.pop("mrope_section", MROPE)
     text = dict(
-        TEXT,
+        text,
         vocab_size=tok.get_vocab_size() + 10,  # like the released models: rows past the tokenizer
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": MROPE},
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
         bos_token_id=tok.token_to_id("<|endoftext|>"),
         eos_token_id=tok.token_to_id("<|im_end|>"),
         pad_token_id=tok.token_to_id("<|endoftext|>"),
@@ -121,13 +124,14 @@ def build_checkpoint(
     sharded: bool = False,
     tie: bool = False,
     seed: int = 0,
+    text: tuple[tuple[str, object], ...] = (),
 ) -> Path:
     """Write a tiny checkpoint folder; returns it. Same seed -> same weights in every layout."""
     out.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
     save_tokenizer_files(tok, out, chat_template=CHAT_TEMPLATE)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    config = hf_config(family, tok, tie)
+    config = hf_config(family, tok, tie, dict(text))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,6 +22,7 @@ from torch import nn
 from qwenvl.errors import CheckpointError, ConfigError
 from qwenvl.models import ModelConfig, family_of, read_config
 from qwenvl.models.formats import get_format
+from qwenvl.models.parallel import ShardPlan, dense_slice, parallelize
 from qwenvl.weights import load_into, weight_files
 
 logger = logging.getLogger(__name__)
@@ -84,15 +85,19 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
     weight_format: str | None = None,
+    shard: ShardPlan | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model for a checkpoint folder and load its weights (strict).
 
     ``weight_format`` ("bf16", "int8"; None = dense) stores the decoder's linear weights
     compactly (:mod:`qwenvl.models.formats`) while activations run in ``dtype``; they are read
     in the checkpoint's 16-bit dtype (or ``dtype`` when that is wider), never widened first.
+    ``shard`` (tensor parallelism, :mod:`qwenvl.models.parallel`): build this rank's share of
+    the model and read only its slice of each tensor; the collectives are attached by
+    ``parallelize`` with the plan's process group. Returns the model and its (local) config.
     """
     folder = Path(folder)
-    config = load_config(folder)
+    config = load_config(folder) if shard is None else shard.config
     family = family_of(config)
     if weight_format is None:  # an AWQ/GPTQ checkpoint can only load in its own format
         from qwenvl.models.quantized import format_for, quantization_config_of
@@ -104,6 +109,8 @@ def load_model(
     stored = resolve_dtype("auto", config)
     with torch.device("meta"):
         model = family.build(config, get_format(weight_format))
+        if shard is not None:
+            parallelize(model, shard, group=None)  # the default process group
     # Allocate every tensor once, in its final dtype and device; buffers were built on the CPU.
     params = {
         name: torch.empty(p.shape, dtype=torch_dtype, device=device)
@@ -136,6 +143,8 @@ def load_model(
         optional={"lm_head.weight"} if tied else set(),
         progress=progress,
         on_loaded=lambda name: (done.add(name), loaded(name)),
+        slices=None if shard is None else _shard_slices(shard, targets, owners),
+        ignored_prefixes=() if shard is None or shard.vision else ("visual.",),
     )
     if tied:
         if compact_head:  # the compact head gets its own copy of the embedding
@@ -153,6 +162,22 @@ def load_model(
         "loaded %s (%s, weights %s) from %s", config.family, torch_dtype, weight_format, folder
     )
     return model, config
+
+
+def _shard_slices(
+    shard: ShardPlan, targets: dict[str, torch.Tensor], owners: dict[str, nn.Module]
+) -> dict[str, tuple[int, int]]:
+    """(dim, start) of every tensor this rank reads a slice of: plain weights by the dense rule,
+    a compact module's by its own ``shard_slice`` (packed integers split where they are packed)."""
+    out = {}
+    for name in targets:
+        split = shard.tensor_split(name)
+        if split is not None:
+            rule = getattr(owners.get(name), "shard_slice", dense_slice)
+            where = rule(*split)
+            if where is not None:
+                out[name] = where
+    return out
 
 
 def _allocate_compact(

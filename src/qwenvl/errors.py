@@ -47,3 +47,8 @@ class ContextLengthError(PromptError):
 class ActionError(QwenVLError, ValueError):
     """A visual agent's tool call cannot be turned into an action: no call, an unknown tool or
     action, or a missing or malformed argument (see :mod:`qwenvl.agents`)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot run any more steps (a tensor-parallel worker process is gone): every
+    request fails with this until it is restarted. The server answers 503 and shuts down."""

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qwenvl.checkpoint import load_model, read_json, resolve_checkpoint
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.engine import LLMEngine
-from qwenvl.errors import CheckpointError, ContextLengthError, PromptError
+from qwenvl.engine.model_runner import ModelRunner
+from qwenvl.errors import CheckpointError, ConfigError, ContextLengthError, PromptError
 from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
 from qwenvl.sampling import SamplingParams
 from qwenvl.tool_calls import attach_tool_calls
+
+if TYPE_CHECKING:
+    from qwenvl.engine.parallel import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +63,6 @@ def _weight_plan(
 
 
 def _apply_cpu_limits(processor: Processor) -> None:
-    from dataclasses import replace
-
     vision = processor.vision
     if vision.max_pixels > CPU_MAX_PIXELS:
         processor.vision = replace(vision, max_pixels=max(CPU_MAX_PIXELS, vision.min_pixels))
@@ -87,6 +92,10 @@ class LLM:
             LM head too (default: it stays 16-bit; llama.cpp's Q4 files hold it in 6 bits).
         pack_weights: True stores the language model's linear weights in bf16 under float32
             activations (the CPU decode layout), False never; None decides as below.
+        tensor_parallel_size: split the language model over this many processes (GPUs
+            ``cuda:0..N-1``, or CPU processes talking over gloo): this process is rank 0 and
+            starts the others, or, under ``torchrun``, joins torchrun's ranks (the size must be
+            its world size). Call :meth:`shutdown` (or use ``with``) to end them.
 
     CPU defaults (``dtype="auto"``, a 16-bit checkpoint of at least
     ``qwenvl.models.formats.PACK_MIN_BYTES``, a C++ compiler for our kernels):
@@ -113,6 +122,7 @@ class LLM:
         quantization: str | None = None,
         pack_weights: bool | None = None,
         head_quantization: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         if model is None:  # the bundled demo model: a fresh install answers something real
             from qwenvl import demo
@@ -134,9 +144,18 @@ class LLM:
             lora is not None,
             head_quantization,
         )
-        self.model, self.config = load_model(
-            self.path, dtype=dtype, device=device, progress=progress, weight_format=fmt
-        )
+        self.workers: Workers | None = None
+        runner: Callable[..., ModelRunner] = ModelRunner
+        if tensor_parallel_size != 1:
+            if lora is not None:
+                raise ConfigError("a LoRA adapter cannot be served with tensor parallelism yet")
+            engine_config, runner = self._start_ranks(
+                tensor_parallel_size, dtype, fmt, device, engine_config, progress
+            )
+        else:
+            self.model, self.config = load_model(
+                self.path, dtype=dtype, device=device, progress=progress, weight_format=fmt
+            )
         self.weight_format = fmt  # "bf16", "int8", a checkpoint's "awq:w4g128"... or None
         if lora is not None:  # a peft LoRA adapter folder, served unmerged
             from qwenvl.train.lora import load_adapter
@@ -156,8 +175,54 @@ class LLM:
         self.generation_config = read_json(gen_path) if gen_path.exists() else {}
         self.default_sampling = SamplingParams.from_generation_config(self.generation_config)
         self.eos_token_ids = self._eos_ids()
-        self.engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, engine_config)
+        self.engine = LLMEngine(
+            self.model, self.tokenizer, self.eos_token_ids, engine_config, runner=runner
+        )
         self.max_model_len = self.engine.max_model_len
+
+    def _start_ranks(
+        self,
+        size: int,
+        dtype: str | torch.dtype,
+        fmt: str | None,
+        device: str | torch.device,
+        engine_config: EngineConfig | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[EngineConfig, Callable[..., ModelRunner]]:
+        """Tensor parallelism (``engine/parallel.py``): start the other ranks, load this rank's
+        share; returns the engine settings with the KV blocks all ranks agreed on, and the
+        runner that sends each step to them."""
+        from qwenvl.checkpoint import load_config
+        from qwenvl.engine import parallel
+        from qwenvl.models import family_of
+
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"tensor_parallel_size must be a positive int, got {size!r}")
+        self.config = load_config(self.path)  # the whole model's; the model holds its share
+        family_of(self.config).shard(self.config, 0, size)  # a size that cannot split fails here
+        engine_config = engine_config or EngineConfig()
+        load = parallel.Load(str(self.path), dtype, fmt, torch.device(device).type, engine_config)
+        group, self.workers = parallel.start(size, load)
+        weakref.finalize(self, self.workers.shutdown)
+        try:
+            self.model, blocks = parallel.load_shard(load, group, progress)
+        except BaseException:
+            self.workers.shutdown()
+            raise
+        runner = functools.partial(parallel.ParallelRunner, workers=self.workers)
+        return replace(engine_config, num_kv_blocks=blocks), runner
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do at size 1); the LLM cannot generate
+        afterwards. Also called on leaving ``with LLM(...) as llm:`` and at exit."""
+        if self.workers is not None:
+            self.workers.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def _eos_ids(self) -> list[int]:
         eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_ids))

@@ -9,6 +9,8 @@ the safetensors library.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,6 +126,45 @@ def read_tensor(path: Path, spec: dict, base: int, out: torch.Tensor | None = No
     return buf
 
 
+def read_slice(
+    path: Path, spec: dict, base: int, out: torch.Tensor, dim: int, start: int
+) -> torch.Tensor:
+    """Fill ``out`` with the slice ``[start, start + out.shape[dim])`` along ``dim`` of a stored
+    tensor, reading only those bytes (a tensor-parallel rank's share: rows are one read, columns
+    one read per row)."""
+    try:
+        dtype = SAFE_DTYPES[spec["dtype"]]
+        shape = tuple(spec["shape"])
+        first = spec["data_offsets"][0]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed tensor entry {spec!r}") from e
+    n = out.shape[dim] if out.dim() else 0
+    want = shape[:dim] + (n,) + shape[dim + 1 :] if dim < len(shape) else None
+    if want != tuple(out.shape) or start + n > shape[dim]:
+        raise CheckpointError(
+            f"{path}: cannot read rows/columns {start}:{start + n} along dim {dim} of a tensor of "
+            f"shape {shape} into {tuple(out.shape)}"
+        )
+    outer = math.prod(shape[:dim])
+    inner = math.prod(shape[dim + 1 :]) * dtype.itemsize
+    buf = out if out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu" else None
+    buf = torch.empty(tuple(out.shape), dtype=dtype) if buf is None else buf
+    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+    piece, stride = n * inner, shape[dim] * inner
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for o in range(outer):
+            offset = base + first + o * stride + start * inner
+            got = os.preadv(fd, [view[o * piece : (o + 1) * piece]], offset)
+            if got != piece:
+                raise CheckpointError(
+                    f"{path}: truncated file (expected {piece} bytes at {offset})"
+                )
+    if buf is not out:
+        out.copy_(buf)
+    return out
+
+
 def load_into(
     params: dict[str, torch.Tensor],
     files: list[Path],
@@ -132,13 +173,22 @@ def load_into(
     ignored: set[str] = frozenset(),
     progress: Callable[[int, int], None] | None = None,
     on_loaded: Callable[[str], None] | None = None,
+    slices: dict[str, tuple[int, int]] | None = None,
+    ignored_prefixes: tuple[str, ...] = (),
 ) -> None:
     """Fill ``params`` (preallocated, by native name) from the files; strict about names and shapes.
 
-    ``optional`` names may be absent from the files; ``ignored`` names may be present and are
-    skipped. ``on_loaded(native name)`` is called after each tensor is read.
+    ``optional`` names may be absent from the files; ``ignored`` names (and names starting with
+    ``ignored_prefixes``) may be present and are skipped. ``slices``: native name -> (dim,
+    start) of tensors read in part (:func:`read_slice`). ``on_loaded(native name)`` is called
+    after each tensor is read.
     """
-    specs = [s for s in iter_tensor_specs(files) if rename(s[0]) not in ignored]
+    slices = slices or {}
+    specs = [
+        s
+        for s in iter_tensor_specs(files)
+        if rename(s[0]) not in ignored and not rename(s[0]).startswith(ignored_prefixes)
+    ]
     total = sum(s["data_offsets"][1] - s["data_offsets"][0] for _, _, s, _ in specs)
     done, loaded, unexpected = 0, set(), []
     for name, path, spec, base in specs:
@@ -146,7 +196,10 @@ def load_into(
         if native not in params:
             unexpected.append(name)
             continue
-        read_tensor(path, spec, base, out=params[native])
+        if native in slices:
+            read_slice(path, spec, base, params[native], *slices[native])
+        else:
+            read_tensor(path, spec, base, out=params[native])
         loaded.add(native)
         if on_loaded is not None:
             on_loaded(native)

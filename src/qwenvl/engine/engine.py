@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from qwenvl.engine.block_manager import BlockManager
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.encoder_cache import EncoderCache
-from qwenvl.engine.kv_cache import PagedKVCache, available_memory, kv_bytes_per_block
+from qwenvl.engine.kv_cache import PagedKVCache, kv_blocks_for, kv_bytes_per_block
 from qwenvl.engine.model_runner import ModelRunner, sample_next
 from qwenvl.engine.request import Request, Sequence, Status, vision_items
 from qwenvl.engine.scheduler import Scheduler
-from qwenvl.errors import ConfigError, PromptError
+from qwenvl.errors import PromptError
 from qwenvl.models import VLModel, family_of
 from qwenvl.outputs import StreamEvent
 from qwenvl.processing.prompt import PromptInputs
@@ -37,7 +37,10 @@ class LLMEngine:
         tokenizer: Tokenizer,
         eos_token_ids: Seq[int],
         config: EngineConfig | None = None,
+        runner: Callable[..., ModelRunner] = ModelRunner,
     ) -> None:
+        """``runner``: builds the model runner from (model, kv, encoder cache); tensor
+        parallelism passes one that sends each step to the other ranks."""
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -46,7 +49,9 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or family.max_model_len(model.config)
         shape = family.kv_shape(model.config)
         per_block = kv_bytes_per_block(shape, config.block_size, model.dtype)
-        num_blocks = config.num_kv_blocks or self._measure_blocks(per_block)
+        num_blocks = config.num_kv_blocks or kv_blocks_for(
+            config, self.max_model_len, per_block, model.device
+        )
         self.kv = PagedKVCache(shape, num_blocks, config.block_size, model.dtype, model.device)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
@@ -57,26 +62,12 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.encoder_cache = EncoderCache(config.encoder_cache_memory)
-        self.runner = ModelRunner(model, self.kv, self.encoder_cache)
+        self.runner = runner(model, self.kv, self.encoder_cache)
         self.requests: dict[str, Request] = {}
         self.finished: dict[str, Request] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.num_steps = 0
-
-    def _measure_blocks(self, per_block: int) -> int:
-        cfg = self.config
-        budget = cfg.kv_cache_memory
-        if budget is None:
-            budget = int(available_memory(self.model.device) * cfg.memory_fraction)
-        enough = cfg.max_num_seqs * math.ceil(self.max_model_len / cfg.block_size)
-        blocks = min(budget // per_block, enough)
-        if blocks < 1:
-            raise ConfigError(
-                f"the KV cache budget of {budget} bytes holds no block of {cfg.block_size} tokens "
-                f"({per_block} bytes each)"
-            )
-        return blocks
 
     # --- capacity ----------------------------------------------------------------------------
     @property

@@ -7,12 +7,15 @@ per-step :class:`AttentionMetadata` that tells every layer where to write and wh
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from qwenvl.engine.config import EngineConfig
+from qwenvl.errors import ConfigError
 from qwenvl.models import KVShape
 
 
@@ -34,6 +37,25 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_blocks_for(
+    config: EngineConfig, max_model_len: int, per_block: int, device: torch.device, sharing: int = 1
+) -> int:
+    """How many KV blocks to allocate: ``config.kv_cache_memory`` or the measured share of free
+    memory (split ``sharing`` ways: tensor-parallel ranks on one machine's RAM), never more than
+    ``max_num_seqs`` full contexts need."""
+    budget = config.kv_cache_memory
+    if budget is None:
+        budget = int(available_memory(device) * config.memory_fraction) // sharing
+    enough = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
+    blocks = min(budget // per_block, enough)
+    if blocks < 1:
+        raise ConfigError(
+            f"the KV cache budget of {budget} bytes holds no block of {config.block_size} tokens "
+            f"({per_block} bytes each)"
+        )
+    return blocks
 
 
 class PagedKVCache:

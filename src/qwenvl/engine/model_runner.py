@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,20 @@ from qwenvl.engine.request import Request, Sequence
 from qwenvl.engine.scheduler import ScheduledChunk
 from qwenvl.layers.sampler import apply_penalties, compute_logprobs, pad_token_ids, sample
 from qwenvl.models import VLModel
+
+
+@dataclass
+class StepInputs:
+    """One step as every tensor-parallel rank runs it (rank 0 prepares it and sends it over):
+    token ids and M-RoPE positions laid end to end, (block table, first position, length) of
+    each chunk, the rows whose logits are sampled, and the rows vision features overwrite."""
+
+    ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [3, T]
+    layout: list[tuple[list[int], int, int]]
+    rows: list[int]
+    vision_rows: torch.Tensor | None  # [R] int64
+    vision: torch.Tensor | None  # [R, hidden]
 
 
 class ModelRunner:
@@ -34,36 +49,53 @@ class ModelRunner:
         self.backend = backend or select_backend(model)
         self.vit_items = 0  # items that went through the vision tower
 
-    @torch.inference_mode()
     def run(self, chunks: Seq[ScheduledChunk], tables: Seq[list[int]]) -> torch.Tensor:
         """Logits ``[S, vocab]`` (float32) for the chunks that sample, in chunk order."""
-        model = self.model
-        device = model.device
-        ids, positions, rows = [], [], []
+        return self.execute(self.prepare(chunks, tables))
+
+    @torch.inference_mode()
+    def prepare(self, chunks: Seq[ScheduledChunk], tables: Seq[list[int]]) -> StepInputs:
+        """The step's inputs, everything a rank needs to run it (vision features included)."""
+        ids, positions, rows, layout = [], [], [], []
         offset = 0
-        for c in chunks:
+        for c, table in zip(chunks, tables):
             end = c.start + c.length
             ids.extend(c.seq.ids(c.start, end))
             positions.append(c.seq.positions(c.start, end))
+            layout.append((table, c.start, c.length))
             offset += c.length
             if c.samples:
                 rows.append(offset - 1)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        embeds = model.embed_tokens(input_ids)
-        self._fill_vision(chunks, embeds)
-        meta = AttentionMetadata.build(
-            [(t, c.start, c.length) for c, t in zip(chunks, tables)], self.kv.block_size, device
+        vision_rows, vision = self._vision(chunks)
+        return StepInputs(
+            torch.tensor(ids, dtype=torch.long),
+            torch.cat(positions, dim=1),
+            layout,
+            rows,
+            vision_rows,
+            vision,
         )
-        hidden = self.backend.run(embeds, torch.cat(positions, dim=1), self.kv, meta)
-        return model.compute_logits(
-            hidden[torch.tensor(rows, dtype=torch.long, device=device)]
-        ).float()
+
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """Run a prepared step: embeddings, vision rows, the decoder backend, the logits."""
+        model = self.model
+        device = model.device
+        embeds = model.embed_tokens(step.ids.to(device))
+        if step.vision_rows is not None:
+            embeds[step.vision_rows.to(device)] = step.vision.to(device, embeds.dtype)
+        meta = AttentionMetadata.build(step.layout, self.kv.block_size, device)
+        hidden = self.backend.run(embeds, step.positions, self.kv, meta)
+        rows = torch.tensor(step.rows, dtype=torch.long, device=device)
+        return model.compute_logits(hidden[rows]).float()
 
     # --- vision ------------------------------------------------------------------------------
-    def _fill_vision(self, chunks: Seq[ScheduledChunk], embeds: torch.Tensor) -> None:
-        """Overwrite the rows of the step's vision items with their features (a chunk may hold
-        part of an item), encoding what no cache holds. Rows, not placeholder ids, say where:
-        a generated ``<|image_pad|>`` is an ordinary token."""
+    def _vision(
+        self, chunks: Seq[ScheduledChunk]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The step's rows that hold vision items (a chunk may hold part of an item) and their
+        features, encoding what no cache holds. Rows, not placeholder ids, say where: a
+        generated ``<|image_pad|>`` is an ordinary token."""
         overlays = []
         offset = 0
         for c in chunks:
@@ -75,10 +107,11 @@ class ModelRunner:
                     overlays.append((req, k, offset + lo - c.start, lo - item.start, hi - lo))
             offset += c.length
         if not overlays:
-            return
+            return None, None
         self._encode_missing({(id(r), k): (r, k) for r, k, *_ in overlays}.values())
-        for req, k, row, first, n in overlays:
-            embeds[row : row + n] = req.features[k][first : first + n].to(embeds.dtype)
+        rows = torch.cat([torch.arange(row, row + n) for _, _, row, _, n in overlays])
+        feats = torch.cat([req.features[k][a : a + n] for req, k, _, a, n in overlays])
+        return rows, feats
 
     def _encode_missing(self, wanted: Iterable[tuple[Request, int]]) -> None:
         todo: dict[str, list[tuple[Request, int]]] = {"image": [], "video": []}

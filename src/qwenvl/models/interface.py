@@ -28,6 +28,7 @@ from torch import nn
 from qwenvl.models.qwen2_vl.config import ModelConfig
 
 if TYPE_CHECKING:
+    from qwenvl.models.parallel import ShardPlan
     from qwenvl.processing.image import VisionPreprocessConfig
 
 Grid = tuple[int, int, int]
@@ -67,6 +68,7 @@ class DecoderLayout:
     norm: str = "rms"  # pre-norm RMSNorm before attention and MLP
     activation: str = "silu_gated"  # down(silu(gate(x)) * up(x))
     weight_format: str = "dense"  # see qwenvl.models.formats
+    tensor_parallel_size: int = 1  # > 1: the layers hold a share and meet the other ranks'
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,13 @@ class ModelFamily:
         """M-RoPE positions ``[3, L]`` and the decode delta of one prompt
         (``video_seconds``: seconds per temporal grid step of each video)."""
         raise NotImplementedError
+
+    def shard(self, config: ModelConfig, rank: int, size: int) -> ShardPlan:
+        """Rank ``rank``'s share of the model under tensor parallelism of ``size``
+        (``models/parallel.py``); the default is the Qwen2 decoder's Megatron plan."""
+        from qwenvl.models.parallel import qwen2_decoder_plan
+
+        return qwen2_decoder_plan(config, rank, size)
 
     def kv_shape(self, config: ModelConfig) -> KVShape:
         t = config.text

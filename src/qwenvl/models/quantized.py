@@ -281,6 +281,37 @@ class _FromCheckpoint:
     group_size: int
     _ckpt: dict[str, dict[str, torch.Tensor]] | None
     _has_bias: bool
+    _first_group: int = (
+        0  # tensor parallel, split by input columns: the first group this rank reads
+    )
+
+    def shard_slice(self, tensor: str, kind: str, start: int) -> tuple[int, int] | None:
+        """(dim, start) of a tensor-parallel rank's share of a packed tensor (None: read whole).
+        Output rows are cut where the integers pack them (``32 / bits`` to an int32: AWQ's
+        qweight, both methods' qzeros), input columns in whole groups."""
+        per, g, awq = 32 // self.fmt.bits, self.group_size, self.fmt.method == "awq"
+        if kind == "out":
+            packed = tensor == "qzeros" or (awq and tensor == "qweight")
+            if packed and start % per:
+                raise ConfigError(f"a rank's output rows must start at a multiple of {per}")
+            return (
+                None
+                if tensor == "g_idx"
+                else (1 if tensor != "bias" else 0, start // (per if packed else 1))
+            )
+        if start % g or self.in_features % g:
+            raise ConfigError(
+                f"tensor parallelism splits this layer's inputs at {start}, not a multiple of the "
+                f"checkpoint's group size {g}"
+            )
+        if tensor == "bias":
+            raise ConfigError("a row-parallel layer with a bias is not supported")
+        if tensor == "g_idx":
+            self._first_group = start // g
+            return 0, start
+        if tensor == "qweight":
+            return 0, start if awq else start // per
+        return 0, start // g  # qzeros, scales
 
     def allocate(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The packed tensors the loader reads, by checkpoint name (relative to this module, or
@@ -320,11 +351,20 @@ class _FromCheckpoint:
                 p = None
             else:
                 offset = 1 if fmt.method == "gptq" else 0
+                g_idx = t["g_idx"] - self._first_group
+                if (
+                    self._first_group
+                    and not ((g_idx >= 0) & (g_idx < len(g_idx) // self.group_size)).all()
+                ):
+                    raise ConfigError(
+                        "this act-order GPTQ checkpoint (desc_act) mixes groups across the input "
+                        "columns that tensor parallelism splits; run it at tensor_parallel_size=1"
+                    )
                 q, s, z, p = unpack_gptq(
                     t["qweight"],
                     t["qzeros"],
                     t["scales"],
-                    t["g_idx"],
+                    g_idx,
                     fmt.bits,
                     self.group_size,
                     offset,

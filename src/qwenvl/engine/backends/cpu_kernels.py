@@ -23,7 +23,8 @@ def fuses(layout: DecoderLayout) -> bool:
     bias, no o bias, gated SiLU MLP (the weights must also be ones the GEMV kernels read:
     ``_gather``)."""
     return (
-        layout.norm == "rms"
+        layout.tensor_parallel_size == 1  # no collectives inside the fused step
+        and layout.norm == "rms"
         and layout.activation == "silu_gated"
         and layout.qkv_bias
         and not layout.o_bias

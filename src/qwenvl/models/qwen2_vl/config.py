@@ -50,14 +50,17 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     max_position_embeddings: int = 32768
     hidden_act: str = "silu"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    # 0: hidden_size / num_attention_heads (the released models). A tensor-parallel rank's config
+    # (``models/parallel.py``) holds a share of the heads and keeps the whole model's head_dim.
+    head_dim: int = 0
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("text config: hidden_size must be divisible by num_attention_heads")
+        if not self.head_dim:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    "text config: hidden_size must be divisible by num_attention_heads"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 "text config: num_attention_heads must be a multiple of num_key_value_heads"

@@ -35,6 +35,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     vision_class: type[VisionTransformer] = VisionTransformer
     # Patches above which encode_vision splits an item along time (None = never); settable.
     vision_chunk_patches: int | None = 16384
+    # set by models.parallel.parallelize: the ranks this model's decoder is split over
+    tensor_parallel_size: int = 1
 
     def __init__(self, config: ModelConfig, weight_format: WeightFormat | None = None) -> None:
         super().__init__()
@@ -179,6 +181,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             intermediate_size=t.intermediate_size,
             rms_norm_eps=t.rms_norm_eps,
             weight_format="dense" if fmt is None else fmt.name,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
     def decoder_weights(self) -> list[dict[str, nn.Module]]:
