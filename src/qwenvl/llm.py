@@ -133,6 +133,7 @@ class LLM:
                     f"no model given and the demo model is not bundled here ({model}); pass a "
                     "checkpoint folder or Hugging Face id, or train it: python -m qwenvl.demo.train"
                 )
+        self._name = model
         self.path = resolve_checkpoint(model)
         on_cpu = torch.device(device).type == "cpu"
         dtype, fmt = _weight_plan(
@@ -201,7 +202,10 @@ class LLM:
         self.config = load_config(self.path)  # the whole model's; the model holds its share
         family_of(self.config).shard(self.config, 0, size)  # a size that cannot split fails here
         engine_config = engine_config or EngineConfig()
-        load = parallel.Load(str(self.path), dtype, fmt, torch.device(device).type, engine_config)
+        name = str(self._name)
+        load = parallel.Load(
+            str(self.path), name, dtype, fmt, torch.device(device).type, engine_config
+        )
         group, self.workers = parallel.start(size, load)
         weakref.finalize(self, self.workers.shutdown)
         try:

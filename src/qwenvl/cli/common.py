@@ -165,6 +165,15 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
         "more",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1...; auto = cuda if present")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="split the language model over N processes: GPUs cuda:0..N-1, or CPU processes "
+        "(gloo); this process starts the others, or under torchrun the size must be its "
+        "world size",
+    )
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -176,7 +185,11 @@ def resolve_device(name: str) -> str:
 
 
 def load_llm(args: argparse.Namespace) -> LLM:
-    """An ``LLM`` from the --model/--dtype/--device/--min-pixels/--max-pixels arguments."""
+    """An ``LLM`` from the --model/--dtype/--device/--min-pixels/--max-pixels arguments. Under
+    ``torchrun`` the ranks other than 0 serve their share of the model here and exit."""
+    worker = torchrun_worker(args)
+    if worker is not None:
+        raise SystemExit(worker)
     bar = ProgressBar()
     try:
         return LLM(
@@ -189,6 +202,17 @@ def load_llm(args: argparse.Namespace) -> LLM:
             quantization=args.quantization,
             pack_weights=args.pack_weights,
             head_quantization=args.head_quantization,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     finally:
         bar.close()
+
+
+def torchrun_worker(args: argparse.Namespace) -> int | None:
+    """Under ``torchrun``, every rank but 0 serves its share of the model (what to load comes
+    from rank 0) and returns its exit code here; None on rank 0 and outside torchrun."""
+    from qwenvl.engine import parallel
+
+    if not parallel.launched_by_torchrun() or parallel.torchrun_rank() == 0:
+        return None
+    return parallel.run_torchrun_worker(resolve_device(args.device))

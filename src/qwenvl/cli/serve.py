@@ -17,6 +17,7 @@ from qwenvl.cli.common import (
     add_vision_args,
     default,
     resolve_device,
+    torchrun_worker,
 )
 from qwenvl.engine.config import EngineConfig
 from qwenvl.llm import LLM
@@ -236,6 +237,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(
             f'error: qwenvl serve needs the serve extra: pip install "qwenvl[serve]" ({e})'
         ) from None
+    worker = torchrun_worker(args)
+    if worker is not None:
+        return worker
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = server_settings(args)
     llm = LLM(
@@ -249,6 +253,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pack_weights=args.pack_weights,
         head_quantization=args.head_quantization,
         engine_config=engine_config(args),
+        tensor_parallel_size=args.tensor_parallel_size,
     )
-    serve(llm, settings, host=args.host, port=args.port)
-    return 0
+    try:
+        serve(llm, settings, host=args.host, port=args.port)
+    finally:
+        llm.shutdown()
+    return 1 if llm.workers is not None and llm.workers.lost else 0

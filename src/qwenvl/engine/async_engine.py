@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from qwenvl.engine.engine import LLMEngine
+from qwenvl.errors import EngineDeadError
 from qwenvl.outputs import StreamEvent
 from qwenvl.processing.prompt import PromptInputs
 from qwenvl.sampling import SamplingParams
@@ -119,9 +120,10 @@ class AsyncEngine:
                 events = engine.step()
             except Exception as e:  # a failed step fails its requests, never the thread
                 logger.exception("engine step failed")
+                error = e if isinstance(e, EngineDeadError) else RuntimeError(str(e))
                 for rid in list(engine.requests):
                     engine.abort(rid)
-                    self._finish(rid, RuntimeError(f"generation failed: {e}"))
+                    self._finish(rid, error)
                 continue
             for event in events:
                 self._send(event.request_id, event)

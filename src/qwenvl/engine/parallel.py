@@ -20,7 +20,6 @@ import ctypes
 import datetime
 import logging
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -52,7 +51,8 @@ class Load:
     """What every rank loads: the checkpoint, the dtype and weight format rank 0 chose for it,
     the device type and the engine settings (for the KV cache)."""
 
-    path: str
+    path: str  # rank 0's folder; another machine without it resolves ``name`` itself
+    name: str
     dtype: str | torch.dtype
     weight_format: str | None
     device: str  # "cpu" or "cuda": each rank takes its own cuda:<local rank>
@@ -133,6 +133,10 @@ def load_shard(
     if load.device == "cpu":
         _share_cpu()
     path = Path(load.path)
+    if not path.is_dir():
+        from qwenvl.checkpoint import resolve_checkpoint
+
+        path = resolve_checkpoint(load.name)
     config = load_config(path)
     family = family_of(config)
     plan = family.shard(config, group.rank, group.size)
@@ -250,6 +254,7 @@ def start(size: int, load: Load) -> tuple[Group, Workers]:
                 "they must match"
             )
         group = init_group(0, size, load.device, "env://")
+        group.broadcast(load)
         return group, Workers(group, [])
     with socket.socket() as s:  # a free port for the rendezvous on this machine
         s.bind(("127.0.0.1", 0))
@@ -259,14 +264,11 @@ def start(size: int, load: Load) -> tuple[Group, Workers]:
     # fresh interpreters, not multiprocessing: a user's script needs no __main__ guard
     procs = []
     for rank in range(1, size):
-        cmd = [sys.executable, "-m", "qwenvl.engine.parallel", str(rank), str(size), init]
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE)
-        assert p.stdin is not None
-        p.stdin.write(pickle.dumps(load))
-        p.stdin.close()
-        procs.append(p)
+        cmd = [sys.executable, "-m", __name__, str(rank), str(size), init, load.device]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
     try:
         group = init_group(0, size, load.device, init)
+        group.broadcast(load)
     except BaseException:
         for p in procs:
             p.kill()
@@ -275,10 +277,11 @@ def start(size: int, load: Load) -> tuple[Group, Workers]:
 
 
 # --- ranks 1..N-1 ----------------------------------------------------------------------------
-def serve_model(load: Load, group: Group) -> int:
-    """A worker's life: load the share, make the KV cache, run every step rank 0 sends until it
-    sends None (0) or cannot be reached (1)."""
+def serve_model(group: Group) -> int:
+    """A worker's life: take what to load from rank 0, load the share, make the KV cache, run
+    every step rank 0 sends until it sends None (0) or cannot be reached (1)."""
     try:
+        load = group.broadcast(None)
         model, blocks = load_shard(load, group)
         from qwenvl.models import family_of
 
@@ -316,28 +319,30 @@ def _die_with_parent() -> None:
 
 
 def _spawned() -> None:
-    """``python -m qwenvl.engine.parallel RANK SIZE INIT`` with the pickled :class:`Load` on
-    stdin: a rank started by rank 0 on this machine."""
+    """``python -m qwenvl.engine.parallel RANK SIZE INIT DEVICE``: a rank started by rank 0 on
+    this machine."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # rank 0 died before the death signal was armed
         raise SystemExit(1)
-    rank, size, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    load = pickle.loads(sys.stdin.buffer.read())
+    rank, size, init, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     os.environ["QWENVL_LOCAL_RANK"], os.environ["QWENVL_LOCAL_SIZE"] = str(rank), str(size)
     logging.basicConfig(
         level=logging.WARNING, format=f"rank {rank} %(levelname)s %(name)s: %(message)s"
     )
-    group = init_group(rank, size, load.device, init)
-    raise SystemExit(serve_model(load, group))
+    group = init_group(rank, size, device, init)
+    raise SystemExit(serve_model(group))
 
 
-def run_torchrun_worker(load: Load) -> int:
-    """A ``torchrun`` rank other than 0 (the CLI's ``serve``/``chat`` on those ranks)."""
-    rank, size = torchrun_rank(), int(os.environ["WORLD_SIZE"])
-    group = init_group(rank, size, load.device, "env://")
-    return serve_model(load, group)
+def run_torchrun_worker(device: str) -> int:
+    """A ``torchrun`` rank other than 0 (what the CLI's ``serve``/``chat`` run there): rank 0
+    sends what to load. ``device``: ``cpu`` or ``cuda``, as on rank 0."""
+    logging.basicConfig(
+        level=logging.INFO, format=f"rank {torchrun_rank()} %(levelname)s %(name)s: %(message)s"
+    )
+    group = init_group(torchrun_rank(), int(os.environ["WORLD_SIZE"]), device, "env://")
+    return serve_model(group)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def gather_vocab_output(shard: VocabShard, size: int, group: Any):
         rows = flat.shape[0]
         parts = flat.new_empty(size * rows, shard.per_rank)  # rank after rank
         dist.all_gather_single(parts, flat.contiguous(), group=group)
-        full = parts.view(size, rows, -1).permute(1, 0, 2).reshape(rows, -1)[:, : shard.total]
+        full = parts.view(size, rows, shard.per_rank).permute(1, 0, 2)
+        full = full.reshape(rows, size * shard.per_rank)[:, : shard.total]
         return full.reshape(*lead, shard.total)
 
     return hook

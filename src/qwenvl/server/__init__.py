@@ -34,11 +34,15 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **kwargs: Any) -> uvi
 
 
 def serve(llm: LLM, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``llm`` until interrupted."""
+    """Serve ``llm`` until interrupted, or until a tensor-parallel worker is lost (the engine
+    can run no more steps: the server stops instead of answering 503 forever)."""
     import uvicorn
 
     config = uvicorn_config(create_app(llm, settings), settings, host=host, port=port)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    if llm.workers is not None:
+        llm.workers.on_lost = lambda why: setattr(server, "should_exit", True)
+    server.run()
 
 
 __all__ = ["ServerSettings", "create_app", "serve", "uvicorn_config"]

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from qwenvl.errors import (
     ContextLengthError,
+    EngineDeadError,
     MediaError,
     MediaTimeoutError,
     MediaTooLargeError,
@@ -89,6 +90,8 @@ def engine_error(e: BaseException) -> APIError:
     or the server's (500)."""
     if isinstance(e, QwenVLError):
         return input_error(e)
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), type="server_error", code="engine_dead")
     if isinstance(e, RuntimeError) and "shut down" in str(e):
         return APIError(
             503, str(e), type="server_error", code="unavailable", headers={"Retry-After": "5"}

@@ -18,9 +18,12 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(state: State) -> Response:
-    """200 while the engine runs, 503 once it is shut down."""
+    """200 while the engine runs, 503 once it is shut down or a tensor-parallel worker is lost."""
     if state.engine._closed:
         raise APIError(503, "the engine is shut down", type="server_error")
+    workers = state.llm.workers
+    if workers is not None and workers.lost is not None:
+        raise APIError(503, workers.error().args[0], type="server_error", code="engine_dead")
     return Response(status_code=200)
 
 
