@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,18 @@ class Workers:
         if not self._closed:
             self.mark_lost(f"rank {rank} {_exit(code)}")
 
+    def dead_rank(self, grace: float = 1.0) -> str | None:
+        """Which spawned rank died, if one did (its exit is seen within ``grace`` seconds of the
+        broken connection it caused)."""
+        deadline = time.monotonic() + grace
+        while True:
+            for rank, p in enumerate(self.procs, 1):
+                if p.poll() is not None:
+                    return f"rank {rank} {_exit(p.returncode)}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def mark_lost(self, why: str) -> None:
         if self.lost is None:
             self.lost = why
@@ -238,7 +251,7 @@ class ParallelRunner(ModelRunner):
             w.send(step)
             return super().execute(step)
         except (RuntimeError, dist.DistError) as e:
-            w.mark_lost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            w.mark_lost(w.dead_rank() or f"{type(e).__name__}: {str(e)[:200]}")
             raise w.error() from e
 
 

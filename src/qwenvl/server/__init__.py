@@ -6,6 +6,8 @@ with uvicorn.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 from qwenvl.server.settings import ServerSettings
@@ -42,7 +44,17 @@ def serve(llm: LLM, settings: ServerSettings, host: str = "127.0.0.1", port: int
     server = uvicorn.Server(config)
     if llm.workers is not None:
         llm.workers.on_lost = lambda why: setattr(server, "should_exit", True)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal it stopped on: a stop asked for by Ctrl-C or SIGTERM
+        # exits 0 through the callers' cleanup (the tensor-parallel workers are told to stop)
+        # instead of dying on the spot (SIGTERM) or as an interruption (SIGINT)
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        signal.signal(signal.SIGINT, _exit_cleanly)
     server.run()
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 __all__ = ["ServerSettings", "create_app", "serve", "uvicorn_config"]
