@@ -365,6 +365,8 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
                     f"{', '.join(f'{c:.2f}' for c in d['cpu_workers_s'])} over "
                     f"{d['total_s']:.2f} s)" + ("" if f["ttft"] is None else
                     f"; TTFT {len(long.token_ids)}-token prompt {f['ttft']:.3f} s"))  # fmt: skip
+            rnd["load_average"] = os.getloadavg()[0]
+            log(f"  load average {rnd['load_average']:.2f} (other work on the machine skews this)")
             rnd["ratio_tp2_tp1"] = rnd["tp2"]["decode_tok_s"] / rnd["tp1"]["decode_tok_s"]
             rnd["ttft_ratio_tp2_tp1"] = rnd["tp2"]["ttft_s"] / rnd["tp1"]["ttft_s"]
             rounds.append(rnd)
@@ -495,7 +497,8 @@ def main() -> None:
     spec = SHAPES[args.shape][args.family]
     t_start = time.perf_counter()
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{len(os.sched_getaffinity(0))} cores, {platform.processor() or platform.machine()}; "
+        f"{len(os.sched_getaffinity(0))} cores, {platform.processor() or platform.machine()}, "
+        f"load average {os.getloadavg()[0]:.2f}; "
         f"{args.family} shape {args.shape}, dtype {args.dtype}, KV {args.kv_blocks} blocks of "
         f"{BLOCK_SIZE} tokens")  # fmt: skip
     path = build_checkpoint(args.cache, args.family, args.shape)
@@ -505,6 +508,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cores": len(os.sched_getaffinity(0)),
         "checkpoint": str(path),
+        "load_average_start": os.getloadavg()[0],
         "speed_setup": "both LLMs (tp=1, tp=2) loaded at once in one process; rounds alternate",
     }  # fmt: skip
 

@@ -49,6 +49,7 @@ SERVE_OTHERS = {
     "--pack-weights",
     "--no-pack-weights",
     "--device",
+    "--tensor-parallel-size",
     "--min-pixels",
     "--max-pixels",
     "--host",

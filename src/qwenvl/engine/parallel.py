@@ -85,13 +85,17 @@ def rank_device(kind: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _share_cpu() -> None:
     """Ranks on one machine's CPUs split its cores (oversubscribed threads spin at barriers),
     unless the user set ``OMP_NUM_THREADS``."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // _local_ranks()[1]))
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, _cores() // _local_ranks()[1]))
 
 
 class Group:
@@ -242,6 +246,20 @@ class ParallelRunner(ModelRunner):
     def __init__(self, *args: Any, workers: Workers, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.workers = workers
+        # the vision tower runs here alone while the other ranks wait for the step: on a CPU
+        # machine it takes the cores they are not using
+        cpu = self.model.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ
+        self.vision_threads = _cores() if cpu and workers.procs else None
+
+    def _encode_missing(self, wanted: Any) -> None:
+        if self.vision_threads is None:
+            return super()._encode_missing(wanted)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.vision_threads)
+        try:
+            super()._encode_missing(wanted)
+        finally:
+            torch.set_num_threads(threads)
 
     def execute(self, step: StepInputs) -> torch.Tensor:
         w = self.workers
