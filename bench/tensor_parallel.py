@@ -21,7 +21,8 @@ KV heads of them), prefix and encoder caches off.
    the all-reduce of a ``[1, hidden]`` float32 row (after every row-parallel layer, o_proj and
    down_proj: 2 per layer, plus one for the vocabulary-parallel embedding), the all-gather of the
    head's logits (``[1, vocab / 2]`` per rank), the broadcast of a decode step's ``StepInputs``
-   (rank 0 to the workers, pickled), and the all-reduce of a ``[prompt, hidden]`` block (prefill).
+   (rank 0 to the workers, pickled), and the all-reduce of a ``[prompt, hidden]`` block (prefill);
+   for scale, a round trip between two processes through a pipe and a spin on shared memory.
 3. speed: both LLMs (tp=1 and tp=2) loaded at once in this process, then ``--rounds`` alternating
    rounds (tp1, tp2, tp1 without the fused decode step, in turn, each round): batch-1 greedy decode
    tok/s (``--tokens`` new tokens after a short text prompt, ``ignore_eos``, timed from the first
@@ -34,10 +35,15 @@ KV heads of them), prefix and encoder caches off.
    step from the cost of the collectives and of one thread per rank (decode only: a prefill
    never fuses, so its TTFT is tp1's).
 
+   Rank 0's collectives are also timed inside the engine (``torch.distributed``'s functions
+   wrapped during the runs: calls and seconds, waits for the other ranks included), and each
+   rank's CPU seconds are read from /proc.
+
 Then: tok/s per round and tp2/tp1 within each round, TTFT per round, and where a tp=2 token's
-time goes (collectives from step 2 against the measured per-token time), plus the DRAM read
-bandwidth bound (bytes of LM weights a token streams, summed over the ranks: the ranks of one
-machine share its memory bandwidth). ``--json PATH`` writes every number.
+time goes (the collectives of step 2 times their count per token, and rank 0's time inside
+collectives in the engine, against the measured per-token time), plus the DRAM read bandwidth
+bound (bytes of LM weights a token streams, summed over the ranks: the ranks of one machine share
+its memory bandwidth). ``--json PATH`` writes every number.
 """
 
 from __future__ import annotations
@@ -270,6 +276,48 @@ def comm_child(rank: int, init: str, spec: dict[str, Any], prompt: int, iters: i
     return out
 
 
+def _echo_pipe(conn) -> None:
+    while (m := conn.recv()) is not None:
+        conn.send(m)
+
+
+def _echo_shared(flags, n: int) -> None:
+    for i in range(1, n + 1):
+        while flags[0] != i:
+            pass
+        flags[1] = i
+
+
+def ipc_floor(n: int = 2000) -> dict[str, float]:
+    """Seconds of a round trip between two processes through a pipe and through a spin on
+    shared memory (Python on both sides): what this machine allows, against gloo's figures."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=_echo_pipe, args=(b,))
+    p.start()
+    for _ in range(50):
+        a.send(1), a.recv()
+    t = time.perf_counter()
+    for _ in range(n):
+        a.send(1), a.recv()
+    pipe = (time.perf_counter() - t) / n
+    a.send(None)
+    p.join()
+    flags = ctx.Array("q", 2, lock=False)
+    p = ctx.Process(target=_echo_shared, args=(flags, n))
+    p.start()
+    t = time.perf_counter()
+    for i in range(1, n + 1):
+        flags[0] = i
+        while flags[1] != i:
+            pass
+    shared = (time.perf_counter() - t) / n
+    p.join()
+    return {"pipe_round_trip": pipe, "shared_memory_round_trip": shared}
+
+
 def run_comm(spec_name: str, family: str, prompt: int, iters: int) -> dict[str, Any]:
     init = f"tcp://127.0.0.1:{free_port()}"
     extra = [family, spec_name, str(prompt), str(iters), init]
@@ -286,6 +334,39 @@ def run_comm(spec_name: str, family: str, prompt: int, iters: int) -> dict[str, 
 
 
 # --- 3. speed, both sizes in memory, alternating rounds ----------------------------------------
+COLLECTIVES = ("all_reduce", "all_gather_single", "broadcast_object_list")
+
+
+@contextlib.contextmanager
+def timed_collectives(acc: dict[str, list[float]]):
+    """Count the calls and seconds of this process's collectives (rank 0's: its waits for the
+    other ranks included) into ``acc``: name -> [calls, seconds]. The model's hooks and the
+    step broadcast look the functions up on ``torch.distributed`` at each call."""
+    import torch.distributed as dist
+
+    saved = {n: getattr(dist, n) for n in COLLECTIVES}
+
+    def wrap(name, fn):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                entry = acc.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - t
+
+        return timed
+
+    for name, fn in saved.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield acc
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
 @contextlib.contextmanager
 def unfused(llm):
     """The tp=1 engine without its one-call decode step (as tp>1 runs every step)."""
@@ -331,11 +412,13 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
             torch.set_num_threads(threads)
             cpu0 = time.process_time()
             cpuw = [cpu_seconds(p) for p in workers]
-            with ctx():
+            calls: dict[str, list[float]] = {}
+            with ctx(), timed_collectives(calls):
                 r = qwenvl_run(llm, [prompt], n)
             r["cpu_rank0_s"] = time.process_time() - cpu0
             r["cpu_workers_s"] = [cpu_seconds(p) - c for p, c in zip(workers, cpuw)]
             r["tokens"] = r["tokens"][0]
+            r["collectives"] = calls
             return r
 
         log("warm-up ...")
@@ -359,6 +442,8 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
                     "cpu_workers_s": d["cpu_workers_s"],
                     "ttft_s": f["ttft"],
                     "tokens": d["tokens"],
+                    # rank 0 inside collectives over the whole run (prefill step included)
+                    "collectives_decode_run": d["collectives"],
                 }
                 log(f"  {label:>11}: decode {rate:7.2f} tok/s ({args.tokens} tokens, "
                     f"{1e3 / rate:.1f} ms/token; CPU s rank 0 {d['cpu_rank0_s']:.2f}, workers "
@@ -371,6 +456,7 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
             rnd["ttft_ratio_tp2_tp1"] = rnd["tp2"]["ttft_s"] / rnd["tp1"]["ttft_s"]
             rounds.append(rnd)
         out["rounds"] = rounds
+        out["decode_tokens"] = args.tokens
         out["greedy_tokens_identical"] = all(
             r["tp1"]["tokens"] == r["tp2"]["tokens"] for r in rounds
         )
@@ -439,6 +525,24 @@ def report_speed(speed: dict[str, Any], comm: dict[str, Any] | None, spec, bw, n
                          f"{100 * each_ms / ms:.0f}%"))  # fmt: skip
         rows.append(("sum", "", "", "", f"{comm_ms:.2f}", f"{100 * comm_ms / ms:.0f}%"))
         table(rows)
+        floor = comm.get("floor")
+        if floor:
+            row = comm["all_reduce_row"]
+            log(f"one all-reduce of a row takes {row / floor['pipe_round_trip']:.0f}x a pipe "
+                f"round trip between two processes and "
+                f"{row / floor['shared_memory_round_trip']:.0f}x a spin on shared "
+                "memory")  # fmt: skip
+        seen = [r["tp2"]["collectives_decode_run"] for r in rounds]
+        if seen and seen[0]:
+            tokens = speed["decode_tokens"]
+            inside = statistics.median(sum(v[1] for v in c.values()) for c in seen) * 1e3 / tokens
+            calls = sum(v[0] for v in seen[0].values()) / tokens
+            summary["tp2_rank0_in_collectives_ms_per_token"] = inside
+            log(f"in the engine (median round), rank 0 spent {inside:.1f} ms a token inside "
+                f"{calls:.0f} collectives ({100 * inside / ms:.0f}% of the token; waits for "
+                "rank 1 included): "
+                + ", ".join(f"{k} {v[0]} calls {v[1] * 1e3:.0f} ms" for k, v in seen[0].items())
+                + f" over the {tokens}-token run (round 1)")  # fmt: skip
         rest = ms - comm_ms
         note = (f"the rest, {rest:.1f} ms, is each rank's share of the weights on "
                 f"{speed['threads_tp2_per_rank']} thread(s), module by module")  # fmt: skip
@@ -527,6 +631,10 @@ def main() -> None:
     report["collectives_s"] = comm
     log("  " + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in comm.items()
                          if isinstance(v, float)))  # fmt: skip
+    comm["floor"] = ipc_floor()
+    log(f"  for scale, a round trip between two processes: pipe "
+        f"{comm['floor']['pipe_round_trip'] * 1e6:.0f} us, spin on shared memory "
+        f"{comm['floor']['shared_memory_round_trip'] * 1e6:.1f} us")  # fmt: skip
 
     bw = read_bandwidth(3)
     report["dram_read_GBps"] = bw / 1e9
