@@ -109,6 +109,7 @@ def test_chunked_prefill_preemption_and_seeded_sampling(shaped):
     longer = SamplingParams(temperature=0, max_tokens=16, min_tokens=16, logprobs=3)
     seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=8, n=2, logprobs=1)
     conversations = convs()
+    threads = torch.get_num_threads()
     one = LLM(folder, dtype="float32", engine_config=cfg)
     want, want_seeded = replies(one, conversations, longer), one.chat(conversations[1], seeded)[0]
     assert one.engine.stats["preemptions"] > 0
@@ -119,6 +120,11 @@ def test_chunked_prefill_preemption_and_seeded_sampling(shaped):
         got_seeded = llm.chat(conversations[1], seeded)[0]
         for g, w in zip(got_seeded.outputs, want_seeded.outputs):
             assert_same(g, w)
+        with pytest.raises(ConfigError, match="one tensor-parallel LLM per process"):
+            LLM(folder, dtype="float32", tensor_parallel_size=2)
+    with pytest.raises(EngineDeadError, match="shut down"):
+        replies(llm, conversations[:1])
+    assert torch.get_num_threads() == threads  # rank 0 gives back the cores it shared
 
 
 def sixteen_bit(src: Path, out: Path) -> Path:

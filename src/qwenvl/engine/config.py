@@ -15,7 +15,8 @@ class EngineConfig:
         block_size: tokens per KV block.
         kv_cache_memory: bytes of KV cache to allocate once; None measures it (on CUDA a share
             of the free memory, on CPU a share of the available RAM, never more than the
-            ``max_num_seqs`` full contexts need).
+            ``max_num_seqs`` full contexts need). With tensor parallelism it is per GPU, and
+            on CPUs the machine's, split over the ranks that share its RAM.
         num_kv_blocks: an exact number of blocks (wins over ``kv_cache_memory``; used by tests).
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: the per-step token budget; a longer prefill is split in chunks.

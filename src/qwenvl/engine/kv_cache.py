@@ -43,11 +43,12 @@ def kv_blocks_for(
     config: EngineConfig, max_model_len: int, per_block: int, device: torch.device, sharing: int = 1
 ) -> int:
     """How many KV blocks to allocate: ``config.kv_cache_memory`` or the measured share of free
-    memory (split ``sharing`` ways: tensor-parallel ranks on one machine's RAM), never more than
-    ``max_num_seqs`` full contexts need."""
+    memory, split ``sharing`` ways (tensor-parallel ranks on one machine's RAM: the budget is
+    the machine's, as at size 1), never more than ``max_num_seqs`` full contexts need."""
     budget = config.kv_cache_memory
     if budget is None:
-        budget = int(available_memory(device) * config.memory_fraction) // sharing
+        budget = int(available_memory(device) * config.memory_fraction)
+    budget //= sharing
     enough = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
     blocks = min(budget // per_block, enough)
     if blocks < 1:

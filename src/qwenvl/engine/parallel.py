@@ -69,42 +69,36 @@ def torchrun_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _local_ranks() -> tuple[int, int]:
-    """(this process's rank on its machine, ranks on its machine)."""
-    if launched_by_torchrun():
-        return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return int(os.environ.get("QWENVL_LOCAL_RANK", "0")), int(
-        os.environ.get("QWENVL_LOCAL_SIZE", "1")
-    )
-
-
-def rank_device(kind: str) -> torch.device:
-    """cuda:<local rank> on GPUs, else the CPU."""
-    if kind.startswith("cuda"):
-        return torch.device("cuda", _local_ranks()[0])
-    return torch.device("cpu")
-
-
 def _cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
-def _share_cpu() -> None:
-    """Ranks on one machine's CPUs split its cores (oversubscribed threads spin at barriers),
-    unless the user set ``OMP_NUM_THREADS``."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, _cores() // _local_ranks()[1]))
-
-
 class Group:
     """The ranks seen from one of them: the step broadcast on a gloo group (objects travel on
-    the CPU whatever the model's device), the model's collectives on the default group."""
+    the CPU whatever the model's device), the model's collectives on the default group.
+    ``local_rank``/``local_size``: this rank among the ranks on its machine (its GPU; how many
+    share its CPUs and RAM)."""
 
-    def __init__(self, rank: int, size: int) -> None:
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int) -> None:
         self.rank, self.size = rank, size
+        self.local_rank, self.local_size = local_rank, local_size
         self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+    def device(self, kind: str) -> torch.device:
+        """cuda:<local rank> on GPUs, else the CPU."""
+        return (
+            torch.device("cuda", self.local_rank)
+            if kind.startswith("cuda")
+            else torch.device("cpu")
+        )
+
+    def share_cpu(self) -> None:
+        """Ranks on one machine's CPUs split its cores (oversubscribed threads spin at
+        barriers), unless the user set ``OMP_NUM_THREADS``."""
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, _cores() // self.local_size))
 
     def broadcast(self, obj: Any) -> Any:
         box = [obj]
@@ -117,14 +111,21 @@ class Group:
         return int(t.item())
 
 
-def init_group(rank: int, size: int, device: str, init_method: str) -> Group:
+def init_group(
+    rank: int, size: int, device: str, init_method: str, local: tuple[int, int]
+) -> Group:
+    """Join the ranks (``local``: this rank's place among those on its machine)."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
-        torch.cuda.set_device(rank_device(device))
+        torch.cuda.set_device(local[0])
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=size, timeout=STEP_TIMEOUT
     )
-    return Group(rank, size)
+    return Group(rank, size, *local)
+
+
+def _torchrun_local() -> tuple[int, int]:
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def load_shard(
@@ -136,7 +137,7 @@ def load_shard(
     from qwenvl.models import family_of
 
     if load.device == "cpu":
-        _share_cpu()
+        group.share_cpu()
     path = Path(load.path)
     if not path.is_dir():
         from qwenvl.checkpoint import resolve_checkpoint
@@ -145,7 +146,7 @@ def load_shard(
     config = load_config(path)
     family = family_of(config)
     plan = family.shard(config, group.rank, group.size)
-    device = rank_device(load.device)
+    device = group.device(load.device)
     model, local = load_model(
         path,
         dtype=load.dtype,
@@ -157,7 +158,7 @@ def load_shard(
     cfg = load.engine
     max_len = cfg.max_model_len or family.max_model_len(local)
     per_block = kv_bytes_per_block(family.kv_shape(local), cfg.block_size, model.dtype)
-    sharing = _local_ranks()[1] if device.type == "cpu" else 1
+    sharing = group.local_size if device.type == "cpu" else 1
     blocks = cfg.num_kv_blocks or kv_blocks_for(cfg, max_len, per_block, device, sharing)
     return model, group.min(blocks)
 
@@ -173,6 +174,7 @@ class Workers:
         self.lost: str | None = None  # why the workers can no longer be reached
         self.on_lost: Callable[[str], None] | None = None
         self._closed = False
+        self._threads = torch.get_num_threads()  # rank 0 shares the CPU until shutdown
         for rank, p in enumerate(procs, 1):
             threading.Thread(target=self._watch, args=(rank, p), daemon=True).start()
 
@@ -201,6 +203,8 @@ class Workers:
                 self.on_lost(why)
 
     def error(self) -> EngineDeadError:
+        if self._closed and self.lost is None:
+            return EngineDeadError("this LLM was shut down; create a new one to generate")
         return EngineDeadError(
             f"a tensor-parallel worker is gone ({self.lost}); the engine cannot run any more "
             "steps, restart it"
@@ -229,6 +233,11 @@ class Workers:
             dist.destroy_process_group()
         except Exception as e:  # pragma: no cover - a broken group on the way out
             logger.warning("leaving the process group: %s", e)
+        torch.set_num_threads(self._threads)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
 
 def _exit(code: int | None) -> str:
@@ -263,7 +272,7 @@ class ParallelRunner(ModelRunner):
 
     def execute(self, step: StepInputs) -> torch.Tensor:
         w = self.workers
-        if w.lost is not None:
+        if w.lost is not None or w.closed:
             raise w.error()
         try:
             w.send(step)
@@ -275,6 +284,11 @@ class ParallelRunner(ModelRunner):
 
 def start(size: int, load: Load) -> tuple[Group, Workers]:
     """Rank 0 of ``size``: join torchrun's ranks, or spawn ranks 1..size-1 on this machine."""
+    if dist.is_initialized():
+        raise ConfigError(
+            "this process already belongs to a process group (a tensor-parallel LLM that is not "
+            "shut down, or training): one tensor-parallel LLM per process"
+        )
     if launched_by_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if torchrun_rank() != 0:
@@ -284,21 +298,20 @@ def start(size: int, load: Load) -> tuple[Group, Workers]:
                 f"tensor_parallel_size={size} but torchrun started {world} processes; "
                 "they must match"
             )
-        group = init_group(0, size, load.device, "env://")
+        group = init_group(0, size, load.device, "env://", _torchrun_local())
         group.broadcast(load)
         return group, Workers(group, [])
     with socket.socket() as s:  # a free port for the rendezvous on this machine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     init = f"tcp://127.0.0.1:{port}"
-    os.environ["QWENVL_LOCAL_SIZE"] = str(size)  # read by this process's own _local_ranks
     # fresh interpreters, not multiprocessing: a user's script needs no __main__ guard
     procs = []
     for rank in range(1, size):
         cmd = [sys.executable, "-m", __name__, str(rank), str(size), init, load.device]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
     try:
-        group = init_group(0, size, load.device, init)
+        group = init_group(0, size, load.device, init, (0, size))
         group.broadcast(load)
     except BaseException:
         for p in procs:
@@ -358,11 +371,10 @@ def _spawned() -> None:
     if os.getppid() != parent:  # rank 0 died before the death signal was armed
         raise SystemExit(1)
     rank, size, init, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ["QWENVL_LOCAL_RANK"], os.environ["QWENVL_LOCAL_SIZE"] = str(rank), str(size)
     logging.basicConfig(
         level=logging.WARNING, format=f"rank {rank} %(levelname)s %(name)s: %(message)s"
     )
-    group = init_group(rank, size, device, init)
+    group = init_group(rank, size, device, init, (rank, size))
     raise SystemExit(serve_model(group))
 
 
@@ -372,7 +384,8 @@ def run_torchrun_worker(device: str) -> int:
     logging.basicConfig(
         level=logging.INFO, format=f"rank {torchrun_rank()} %(levelname)s %(name)s: %(message)s"
     )
-    group = init_group(torchrun_rank(), int(os.environ["WORLD_SIZE"]), device, "env://")
+    size = int(os.environ["WORLD_SIZE"])
+    group = init_group(torchrun_rank(), size, device, "env://", _torchrun_local())
     return serve_model(group)
 
 
