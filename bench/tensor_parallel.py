@@ -27,9 +27,10 @@ KV heads of them), prefix and encoder caches off.
    rounds (tp1, tp2, tp1 without the fused decode step, in turn, each round): batch-1 greedy decode
    tok/s (``--tokens`` new tokens after a short text prompt, ``ignore_eos``, timed from the first
    token to the last as bench/cpu_speed.py's ``qwenvl_run``), and the time to first token of a
-   ``--prompt-tokens`` text prompt. Threads: tp=2 ranks take cores / 2 each (the engine's
-   ``_share_cpu``; it also sets rank 0's, i.e. this process's, torch threads), so the script sets
-   torch's thread count before each run: all cores for tp=1, the ranks' share for tp=2.
+   ``--prompt-tokens`` text prompt and of an image + question (``--image-side``). Threads: tp=2
+   ranks take cores / 2 each (the engine's ``Group.share_cpu``; it also sets rank 0's, i.e. this
+   process's, torch threads), so the script sets torch's thread count before each run: all
+   cores for tp=1, the ranks' share for tp=2.
    ``tp1 unfused`` is the tp=1 model with its one-call decode step (``kernels.decode_layers``)
    switched off, as every tp>1 step runs (module by module): it separates the loss of the fused
    step from the cost of the collectives and of one thread per rank (decode only: a prefill
@@ -94,6 +95,20 @@ def load(path: Path, tp: int, dtype: str, kv_blocks: int):
 def long_prompt(llm, n: int):
     """A text prompt cut to its first n tokens."""
     return cut(llm.processor.prepare_text(" ".join(CORPUS) * 20), n)
+
+
+def image_prompt(llm, side: int):
+    """An image of side x side pixels and a question: the vision tower runs on rank 0 alone
+    (on every core) and its features travel with the step to the other ranks."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    content = [
+        {"type": "image", "image": Image.fromarray(pixels)},
+        {"type": "text", "text": "Describe."},
+    ]
+    return llm.processor.prepare_chat([{"role": "user", "content": content}])
 
 
 # --- /proc ----------------------------------------------------------------------------------------
@@ -230,8 +245,8 @@ def comm_child(rank: int, init: str, spec: dict[str, Any], prompt: int, iters: i
 
     size = 2
     cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(max(1, cores // size))  # as _share_cpu gives the ranks
-    group = parallel.init_group(rank, size, "cpu", init)
+    torch.set_num_threads(max(1, cores // size))  # as Group.share_cpu gives the ranks
+    group = parallel.init_group(rank, size, "cpu", init, (rank, size))
     hidden = spec["hidden"]
     shard = VocabShard.of(spec.get("vocab", 151936), rank, size)
     row = torch.randn(1, hidden)
@@ -386,7 +401,7 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
     log(f"tp=1 loaded in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     llm2 = load(path, 2, args.dtype, args.kv_blocks)
-    threads_rank = torch.get_num_threads()  # what _share_cpu gave rank 0 (and each rank)
+    threads_rank = torch.get_num_threads()  # what Group.share_cpu gave rank 0 (and each rank)
     log(f"tp=2 loaded in {time.perf_counter() - t:.1f} s (rank 0 then runs {threads_rank} "
         f"threads; tp=1 runs {threads_all})")  # fmt: skip
     out: dict[str, Any] = {"threads_tp1": threads_all, "threads_tp2_per_rank": threads_rank}
@@ -395,6 +410,8 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
         out["tp1_fused_step"] = fusable
         short = llm1.processor.prepare_text(DECODE_PROMPT)
         long = long_prompt(llm1, args.prompt_tokens)
+        picture = image_prompt(llm1, args.image_side)
+        out["image_prompt_tokens"] = len(picture.token_ids)
         out["decode_prompt_tokens"] = len(short.token_ids)
         out["ttft_prompt_tokens"] = len(long.token_ids)
         entries: dict[str, tuple[Any, int, Any]] = {
@@ -434,7 +451,9 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
                 d = one(label, args.tokens, short)
                 rate = (args.tokens - 1) / d["decode_s"]
                 f = one(label, 1, long) if label in TTFT_OF else {"ttft": None}
+                v = one(label, 1, picture) if label in TTFT_OF else {"ttft": None}
                 rnd[label] = {
+                    "image_ttft_s": v["ttft"],
                     "decode_tok_s": rate,
                     "decode_s": d["decode_s"],
                     "decode_wall_s": d["total_s"],
@@ -449,11 +468,15 @@ def run_speed(path: Path, args, bytes_note: dict[str, Any]) -> dict[str, Any]:
                     f"{1e3 / rate:.1f} ms/token; CPU s rank 0 {d['cpu_rank0_s']:.2f}, workers "
                     f"{', '.join(f'{c:.2f}' for c in d['cpu_workers_s'])} over "
                     f"{d['total_s']:.2f} s)" + ("" if f["ttft"] is None else
-                    f"; TTFT {len(long.token_ids)}-token prompt {f['ttft']:.3f} s"))  # fmt: skip
+                    f"; TTFT {len(long.token_ids)}-token prompt {f['ttft']:.3f} s, image + "
+                    f"question ({len(picture.token_ids)} tokens) {v['ttft']:.2f} s"))  # fmt: skip
             rnd["load_average"] = os.getloadavg()[0]
             log(f"  load average {rnd['load_average']:.2f} (other work on the machine skews this)")
             rnd["ratio_tp2_tp1"] = rnd["tp2"]["decode_tok_s"] / rnd["tp1"]["decode_tok_s"]
             rnd["ttft_ratio_tp2_tp1"] = rnd["tp2"]["ttft_s"] / rnd["tp1"]["ttft_s"]
+            rnd["image_ttft_ratio_tp2_tp1"] = (
+                rnd["tp2"]["image_ttft_s"] / rnd["tp1"]["image_ttft_s"]
+            )
             rounds.append(rnd)
         out["rounds"] = rounds
         out["decode_tokens"] = args.tokens
@@ -492,11 +515,19 @@ def report_speed(speed: dict[str, Any], comm: dict[str, Any] | None, spec, bw, n
     table(rows)
     med = {lb: statistics.median(r[lb]["decode_tok_s"] for r in rounds) for lb in labels}
     ttft = {lb: statistics.median(r[lb]["ttft_s"] for r in rounds) for lb in TTFT_OF}
-    summary: dict[str, Any] = {"median_tok_s": med, "median_ttft_s": ttft}
+    image = {lb: statistics.median(r[lb]["image_ttft_s"] for r in rounds) for lb in TTFT_OF}
+    summary: dict[str, Any] = {
+        "median_tok_s": med,
+        "median_ttft_s": ttft,
+        "median_image_ttft_s": image,
+    }
     log("median over rounds: " + ", ".join(f"{lb} {med[lb]:.2f} tok/s" for lb in labels)
         + f"; tp2/tp1 {med['tp2'] / med['tp1']:.2f}x; TTFT tp2/tp1 "
         f"{ttft['tp2'] / ttft['tp1']:.2f}x; greedy tokens tp1 == tp2: "
         f"{'yes' if speed['greedy_tokens_identical'] else 'no'}")  # fmt: skip
+    log(f"image + question ({speed['image_prompt_tokens']} tokens; the vision tower on rank 0 "
+        f"with every core, its features sent with the step): first token tp1 {image['tp1']:.2f} s, "
+        f"tp2 {image['tp2']:.2f} s ({image['tp2'] / image['tp1']:.2f}x)")  # fmt: skip
     if bw:
         b1, b2 = nbytes["tp1"], 2 * nbytes["tp2_rank0"]
         summary["bound_tok_s"] = {"tp1": bw / b1, "tp2": bw / b2}
@@ -572,6 +603,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode run")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="TTFT prompt length")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--image-side", type=int, default=448, help="image prompt: side in pixels")
     ap.add_argument("--comm-iters", type=int, default=400)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--no-unfused", action="store_true", help="skip the tp1-unfused runs")
