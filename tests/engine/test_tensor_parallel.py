@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from test_engine import convs, image, text, user
 
 import tiny
+from processes import alive, wait_gone
 from qwenvl import LLM, SamplingParams
 from qwenvl.engine.config import EngineConfig
 from qwenvl.errors import ConfigError, EngineDeadError
@@ -186,22 +187,6 @@ def test_sizes_that_cannot_split_are_refused(shaped):
 
 
 # --- processes ------------------------------------------------------------------------------
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
-def wait_gone(pids: list[int], seconds: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
-
-
 def test_a_killed_worker_fails_requests_clearly_and_shutdown_ends_the_rest(shaped):
     llm = LLM(shaped("qwen2_vl", 4, 4), dtype="float32", tensor_parallel_size=4)
     pids = [p.pid for p in llm.workers.procs]

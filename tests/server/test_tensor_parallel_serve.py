@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from processes import descendants, wait_gone
 from qwenvl import LLM, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Describe this image. Count the boxes."}]
@@ -49,39 +50,9 @@ def wait_ready(port: int, procs: list[subprocess.Popen], timeout: float = 180) -
     raise AssertionError("the server did not come up")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), so the test can check none is left behind."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def wait_exit(proc: subprocess.Popen, pids: list[int], timeout: float = 30) -> int:
     code = proc.wait(timeout)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    assert [p for p in pids if alive(p)] == [], "processes left behind"
+    assert wait_gone(pids, 10) == [], "processes left behind"
     return code
 
 
