@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from qwenvl.errors import ConfigError, PromptError
+from qwenvl.structured import StructuredOutput
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS); layers/sampler.py uses the same value.
 GREEDY_TEMPERATURE = 1e-5
@@ -69,6 +70,9 @@ class SamplingParams:
             token's log-probability is returned too.
         skip_special_tokens: drop special tokens when detokenizing.
         include_stop_str_in_output: keep the matched stop string in the output text.
+        structured: what the reply must match (:class:`~qwenvl.structured.StructuredOutput`:
+            a JSON schema, any JSON object, a regex, a choice, a Lark grammar); logprobs are
+            then those of the constrained distribution.
 
     Raises:
         PromptError: an option is out of range or of the wrong type.
@@ -91,6 +95,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None
     # Not a dataclass field (so repr, ==, hash and asdict ignore it); set per instance by
     # _track_explicit_fields.
     _explicit: ClassVar[frozenset[str]] = frozenset()
@@ -136,6 +141,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and self.logprobs < 0:
             raise PromptError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise PromptError("structured must be a StructuredOutput")
         self._set("stop", _as_stop(self.stop))
         self._set("stop_token_ids", _as_stop_token_ids(self.stop_token_ids))
 

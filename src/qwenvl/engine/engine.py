@@ -12,10 +12,12 @@ import itertools
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 
 from qwenvl.engine.block_manager import BlockManager
 from qwenvl.engine.config import EngineConfig
 from qwenvl.engine.encoder_cache import EncoderCache
+from qwenvl.engine.grammar import Grammars, compute_masks
 from qwenvl.engine.kv_cache import PagedKVCache, kv_blocks_for, kv_bytes_per_block
 from qwenvl.engine.model_runner import ModelRunner, sample_next
 from qwenvl.engine.request import Request, Sequence, Status, vision_items
@@ -63,6 +65,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.encoder_cache = EncoderCache(config.encoder_cache_memory)
         self.runner = runner(model, self.kv, self.encoder_cache)
+        self.grammars = Grammars(tokenizer, eos_token_ids)
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix="qwenvl-grammar")
         self.requests: dict[str, Request] = {}
         self.finished: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -117,6 +121,9 @@ class LLMEngine:
         items = vision_items(prompt, cfg.image_token_id, cfg.video_token_id)
         req = Request(request_id, prompt, params, items, next(self._arrivals))
         req.sequences = [Sequence.create(req, i, self.tokenizer, max_new) for i in range(params.n)]
+        if params.structured is not None:  # compiled once per distinct constraint
+            for seq in req.sequences:
+                seq.grammar = self.grammars.matcher(params.structured)
         self.requests[request_id] = req
         for seq in req.sequences:
             self.scheduler.add(seq)
@@ -151,6 +158,11 @@ class LLMEngine:
             return []
         self.num_steps += 1
         tables = [self.blocks.block_table(c.seq.seq_id) for c in sched.chunks]
+        sampling = [c.seq for c in sched.chunks if c.samples]
+        constrained = [k for k, s in enumerate(sampling) if s.grammar is not None]
+        masks = None
+        if constrained:  # the masks are computed (GIL released) while the model step runs
+            masks = self._masks.submit(compute_masks, [sampling[k].grammar for k in constrained])
         logits = self.runner.run(sched.chunks, tables)
         bs = self.config.block_size
         for c in sched.chunks:
@@ -161,10 +173,10 @@ class LLMEngine:
                 self.blocks.mark_computed(
                     seq.seq_id, seq.all_ids[: seq.num_computed], seq.request.spans
                 )
-        sampling = [c.seq for c in sched.chunks if c.samples]
         events: list[StreamEvent] = []
         if sampling:
-            next_ids = sample_next(sampling, logits, self.eos).tolist()
+            grammar = None if masks is None else (constrained, masks.result())
+            next_ids = sample_next(sampling, logits, self.eos, grammar).tolist()
             for seq, token in zip(sampling, next_ids):
                 event = seq.append(int(token), self.eos)
                 if event is not None:

@@ -14,6 +14,7 @@ import torch
 
 from qwenvl.engine.backends import DecoderBackend, select_backend
 from qwenvl.engine.encoder_cache import EncoderCache
+from qwenvl.engine.grammar import apply_masks
 from qwenvl.engine.kv_cache import AttentionMetadata, PagedKVCache
 from qwenvl.engine.request import Request, Sequence
 from qwenvl.engine.scheduler import ScheduledChunk
@@ -144,9 +145,18 @@ class ModelRunner:
                 req.features[k] = by_key[req.items[k].key]
 
 
-def sample_next(seqs: Seq[Sequence], logits: torch.Tensor, eos: set[int]) -> torch.Tensor:
+def sample_next(
+    seqs: Seq[Sequence],
+    logits: torch.Tensor,
+    eos: set[int],
+    grammar: tuple[Seq[int], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The next token of each sequence (row ``i`` of ``logits`` belongs to ``seqs[i]``);
-    records logprobs for sequences that asked for them."""
+    records logprobs for sequences that asked for them. ``grammar``: (rows, bitmasks) of the
+    constrained sequences: tokens their grammar forbids are removed before anything else, and
+    their logprobs are those of the constrained distribution."""
+    if grammar is not None:
+        logits = apply_masks(logits, *grammar)
     raw = logits
     for k, s in enumerate(seqs):  # eos and stop ids may not end a completion before min_tokens
         if len(s.token_ids) < s.params.min_tokens:

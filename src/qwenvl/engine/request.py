@@ -11,6 +11,7 @@ import enum
 import hashlib
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -150,6 +151,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
+    grammar: Any = None  # an llguidance matcher when the reply is constrained (engine/grammar.py)
 
     @classmethod
     def create(
@@ -216,6 +218,8 @@ class Sequence:
         p = self.params
         self.token_ids.append(token)
         self.pending.append(token)
+        if self.grammar is not None:
+            self.grammar.consume_token(token)
         if token in eos and not p.ignore_eos:
             self.finish_reason, self.stop_reason = "stop", None
         elif token in p.stop_token_ids:
@@ -223,6 +227,8 @@ class Sequence:
         is_stop_token = self.finish_reason is not None
         if not is_stop_token or not p.skip_special_tokens:
             self.text += self.detok.add(token)
+        if not is_stop_token and self.grammar is not None and self.grammar.is_stopped():
+            self.finish_reason, self.stop_reason = "stop", None  # complete: only EOS could follow
         if p.stop and not is_stop_token:
             self._check_stop_strings()
         if self.finish_reason is None and len(self.token_ids) >= self.max_new:
