@@ -21,7 +21,8 @@ from qwenvl.outputs import RequestOutput, StreamEvent
 from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.prompt import MediaItem, Processor, PromptInputs
 from qwenvl.sampling import SamplingParams
-from qwenvl.tool_calls import attach_tool_calls
+from qwenvl.structured import StructuredOutput
+from qwenvl.tool_calls import attach_tool_calls, tool_call_grammar
 
 if TYPE_CHECKING:
     from qwenvl.engine.parallel import Workers
@@ -60,6 +61,26 @@ def _weight_plan(
         quantization_config=quantization_config_of(read_json(path / "config.json")),
         head_quantization=head_quantization,
     )
+
+
+def _with_tool_choice(
+    params: list[SamplingParams], tools: list[dict[str, Any]] | None, choice: Any
+) -> list[SamplingParams]:
+    """``params`` constrained to a tool call when ``choice`` demands one."""
+    if choice in (None, "auto", "none"):
+        return params
+    name = None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise PromptError('tool_choice must be "auto", "none", "required" or a function')
+    elif choice != "required":
+        raise PromptError(f"unknown tool_choice {choice!r}")
+    names = [(t.get("function") or t).get("name") for t in tools or []]
+    if not names or (name is not None and name not in names):
+        raise PromptError(f"tool_choice={choice!r} needs tools that include it (got {names})")
+    grammar = StructuredOutput(grammar=tool_call_grammar(tools or [], name))
+    return [p.replace(structured=grammar) for p in params]
 
 
 def _apply_cpu_limits(processor: Processor) -> None:
@@ -242,11 +263,16 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
         add_generation_prompt: bool = True,
         add_vision_id: bool = False,
         special_tokens_in_content: bool = False,
     ) -> list[RequestOutput]:
         """Generate a reply for one conversation or a list of them (batched).
+
+        ``tool_choice`` (with ``tools``): ``"auto"`` or None lets the model decide, ``"required"``
+        or ``{"type": "function", "function": {"name": ...}}`` constrains the reply to one call
+        whose arguments are valid against that tool's ``parameters`` schema.
 
         Special-token strings in message text (``<|im_end|>``...) are read as plain text, so
         whoever writes a message cannot end its turn or fake another role; only trusted callers
@@ -254,7 +280,7 @@ class LLM:
         prompts are trusted: their special-token strings are the markers.
         """
         conversations = self._conversations(messages)
-        params = self._params(sampling_params, len(conversations))
+        params = _with_tool_choice(self._params(sampling_params, len(conversations)), tools, tool_choice)
         prompts = self._prepare_chats(
             conversations,
             params,

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from qwenvl.structured import json_rule
+
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 
@@ -27,6 +29,30 @@ def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
     """One call block as Qwen2.5's template writes it (JSON like ``tojson``: no ASCII escaping)."""
     body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
     return f"{TOOL_CALL_START}\n{body}\n{TOOL_CALL_END}"
+
+
+def tool_call_grammar(tools: Sequence[dict[str, Any]], name: str | None = None) -> str:
+    """A Lark grammar (llguidance's dialect) of exactly one call block to one of ``tools``
+    (OpenAI function tools) or to the one called ``name``, its arguments valid against that
+    tool's ``parameters`` schema: ``tool_choice="required"`` or a named function."""
+    options = []
+    for tool in tools:
+        fn = tool.get("function", tool)
+        if name is not None and fn.get("name") != name:
+            continue
+        params = fn.get("parameters") or {"type": "object"}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    return f'start: {TOOL_CALL_START} "\\n" call "\\n" {TOOL_CALL_END}\n' + json_rule(
+        schema, rule="call"
+    )
 
 
 def _parse_call(body: str) -> dict[str, Any] | None:

@@ -193,8 +193,10 @@ def sample_next(
         for j, k in enumerate(want):
             s = seqs[k]
             top = s.params.logprobs
-            entry = {
-                int(t): float(v) for t, v in zip(lp.top_ids[j, :top], lp.top_logprobs[j, :top])
+            entry = {  # tokens a grammar forbids (-inf) are no alternatives
+                int(t): float(v)
+                for t, v in zip(lp.top_ids[j, :top], lp.top_logprobs[j, :top])
+                if v > float("-inf")
             }
             entry[int(next_ids[k])] = float(lp.token_logprobs[j])
             s.logprobs.append(entry)

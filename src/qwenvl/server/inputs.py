@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from qwenvl.errors import ContextLengthError, MediaError, PromptError, QwenVLError
-from qwenvl.llm import LLM
 from qwenvl.processing.fetch import fetch_url
 from qwenvl.processing.media import check_local_path
 from qwenvl.processing.policy import MediaPolicy
@@ -33,7 +29,8 @@ from qwenvl.server.protocol import (
     VideoPart,
 )
 from qwenvl.server.state import ServerState
-from qwenvl.tool_calls import TOOL_CALL_START
+from qwenvl.structured import StructuredOutput
+from qwenvl.tool_calls import tool_call_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -117,33 +114,6 @@ async def fetch_media(state: ServerState, messages: list[dict[str, Any]]) -> Non
 
 
 # --- prompts ---------------------------------------------------------------------------------
-def _forced_prefix(req: ChatCompletionRequest) -> str:
-    """Text the reply is made to start with so that a call is made (tool_choice named or
-    "required"); without guided decoding this is how the choice is honoured."""
-    if isinstance(req.tool_choice, NamedToolChoice):
-        name = json.dumps(req.tool_choice.function.name, ensure_ascii=False)
-        return f'{TOOL_CALL_START}\n{{"name": {name}, "arguments": '
-    if req.tool_choice == "required":
-        return f'{TOOL_CALL_START}\n{{"name": "'
-    return ""
-
-
-def _extend(prompt: PromptInputs, llm: LLM, text: str) -> PromptInputs:
-    """``prompt`` with plain text appended (positions continue after the last token)."""
-    ids = llm.tokenizer.encode(text, special=False)  # holds a tool name from the request
-    assert prompt.positions is not None
-    start = prompt.positions[:, -1:] + 1  # [3, 1]
-    extra = start + torch.arange(len(ids), dtype=prompt.positions.dtype)  # [3, k]
-    return PromptInputs(
-        prompt.token_ids + ids,
-        prompt.images,
-        prompt.videos,
-        torch.cat([prompt.positions, extra], dim=1),
-        prompt.rope_delta,
-        (prompt.text or "") + text,
-    )
-
-
 def chat_messages(req: ChatCompletionRequest, policy: MediaPolicy) -> list[dict[str, Any]]:
     """The messages as ``Processor.prepare_chat`` reads them, every media URL checked first."""
     messages = []
@@ -180,29 +150,27 @@ def prompt_budget(state: ServerState, max_tokens: int | None) -> int:
 
 def chat_prepare_fn(
     state: ServerState, req: ChatCompletionRequest
-) -> tuple[Callable[[], PromptInputs], str, list[dict[str, Any]]]:
-    """The preprocessing to run in the pool, the forced reply prefix, and the messages (whose
-    media URLs `fetch_media` replaces with the downloaded bytes first)."""
+) -> tuple[Callable[[], PromptInputs], list[dict[str, Any]]]:
+    """The preprocessing to run in the pool and the messages (whose media URLs `fetch_media`
+    replaces with the downloaded bytes first)."""
     llm = state.llm
     messages = chat_messages(req, llm.processor.media_policy)
     tools = tools_of(req)
-    prefix = _forced_prefix(req)
-    # sized from the text and image headers before any pixel is decoded (the exact check, with
-    # the tokens of a forced tool-call prefix, follows in sampling_params)
+    # sized from the text and image headers before any pixel is decoded (the exact check
+    # follows in sampling_params)
     budget = prompt_budget(state, req.max_completion_tokens or req.max_tokens)
     trusted = state.settings.special_tokens_in_content
 
     def run() -> PromptInputs:
-        prompt = llm.processor.prepare_chat(
+        return llm.processor.prepare_chat(
             messages,
             tools=tools,
             add_vision_id=req.qwenvl.add_vision_id,
             max_prompt_tokens=budget,
             special_tokens_in_content=trusted,
         )
-        return _extend(prompt, llm, prefix) if prefix else prompt
 
-    return run, prefix, messages
+    return run, messages
 
 
 def completion_prepare_fn(state: ServerState, req: CompletionRequest) -> Callable[[], PromptInputs]:
@@ -287,6 +255,50 @@ def sampling_params(
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
     try:
+        kwargs["structured"] = structured_of(req)
         return SamplingParams(**kwargs).merged_with_defaults(state.llm.default_sampling)
     except PromptError as e:
         raise input_error(e) from e
+
+
+def structured_of(req: ChatCompletionRequest | CompletionRequest) -> StructuredOutput | None:
+    """The one constraint a request puts on its reply: OpenAI's ``response_format``, vLLM's
+    ``structured_outputs`` or ``guided_*`` fields, or a tool call that ``tool_choice``
+    ("required" or a named function) demands; two at once are refused."""
+    found: dict[str, StructuredOutput] = {}
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type == "json_object":
+        found["response_format"] = StructuredOutput(json_object=True)
+    elif fmt is not None and fmt.type == "json_schema":
+        assert fmt.json_schema is not None
+        schema = fmt.json_schema.schema_
+        found["response_format"] = (
+            StructuredOutput(json_schema=schema) if schema else StructuredOutput(json_object=True)
+        )
+    so = req.structured_outputs
+    if so is not None:
+        given = so.model_dump(exclude_none=True, by_alias=False)
+        if given.get("json_object") is False:
+            given.pop("json_object")
+        if "json_" in given:
+            given["json_schema"] = given.pop("json_")
+        found["structured_outputs"] = StructuredOutput(**given)
+    guided = {
+        "guided_json": ("json_schema", req.guided_json),
+        "guided_regex": ("regex", req.guided_regex),
+        "guided_choice": ("choice", req.guided_choice),
+        "guided_grammar": ("grammar", req.guided_grammar),
+    }
+    for field, (kind, value) in guided.items():
+        if value is not None:
+            found[field] = StructuredOutput(**{kind: value})
+    choice = getattr(req, "tool_choice", None)
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        found["tool_choice"] = StructuredOutput(grammar=tool_call_grammar(tools, name))
+    if len(found) > 1:
+        raise PromptError(
+            f"a request may constrain its reply one way only; it sets {', '.join(found)}"
+        )
+    return next(iter(found.values()), None)

@@ -181,8 +181,37 @@ class QwenVLOptions(_Strict):
     add_vision_id: bool = False  # "Picture 1:" labels before each image
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    """OpenAI's ``response_format``: ``text`` (free), ``json_object`` (any JSON object) or
+    ``json_schema`` (a reply valid against ``json_schema.schema``; ``strict`` is honoured
+    always: the sampler cannot leave the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' (and only then)")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs`` body field: one of a JSON schema, any JSON object, a
+    regex, a choice, a Lark grammar."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(_Strict):
@@ -207,6 +236,13 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    # vLLM's names, so clients written for it work unchanged (one constraint per request)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: there is one engine
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingFields:

@@ -78,26 +78,18 @@ def completion_logprobs(
 
 
 # --- tool calls ------------------------------------------------------------------------------
-def message_of(text: str, prefix: str, tools_on: bool) -> tuple[dict[str, Any], bool]:
+def message_of(text: str, tools_on: bool) -> tuple[dict[str, Any], bool]:
     """The assistant message of one choice, and whether it holds tool calls."""
     if not tools_on:
         return {"role": "assistant", "content": text, "tool_calls": []}, False
-    content, calls = extract_tool_calls(prefix + text)
+    content, calls = extract_tool_calls(text)
     if not calls:
-        return {"role": "assistant", "content": prefix + text, "tool_calls": []}, False
+        return {"role": "assistant", "content": text, "tool_calls": []}, False
     return {
         "role": "assistant",
         "content": content,
         "tool_calls": [c.to_openai() for c in calls],
     }, True
-
-
-def new_tool_streams(n: int, prefix: str) -> list[ToolCallStream]:
-    """One parser per choice, each fed the forced prefix the reply continues."""
-    streams = [ToolCallStream() for _ in range(n)]
-    for s in streams:
-        s.feed(prefix)
-    return streams
 
 
 def tool_deltas(stream: ToolCallStream, calls: list) -> list[dict[str, Any]]:

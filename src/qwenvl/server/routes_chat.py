@@ -22,13 +22,13 @@ from qwenvl.server.responses import (
     head,
     logprobs_content,
     message_of,
-    new_tool_streams,
     seen,
     tool_deltas,
     usage,
 )
 from qwenvl.server.state import State
 from qwenvl.server.streaming import stream_response
+from qwenvl.server.tool_parser import ToolCallStream
 
 router = APIRouter()
 
@@ -39,7 +39,7 @@ async def chat(request: Request, state: State) -> Response:
     before the request takes a waiting slot; media are fetched and decoded while it holds one."""
     t0 = time.monotonic()
     req = await parse_request(request, state.settings, ChatCompletionRequest)
-    fn, prefix, messages = inputs.chat_prepare_fn(state, req)
+    fn, messages = inputs.chat_prepare_fn(state, req)
 
     async def prepare() -> tuple[PromptInputs, SamplingParams]:
         await inputs.fetch_media(state, messages)
@@ -56,18 +56,18 @@ async def chat(request: Request, state: State) -> Response:
     job = await start_job(state, request, t0, prepare)
     tools_on = inputs.tools_of(req) is not None
     if req.stream:
-        return await _stream(job, req, prefix, tools_on)
-    return await _full(job, req, prefix, tools_on)
+        return await _stream(job, req, tools_on)
+    return await _full(job, req, tools_on)
 
 
-async def _full(job: Job, req: ChatCompletionRequest, prefix: str, tools_on: bool) -> Response:
+async def _full(job: Job, req: ChatCompletionRequest, tools_on: bool) -> Response:
     state = job.state
     texts, ids, lps, reasons = await collect(job, req.n)
     choices = []
     extra = seen(job.prompt)
     grounding = []
     for i in range(req.n):
-        message, called = message_of(texts[i], prefix, tools_on)
+        message, called = message_of(texts[i], tools_on)
         choice: dict[str, Any] = {
             "index": i,
             "message": message,
@@ -94,7 +94,7 @@ async def _full(job: Job, req: ChatCompletionRequest, prefix: str, tools_on: boo
     return JSONResponse(body)
 
 
-async def _stream(job: Job, req: ChatCompletionRequest, prefix: str, tools_on: bool) -> Response:
+async def _stream(job: Job, req: ChatCompletionRequest, tools_on: bool) -> Response:
     roles = [
         {
             "index": i,
@@ -107,7 +107,7 @@ async def _stream(job: Job, req: ChatCompletionRequest, prefix: str, tools_on: b
     return await stream_response(
         job,
         head(job.state, f"chatcmpl-{job.request_id}", "chat.completion.chunk"),
-        _ChatDeltas(job, req, prefix, tools_on),
+        _ChatDeltas(job, req, tools_on),
         req.stream_options,
         opening=[{"choices": roles, "qwenvl": seen(job.prompt)}],
     )
@@ -117,9 +117,9 @@ class _ChatDeltas:
     """Turns each engine event into a chat chunk: content and tool-call deltas (parsed as they
     stream), logprobs, and at a choice's end its finish reason and grounding."""
 
-    def __init__(self, job: Job, req: ChatCompletionRequest, prefix: str, tools_on: bool) -> None:
+    def __init__(self, job: Job, req: ChatCompletionRequest, tools_on: bool) -> None:
         self.job, self.req = job, req
-        self.parsers = new_tool_streams(req.n, prefix) if tools_on else None
+        self.parsers = [ToolCallStream() for _ in range(req.n)] if tools_on else None
         self.texts = [""] * req.n  # each choice's text so far, for grounding at its end
 
     def __call__(self, ev: StreamEvent) -> dict[str, Any] | None:
