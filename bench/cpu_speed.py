@@ -231,12 +231,13 @@ def load_qwenvl(path: Path, dtype: str, quantization: str | None, max_pixels: in
     return LLM(path, **kwargs)
 
 
-def qwenvl_run(llm, prompts: list, max_tokens: int) -> dict[str, Any]:
-    """Drive the engine over the prompts; times to the first token of all and to the end."""
+def qwenvl_run(llm, prompts: list, max_tokens: int, **options: Any) -> dict[str, Any]:
+    """Drive the engine over the prompts; times to the first token of all and to the end.
+    ``options``: more ``SamplingParams`` fields (``structured=...``)."""
     from qwenvl import SamplingParams
 
     params = SamplingParams(
-        temperature=0, max_tokens=max_tokens, ignore_eos=True, repetition_penalty=1.0
+        temperature=0, max_tokens=max_tokens, ignore_eos=True, repetition_penalty=1.0, **options
     )
     eng = llm.engine
     t0 = time.perf_counter()

@@ -512,3 +512,32 @@ def test_draw_maps_other_spaces() -> None:
     assert out.getpixel((50, 25)) == PALETTE[1]
     with pytest.raises(ValueError):
         draw(img, [Point(1, 1, space="resized")])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_grounding_constraint_always_gives_grounding_something_to_parse(family, llms):
+    """A random model (noise when free) constrained to its family's trained form: every reply
+    parses into 1..max_objects boxes inside the family's coordinate range."""
+    from qwenvl import SamplingParams
+    from qwenvl.grounding import grounding_constraint, grounding_prompt, parse_grounding
+
+    llm = llms(family)
+    so = grounding_constraint(family, max_objects=3)
+    picture = Image.new("RGB", (70, 100), (200, 30, 30))
+    text = grounding_prompt("the red box", family)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": picture}, {"type": "text", "text": text}],
+        }
+    ]
+    for seed in range(4):
+        params = SamplingParams(
+            temperature=1.0, seed=seed, max_tokens=400, skip_special_tokens=False, structured=so
+        )
+        out = llm.chat(messages, params, special_tokens_in_content=True)[0].outputs[0]
+        found = parse_grounding(out.text, family)
+        assert out.finish_reason == "stop" and 1 <= len(found) <= 3, out.text
+        limit = 1000 if family == "qwen2_vl" else 16384
+        for box in found:
+            assert 0 <= min(box.x1, box.y1) and max(box.x2, box.y2) <= limit and box.label

@@ -36,6 +36,7 @@ from qwenvl.errors import ConfigError
 from qwenvl.models import get_family, supported
 from qwenvl.models.interface import GroundingStyle
 from qwenvl.processing.image import ImageGeometry
+from qwenvl.structured import StructuredOutput
 
 __all__ = [
     "Box",
@@ -45,6 +46,7 @@ __all__ = [
     "convert",
     "draw",
     "ground",
+    "grounding_constraint",
     "grounding_prompt",
     "grounding_style",
     "parse_grounding",
@@ -402,6 +404,47 @@ def grounding_prompt(phrase: str, family: str, *, kind: Literal["box", "point"] 
         return f"Detect the bounding box of <|object_ref_start|>{phrase}<|object_ref_end|>"
     what = "bbox" if kind == "box" else "point"
     return f"Locate {phrase} in the image, output its {what} coordinates using JSON format."
+
+
+def grounding_constraint(
+    family: str, *, kind: Literal["box", "point"] = "box", max_objects: int = 8
+) -> StructuredOutput:
+    """What a grounding answer must look like, in ``family``'s own trained form, as a sampling
+    constraint (``SamplingParams(structured=...)``): with it, :func:`parse_grounding` always
+    finds 1 to ``max_objects`` objects.
+
+    Qwen2.5-VL (``resized``): the cookbook's JSON list ``[{"bbox_2d": [x1, y1, x2, y2],
+    "label": ...}]`` (``point_2d`` for points) in whole resized-image pixels. Qwen2-VL
+    (``norm1000``): ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)
+    <|box_end|>`` spans on the 0..1000 grid, through a grammar (the spans are special tokens).
+    """
+    style = grounding_style(family)
+    if kind not in ("box", "point") or (style == "norm1000" and kind != "box"):
+        raise ValueError(f"{family} grounding cannot output kind={kind!r}")
+    if not 1 <= max_objects <= 64:
+        raise ValueError("max_objects must be in 1..64")
+    if style == "norm1000":
+        num = "/(1000|[1-9][0-9]{0,2}|0)/"
+        obj = (
+            "<|object_ref_start|> LABEL <|object_ref_end|> <|box_start|> "
+            f'"(" {num} "," {num} ")" "," "(" {num} "," {num} ")" <|box_end|>'
+        )
+        lark = f"start: obj obj~0..{max_objects - 1}\nobj: {obj}\nLABEL: /[^<>\\n]{{1,40}}/"
+        return StructuredOutput(grammar=lark)
+    coord = {"type": "integer", "minimum": 0, "maximum": 16384}
+    key, n = ("bbox_2d", 4) if kind == "box" else ("point_2d", 2)
+    item = {
+        "type": "object",
+        "properties": {
+            key: {"type": "array", "items": coord, "minItems": n, "maxItems": n},
+            "label": {"type": "string", "minLength": 1, "maxLength": 40},
+        },
+        "required": [key, "label"],
+        "additionalProperties": False,
+    }
+    return StructuredOutput(
+        json_schema={"type": "array", "items": item, "minItems": 1, "maxItems": max_objects}
+    )
 
 
 # ---------------------------------------------------------------------------------------------

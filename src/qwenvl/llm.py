@@ -280,7 +280,9 @@ class LLM:
         prompts are trusted: their special-token strings are the markers.
         """
         conversations = self._conversations(messages)
-        params = _with_tool_choice(self._params(sampling_params, len(conversations)), tools, tool_choice)
+        params = _with_tool_choice(
+            self._params(sampling_params, len(conversations)), tools, tool_choice
+        )
         prompts = self._prepare_chats(
             conversations,
             params,

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from qwenvl.errors import PromptError
@@ -93,19 +94,36 @@ def compute_masks(matchers: Sequence[Any]) -> torch.Tensor:
     )
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+_LANES = np.arange(32)
 
 
+def _set_bits(words: np.ndarray) -> np.ndarray:
+    """Indices of the 1 bits of a packed row (bit ``j`` of word ``i`` is index ``32 i + j``),
+    unpacking only its nonzero words."""
+    nonzero = np.flatnonzero(words)
+    bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32)
+    return (nonzero[:, None] * 32 + _LANES)[bits.astype(bool)]
+
+
+@torch.inference_mode()  # the step's logits are inference tensors
 def apply_masks(logits: torch.Tensor, rows: Sequence[int], masks: torch.Tensor) -> torch.Tensor:
-    """``logits`` with every token a row's mask forbids set to ``-inf`` (a copy; rows not in
-    ``rows`` are unchanged). Tokens past the mask (logit rows wider than the tokenizer) are
-    forbidden."""
-    out = logits.clone()
-    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
-    allowed = ((masks.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)  # [R, words * 32]
-    width = min(out.shape[-1], allowed.shape[1])
-    sub = out[index]
-    sub[:, :width].masked_fill_(~allowed[:, :width].to(sub.device), float("-inf"))
-    sub[:, width:] = float("-inf")
-    out[index] = sub
-    return out
+    """Set every token a row's mask forbids to ``-inf``, in place (the step's own logits; rows
+    not in ``rows`` are unchanged) and return ``logits``. Tokens past the mask (logit rows wider
+    than the tokenizer) are forbidden. Each row touches only the smaller side: inside a JSON
+    string nearly every token is allowed, between fields a handful."""
+    packed = masks.numpy().view(np.uint32)
+    vocab = logits.shape[-1]
+    for k, row in enumerate(rows):
+        line, words = logits[row], packed[k]
+        allowed = int(np.unpackbits(words.view(np.uint8)).sum())
+        if allowed * 2 < vocab:
+            keep = torch.from_numpy(_set_bits(words)).to(logits.device)
+            values = line[keep]
+            line.fill_(float("-inf"))
+            line[keep] = values
+        else:
+            drop = _set_bits(~words)
+            drop = torch.from_numpy(drop[drop < vocab]).to(logits.device)
+            line.index_fill_(0, drop, float("-inf"))
+            line[32 * len(words) :] = float("-inf")
+    return logits
