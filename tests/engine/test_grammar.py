@@ -194,7 +194,12 @@ def test_every_reply_to_a_bounded_schema_parses_and_validates(family, llms):
     assert len(SCHEMAS) >= 30
     for schema in SCHEMAS:
         jsonschema.Draft202012Validator.check_schema(schema)
-        for out in constrained(llm, StructuredOutput(json_schema=schema)):
+        so = StructuredOutput(json_schema=schema)
+        outs = constrained(llm, so)
+        first = SamplingParams(temperature=1.0, seed=SEEDS[0], max_tokens=MAX_TOKENS, structured=so)
+        streamed = "".join(e.text for e in llm.stream_chat(PROMPT, first))
+        assert streamed == outs[0].text
+        for out in outs:
             assert out.finish_reason == "stop", (schema, out.text)
             jsonschema.validate(json.loads(out.text), schema)
             assert out.text == json.dumps(json.loads(out.text), ensure_ascii=False) or isinstance(

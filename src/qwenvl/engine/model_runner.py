@@ -163,6 +163,8 @@ def sample_next(
             blocked = list(eos | set(s.params.stop_token_ids))
             logits = logits.clone() if logits is raw else logits
             logits[k, blocked] = float("-inf")
+            if s.grammar is not None and bool(torch.isinf(logits[k]).all()):
+                logits[k, blocked] = raw[k, blocked]  # the grammar allows only an ending
     params = [s.params for s in seqs]
     dev = logits.device
     if any(
