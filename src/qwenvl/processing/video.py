@@ -376,7 +376,8 @@ def _preprocess(
     decodes the next frames; at most ``_IN_FLIGHT`` frames wait for it.
     """
     w, h = plan.resized_width, plan.resized_height
-    writer = VideoFrameWriter(cfg, count, h, w)
+    # frames come out of the decoder already at the plan's size: the file's size is the plan's
+    writer = VideoFrameWriter(cfg, count, h, w, (plan.original_width, plan.original_height))
 
     def add(i: int, frame: Any) -> None:
         image = _frame_image(frame, w, h, frame_resize)

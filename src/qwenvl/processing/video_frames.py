@@ -93,8 +93,15 @@ class VideoFrameWriter:
     """
 
     def __init__(
-        self, cfg: VisionPreprocessConfig, num_frames: int, resized_height: int, resized_width: int
+        self,
+        cfg: VisionPreprocessConfig,
+        num_frames: int,
+        resized_height: int,
+        resized_width: int,
+        original_size: tuple[int, int] | None = None,
     ) -> None:
+        """``original_size`` (width, height): the video's own size, when the frames arrive
+        already resized (the decoder scales them); otherwise the first frame's."""
         if num_frames <= 0:
             raise MediaError("a video needs at least one frame")
         self.cfg, self.num_frames = cfg, num_frames
@@ -107,7 +114,7 @@ class VideoFrameWriter:
         self.patches = torch.zeros(
             self.grid[0] * self.rows_per_group, 3 * tp * p * p, dtype=torch.uint8
         )
-        self.original_size: tuple[int, int] | None = None  # (width, height) of the first frame
+        self.original_size = original_size  # (width, height)
         self._group: list[np.ndarray] = []
         self._added = 0
 

@@ -114,7 +114,9 @@ async def fetch_media(state: ServerState, messages: list[dict[str, Any]]) -> Non
 
 
 # --- prompts ---------------------------------------------------------------------------------
-def chat_messages(req: ChatCompletionRequest, policy: MediaPolicy) -> list[dict[str, Any]]:
+def chat_messages(
+    req: ChatCompletionRequest, policy: MediaPolicy, max_pixels: int | None = None
+) -> list[dict[str, Any]]:
     """The messages as ``Processor.prepare_chat`` reads them, every media URL checked first."""
     messages = []
     for mi, m in enumerate(req.messages):
@@ -124,7 +126,7 @@ def chat_messages(req: ChatCompletionRequest, policy: MediaPolicy) -> list[dict[
                     inner = part.image_url if isinstance(part, ImagePart) else part.video_url
                     url = inner if isinstance(inner, str) else inner.url
                     check_media_url(url, f"messages[{mi}].content[{ci}]", policy)
-        messages.append(m.to_dict())
+        messages.append(m.to_dict(max_pixels))
     return messages
 
 
@@ -154,7 +156,7 @@ def chat_prepare_fn(
     """The preprocessing to run in the pool and the messages (whose media URLs `fetch_media`
     replaces with the downloaded bytes first)."""
     llm = state.llm
-    messages = chat_messages(req, llm.processor.media_policy)
+    messages = chat_messages(req, llm.processor.media_policy, llm.processor.vision.max_pixels)
     tools = tools_of(req)
     # sized from the text and image headers before any pixel is decoded (the exact check
     # follows in sampling_params)

@@ -89,8 +89,11 @@ Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 LOW_DETAIL_PIXELS = 512 * 512
 
 
-def part_to_item(part: TextPart | ImagePart | VideoPart) -> dict[str, Any]:
-    """A validated part as the content item ``Processor.prepare_chat`` reads."""
+def part_to_item(
+    part: TextPart | ImagePart | VideoPart, max_pixels: int | None = None
+) -> dict[str, Any]:
+    """A validated part as the content item ``Processor.prepare_chat`` reads. ``max_pixels``:
+    the server's own image cap, which ``detail: "low"`` may only lower."""
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     kind = "image" if isinstance(part, ImagePart) else "video"
@@ -102,8 +105,9 @@ def part_to_item(part: TextPart | ImagePart | VideoPart) -> dict[str, Any]:
         url = inner.url
         options.update(inner.model_dump(exclude={"url", "detail"}, exclude_none=True))
         if getattr(inner, "detail", None) == "low" and "max_pixels" not in options:
-            options["max_pixels"] = LOW_DETAIL_PIXELS
-            options["min_pixels"] = min(options.get("min_pixels", 3136), LOW_DETAIL_PIXELS)
+            low = LOW_DETAIL_PIXELS if max_pixels is None else min(LOW_DETAIL_PIXELS, max_pixels)
+            options["max_pixels"] = low
+            options["min_pixels"] = min(options.get("min_pixels", 3136), low)
     return {"type": f"{kind}_url", f"{kind}_url": {"url": url, **options}}
 
 
@@ -125,17 +129,21 @@ class Message(_Strict):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
-    # echoed back by clients that append a response message as-is; must be empty
-    refusal: None = None
+    # What clients send that says nothing to the model, accepted and ignored: a message `id`
+    # (qwen-agent on tool results, the Responses API), and the fields of a response message a
+    # client appends as it is (refusal, annotations, audio, reasoning, a legacy function_call).
+    id: str | None = None
+    refusal: str | None = None
     annotations: list[Any] | None = None
-    audio: None = None
-    function_call: None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    reasoning_content: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, max_pixels: int | None = None) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
         out: dict[str, Any] = {"role": role}
         if isinstance(self.content, list):
-            out["content"] = [part_to_item(p) for p in self.content]
+            out["content"] = [part_to_item(p, max_pixels) for p in self.content]
         else:
             out["content"] = self.content if self.content is not None else ""
         if self.tool_calls:

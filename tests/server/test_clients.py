@@ -1,0 +1,102 @@
+"""What real clients send: fields that say nothing to the model are accepted and ignored
+(qwen-agent's ``id`` on tool results, response fields a client echoes back), while unknown vision
+options and sampling parameters stay refused; OpenAI's ``detail: "low"`` only ever lowers an
+image's budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from server_helpers import API_KEY, MODEL, data_uri, png_bytes, start_server
+
+from qwenvl.server import ServerSettings
+
+
+def post(base_url: str, body: dict[str, Any]) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.post(f"{base_url}/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_fields_clients_send_are_accepted_and_ignored(server):
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    echoed = {  # an assistant message appended as the client received it
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [call],
+        "refusal": None,
+        "annotations": [],
+        "audio": None,
+        "function_call": None,
+        "reasoning_content": "",
+    }
+    tool = {"role": "tool", "id": "msg_7", "tool_call_id": "call_1", "name": "f", "content": "ok"}
+    body = {"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "hi", "id": "msg_1"}, echoed, tool,
+        {"role": "assistant", "content": "done", "refusal": "none needed"},
+        {"role": "user", "content": "thanks"},
+    ]}  # fmt: skip
+    plain = {"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "f", "content": "ok"},
+        {"role": "assistant", "content": "done"},
+        {"role": "user", "content": "thanks"},
+    ]}  # fmt: skip
+    got, want = post(server.base_url, body), post(server.base_url, plain)
+    assert got.status_code == 200, got.text
+    assert got.json()["usage"]["prompt_tokens"] == want.json()["usage"]["prompt_tokens"]
+    # still refused: options that would change the answer if ignored
+    bad_option = {"type": "image_url", "image_url": {"url": data_uri(png_bytes()), "zoom": 2}}
+    r = post(
+        server.base_url, {"model": MODEL, "messages": [{"role": "user", "content": [bad_option]}]}
+    )
+    assert r.status_code == 400 and "zoom" in r.text
+    r = post(
+        server.base_url,
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "mirostat": 2},
+    )
+    assert r.status_code == 400 and "mirostat" in r.text
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """The demo model, whose own image budget (140 x 140 pixels' area) is below OpenAI's
+    512 x 512 for ``detail: "low"``."""
+    from qwenvl import LLM
+
+    yield from start_server(LLM(), ServerSettings(served_model_name=MODEL, api_key=API_KEY))
+
+
+@pytest.mark.parametrize("size", [(56, 56), (140, 140), (700, 500)])
+def test_detail_low_never_raises_the_tokens_of_an_image(demo_server, size):
+    def tokens(detail: str | None) -> int:
+        url: dict[str, Any] = {"url": data_uri(png_bytes(size=size))}
+        if detail:
+            url["detail"] = detail
+        content = [{"type": "image_url", "image_url": url}, {"type": "text", "text": "Colours?"}]
+        r = post(
+            demo_server.base_url,
+            {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": content}]},
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["qwenvl"]["images"][0]["tokens"]
+
+    assert tokens("low") <= tokens(None) == tokens("auto") == tokens("high")
+
+
+def test_a_video_reports_its_own_size(server):
+    """Frames come out of the decoder already resized; the reported original is the file's."""
+    from server_helpers import mp4_bytes
+
+    url = {"url": data_uri(mp4_bytes(n=8, size=112), "video/mp4"), "max_pixels": 56 * 56}
+    content = [{"type": "video_url", "video_url": url}, {"type": "text", "text": "What?"}]
+    r = post(
+        server.base_url,
+        {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": content}]},
+    )
+    assert r.status_code == 200, r.text
+    video = r.json()["qwenvl"]["videos"][0]
+    assert (video["original_width"], video["original_height"]) == (112, 112)
+    assert video["resized_width"] * video["resized_height"] <= 56 * 56
