@@ -237,6 +237,33 @@ class LLM:
         runner = functools.partial(parallel.ParallelRunner, workers=self.workers)
         return replace(engine_config, num_kv_blocks=blocks), runner
 
+    def warm_up(self) -> float:
+        """Do once what a first request would otherwise wait for: build the CPU kernels, and run
+        a short text prompt and a small picture through the tokenizer, the vision tower, a
+        prefill and two decode steps. Returns the seconds it took. ``qwenvl serve`` calls it
+        before it reports ready."""
+        import time
+
+        from PIL import Image
+
+        from qwenvl import kernels
+
+        start = time.perf_counter()
+        if self.model.device.type == "cpu":
+            kernels.available()  # builds the extension on first use (tens of seconds)
+        picture = Image.new("RGB", (56, 56), (127, 127, 127))
+        warm = [
+            [{"role": "user", "content": "Hello."}],
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": picture}, {"type": "text", "text": "?"}],
+                }
+            ],
+        ]
+        self.chat(warm, SamplingParams(temperature=0, max_tokens=2))
+        return time.perf_counter() - start
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (nothing to do at size 1); the LLM cannot generate
         afterwards. Also called on leaving ``with LLM(...) as llm:`` and at exit."""

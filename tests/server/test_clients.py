@@ -100,3 +100,36 @@ def test_a_video_reports_its_own_size(server):
     video = r.json()["qwenvl"]["videos"][0]
     assert (video["original_width"], video["original_height"]) == (112, 112)
     assert video["resized_width"] * video["resized_height"] <= 56 * 56
+
+
+def test_the_first_request_after_ready_is_as_fast_as_the_second(checkpoints, tmp_path):
+    """``qwenvl serve`` with a cold kernel cache (a fresh HOME): the build and first-use costs
+    are paid before /health answers, not by the first request."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_tensor_parallel_serve import free_port, wait_ready
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "qwenvl", "serve", "--model", str(checkpoints("qwen2_vl"))]
+    cmd += ["--dtype", "float32", "--port", str(port), "--api-key", API_KEY]
+    env = dict(os.environ, HOME=str(tmp_path))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        wait_ready(port, [proc], timeout=600)
+        image = {"type": "image_url", "image_url": {"url": data_uri(png_bytes(size=(90, 60)))}}
+        content = [image, {"type": "text", "text": "Describe."}]
+        messages = [{"role": "user", "content": content}]
+        body = {"model": str(checkpoints("qwen2_vl")), "max_tokens": 8, "messages": messages}
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            assert post(f"http://127.0.0.1:{port}/v1", body).status_code == 200
+            times.append(time.perf_counter() - t0)
+        assert times[0] <= 2 * max(times[1:]), times
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)

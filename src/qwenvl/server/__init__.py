@@ -38,8 +38,13 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **kwargs: Any) -> uvi
 def serve(llm: LLM, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``llm`` until interrupted, or until a tensor-parallel worker is lost (the engine
     can run no more steps: the server stops instead of answering 503 forever)."""
+    import logging
+
     import uvicorn
 
+    # the first request must not pay for building kernels or first-use paths
+    seconds = llm.warm_up()
+    logging.getLogger(__name__).info("warmed up in %.1f s", seconds)
     config = uvicorn_config(create_app(llm, settings), settings, host=host, port=port)
     server = uvicorn.Server(config)
     if llm.workers is not None:
