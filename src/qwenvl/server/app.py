@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from qwenvl.llm import LLM
-from qwenvl.server import routes_admin, routes_chat, routes_completions
+from qwenvl.server import routes_admin, routes_chat, routes_completions, routes_responses
 from qwenvl.server.errors import install_error_handlers
 from qwenvl.server.metrics import Metrics
 from qwenvl.server.settings import ServerSettings
@@ -89,6 +89,6 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
     app.state.qwenvl = state
     install_error_handlers(app)
     app.add_middleware(CountRequests, metrics=state.metrics)
-    for module in (routes_admin, routes_chat, routes_completions):
+    for module in (routes_admin, routes_chat, routes_completions, routes_responses):
         app.include_router(module.router)
     return app
