@@ -93,12 +93,13 @@ def test_a_function_tool_round_trip(server, stream):
     second = client.responses.create(
         model=MODEL, input=history, tools=TOOLS, max_output_tokens=4, temperature=0
     )
+    fn = {"name": "click", "arguments": call.arguments}
     chat = client.chat.completions.create(
         model=MODEL,
         messages=[
             {"role": "user", "content": "Click it."},
             {"role": "assistant", "content": None, "tool_calls": [
-                {"id": call.call_id, "type": "function", "function": {"name": "click", "arguments": call.arguments}}]},
+                {"id": call.call_id, "type": "function", "function": fn}]},
             {"role": "tool", "tool_call_id": call.call_id, "content": "clicked"},
         ],
         tools=[{"type": "function", "function": {"name": "click", "parameters": CLICK}}],
