@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
@@ -213,6 +213,7 @@ class _Shell:
         self.msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.seq = 0
+        self._where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
 
     def body(self, status: str, output: list[dict[str, Any]], generated: int = 0) -> dict:
         req, prompt = self.req, self.job.prompt
@@ -291,36 +292,32 @@ class _Shell:
         data = json.dumps({"type": kind, "sequence_number": self.seq, **fields}, ensure_ascii=False)
         return f"event: {kind}\ndata: {data}\n\n".encode()
 
+    def _open_message(self) -> Iterator[bytes]:
+        yield self.event(
+            "response.output_item.added", output_index=0, item=self.message("", "in_progress")
+        )
+        part = {"type": "output_text", "text": "", "annotations": []}
+        yield self.event("response.content_part.added", **self._where, part=part)
+
     async def events(self) -> AsyncIterator[bytes]:
         """The Responses events: the text streams as it comes (a tool call's text is held back
         by the parser and sent as a function_call item)."""
         parser = ToolCallStream() if self.tools_on else None
         text, generated, reason, opened = "", 0, None, False
-        where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
         yield self.event("response.created", response=self.body("in_progress", []))
         yield self.event("response.in_progress", response=self.body("in_progress", []))
         try:
             async for ev in self.job.events():
                 generated += len(ev.token_ids)
                 reason = ev.finish_reason or reason
-                delta = ev.text
-                if parser is not None:
-                    delta, _ = parser.feed(ev.text)
+                delta = ev.text if parser is None else parser.feed(ev.text)[0]
                 if delta:
                     if not opened:
                         opened = True
-                        yield self.event(
-                            "response.output_item.added",
-                            output_index=0,
-                            item=self.message("", "in_progress"),
-                        )
-                        yield self.event(
-                            "response.content_part.added",
-                            **where,
-                            part={"type": "output_text", "text": "", "annotations": []},
-                        )
+                        for frame in self._open_message():
+                            yield frame
                     text += delta
-                    yield self.event("response.output_text.delta", **where, delta=delta)
+                    yield self.event("response.output_text.delta", **self._where, delta=delta)
         except ClientGone:
             return
         except APIError as e:
@@ -328,47 +325,36 @@ class _Shell:
             return
         calls: list[ToolCall] = []
         if parser is not None:
-            rest, _ = parser.finish()
-            text += rest
+            text += parser.finish()[0]
             calls = list(parser.calls)
+        for frame in self._closing(opened, text, calls, generated, reason):
+            yield frame
+
+    def _closing(
+        self, opened: bool, text: str, calls: list[ToolCall], generated: int, reason: str | None
+    ) -> Iterator[bytes]:
+        """The done events of the message (if any) and of each call, then the response's."""
         output: list[dict[str, Any]] = []
         if opened or not calls:
             if not opened:
-                yield self.event(
-                    "response.output_item.added",
-                    output_index=0,
-                    item=self.message("", "in_progress"),
-                )
-                yield self.event(
-                    "response.content_part.added",
-                    **where,
-                    part={"type": "output_text", "text": "", "annotations": []},
-                )
+                yield from self._open_message()
             part = {"type": "output_text", "text": text, "annotations": []}
-            yield self.event("response.output_text.done", **where, text=text)
-            yield self.event("response.content_part.done", **where, part=part)
+            yield self.event("response.output_text.done", **self._where, text=text)
+            yield self.event("response.content_part.done", **self._where, part=part)
             yield self.event("response.output_item.done", output_index=0, item=self.message(text))
             output.append(self.message(text))
         for tc in calls:
-            item, index = self.call(tc), len(output)
+            item = self.call(tc)
+            at = {"item_id": item["id"], "output_index": len(output)}
+            pending = {**item, "arguments": "", "status": "in_progress"}
+            yield self.event("response.output_item.added", output_index=len(output), item=pending)
             yield self.event(
-                "response.output_item.added",
-                output_index=index,
-                item={**item, "arguments": "", "status": "in_progress"},
+                "response.function_call_arguments.delta", **at, delta=item["arguments"]
             )
             yield self.event(
-                "response.function_call_arguments.delta",
-                item_id=item["id"],
-                output_index=index,
-                delta=item["arguments"],
+                "response.function_call_arguments.done", **at, arguments=item["arguments"]
             )
-            yield self.event(
-                "response.function_call_arguments.done",
-                item_id=item["id"],
-                output_index=index,
-                arguments=item["arguments"],
-            )
-            yield self.event("response.output_item.done", output_index=index, item=item)
+            yield self.event("response.output_item.done", output_index=len(output), item=item)
             output.append(item)
         final = self.body("completed", output, generated)
         if reason == "length":
