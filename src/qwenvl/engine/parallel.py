@@ -223,6 +223,10 @@ class Workers:
                 self.send(None)
             except Exception as e:  # a worker already gone: the kill below ends the rest
                 logger.warning("could not tell the workers to stop: %s", e)
+        else:  # the group is broken: the others wait in a collective that will never finish
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
         for p in self.procs:
             try:
                 p.wait(timeout)
