@@ -1,9 +1,14 @@
-"""Process checks for the multi-process tests: is a pid alive, which processes sit below one."""
+"""Process checks for the multi-process tests: is a pid alive, which processes sit below one,
+a free port, a server that answers /health."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import time
+
+import httpx
 
 
 def alive(pid: int) -> bool:
@@ -40,3 +45,24 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    """Until ``GET /health`` answers 200 on ``port``; fails if one of ``procs`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"{p.args} exited with {p.returncode}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the server did not come up")

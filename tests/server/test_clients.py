@@ -111,7 +111,7 @@ def test_the_first_request_after_ready_is_as_fast_as_the_second(checkpoints, tmp
     import sys
     import time
 
-    from test_tensor_parallel_serve import free_port, wait_ready
+    from processes import free_port, wait_ready
 
     port = free_port()
     cmd = [sys.executable, "-m", "qwenvl", "serve", "--model", str(checkpoints("qwen2_vl"))]

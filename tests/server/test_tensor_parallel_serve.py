@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,31 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
-from processes import descendants, wait_gone
+from processes import descendants, free_port, wait_gone, wait_ready
 from qwenvl import LLM, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Describe this image. Count the boxes."}]
 LOGPROB_TOL = 1e-4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"{p.args} exited with {p.returncode}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("the server did not come up")
 
 
 def wait_exit(proc: subprocess.Popen, pids: list[int], timeout: float = 30) -> int:

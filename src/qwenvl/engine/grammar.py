@@ -35,7 +35,8 @@ def _llguidance() -> Any:
 
 
 class Grammars:
-    """Compiles constraints for one tokenizer and vocabulary (the logits' width)."""
+    """Compiles constraints for one tokenizer (masks cover its vocabulary; logit columns past
+    it are forbidden by :func:`apply_masks`)."""
 
     def __init__(self, tokenizer: Tokenizer, eos: Sequence[int]) -> None:
         self.tokenizer = tokenizer

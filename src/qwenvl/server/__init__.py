@@ -47,8 +47,10 @@ def serve(llm: LLM, settings: ServerSettings, host: str = "127.0.0.1", port: int
     logging.getLogger(__name__).info("warmed up in %.1f s", seconds)
     config = uvicorn_config(create_app(llm, settings), settings, host=host, port=port)
     server = uvicorn.Server(config)
-    if llm.workers is not None:
-        llm.workers.on_lost = lambda why: setattr(server, "should_exit", True)
+    if llm.workers is not None:  # stop a moment later, so that requests in flight get the 503
+        llm.workers.on_lost = lambda why: threading.Timer(
+            LOST_GRACE_S, setattr, (server, "should_exit", True)
+        ).start()
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal it stopped on: a stop asked for by Ctrl-C or SIGTERM
         # exits 0 through the callers' cleanup (the tensor-parallel workers are told to stop)
@@ -56,6 +58,9 @@ def serve(llm: LLM, settings: ServerSettings, host: str = "127.0.0.1", port: int
         signal.signal(signal.SIGTERM, _exit_cleanly)
         signal.signal(signal.SIGINT, _exit_cleanly)
     server.run()
+
+
+LOST_GRACE_S = 3.0  # after a tensor-parallel worker is lost, before the server stops
 
 
 def _exit_cleanly(signum: int, frame: Any) -> None:

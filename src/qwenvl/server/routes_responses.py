@@ -55,21 +55,23 @@ class InputMessage(_Strict):
     status: str | None = None
 
 
-class FunctionCallItem(_Strict):
-    type: Literal["function_call"]
+class _CallItem(_Strict):
+    """What both function-call items carry (``id`` and ``status`` echoed back, ignored)."""
+
     call_id: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallItem(_CallItem):
+    type: Literal["function_call"]
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
 
 
-class FunctionCallOutput(_Strict):
+class FunctionCallOutput(_CallItem):
     type: Literal["function_call_output"]
-    call_id: str
     output: str
-    id: str | None = None
-    status: str | None = None
 
 
 class FunctionTool(_Strict):
