@@ -10,7 +10,7 @@ from qwenvl.checkpoint import load_model
 from qwenvl.processing.prompt import Processor
 from qwenvl.train import LoraOptions, TrainConfig, Trainer
 from qwenvl.train.data import load_dpo
-from qwenvl.train.dpo import dpo_loss, pair_logprobs
+from qwenvl.train.dpo import chosen_tokens, dpo_loss, pair_logprobs
 from qwenvl.train.packing import collate, sample_losses
 
 
@@ -85,3 +85,39 @@ def test_dpo_steps_increase_the_margin(checkpoints, dpo_file, tmp_path):
         assert after > before + 0.5
         assert result.metrics[-1]["loss"] < result.metrics[0]["loss"]
         assert abs(result.metrics[0]["loss"] - math.log(2)) < 1e-5  # policy == reference at start
+
+
+def test_sft_term_matches_hand_computation():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.5, -2.5])
+    n = torch.tensor([2, 4])
+    losses, margins = dpo_loss(pc, pr, rc, rr, 0.5, sft_weight=0.2, chosen_tokens=n)
+    # DPO as above, plus 0.2 x the chosen reply's mean token NLL: 3 / 2 tokens, 5 / 4 tokens
+    expected = [
+        -math.log(1 / (1 + math.exp(-0.5))) + 0.2 * 1.5,
+        -math.log(1 / (1 + math.exp(0.75))) + 0.2 * 1.25,
+    ]
+    torch.testing.assert_close(losses, torch.tensor(expected), atol=1e-7, rtol=0)
+    torch.testing.assert_close(margins, torch.tensor([0.5, -0.75]))  # the margin is DPO's own
+
+
+def test_first_step_loss_is_log2_plus_weighted_nll(checkpoints, hf_models, dpo_file, tmp_path):
+    """At step 1 the policy is the reference, so each pair's DPO term is log 2; the SFT term is
+    the weight times transformers' mean token loss of the chosen reply (its labels= loss)."""
+    path = checkpoints("qwen2_vl")
+    trainer = Trainer(
+        TrainConfig(
+            model=str(path), data=str(dpo_file), output=str(tmp_path / "o"), method="dpo",
+            batch_size=2, max_steps=1, dpo_sft_weight=0.7, progress=False, plot=False,
+        )
+    )  # fmt: skip
+    tok = trainer.processor.tokenizer
+    replies = [json.loads(x)["chosen"] for x in dpo_file.read_text().splitlines()]
+    counts = [len(tok.encode(r)) + 1 for r in replies]  # the reply and its <|im_end|>
+    assert chosen_tokens(collate(trainer.units, trainer.pad_id)).tolist() == counts
+    hf = hf_models("qwen2_vl")
+    nll = [hf_summed_loss(hf, pair[0]) / n for pair, n in zip(trainer.units, counts)]
+    expected = math.log(2) + 0.7 * sum(nll) / len(nll)
+    loss = trainer.run().metrics[0]["loss"]
+    print(f"dpo+sft first loss {loss:.6f}, expected {expected:.6f}")
+    assert abs(loss - expected) < 1e-5

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import tiny
 from qwenvl.checkpoint import load_model
+from qwenvl.errors import ConfigError
 from qwenvl.processing.prompt import Processor
 from qwenvl.train.data import load_sft
 from qwenvl.train.lora import LoraOptions, apply_lora, load_adapter, merge_lora, save_adapter
@@ -40,7 +43,8 @@ def _randomise_b(model):
 def test_zero_b_equals_base_and_merge_equals_unmerged(checkpoints, sft_file, tmp_path):
     path, model, batch = _setup(checkpoints, sft_file)
     base = _logits(model, batch)
-    names = apply_lora(model, LoraOptions(rank=4, alpha=8, targets=TARGETS))
+    options = LoraOptions(rank=4, alpha=8, targets=TARGETS, parts=("llm", "vision"))
+    names = apply_lora(model, options)
     assert "visual.blocks.0.attn.qkv" in names and "model.layers.1.self_attn.q_proj" in names
     zero_b = _logits(model, batch)
     print(f"zero-B max diff {float((zero_b - base).abs().max()):.2e}")
@@ -100,3 +104,53 @@ def test_gradient_checkpointing_same_gradients(checkpoints, sft_file, family):
     worst = max(float((plain[n] - ckpt[n]).abs().max()) for n in plain)
     print(f"checkpointing max grad diff {worst:.2e}")
     assert worst <= 1e-5
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_default_targets_are_the_language_models_and_merge_in_peft(checkpoints, sft_file, tmp_path):
+    """Qwen2.5-VL's ViT MLPs are also gate/up/down_proj; the default adapts the LLM only, and
+    peft, given the adapter folder, wraps exactly the transformers LLM's projections."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    path, model, _ = _setup(checkpoints, sft_file, "qwen2_5_vl")
+    assert any(n.startswith("visual.") and n.endswith("mlp.gate_proj")
+               for n, _ in model.named_modules())  # fmt: skip
+    apply_lora(model, LoraOptions(rank=4, alpha=8))
+    _randomise_b(model)
+    save_adapter(model, tmp_path / "adapter")
+    hf = tiny.load_hf(path, "qwen2_5_vl")
+    expected = {  # the truth: transformers' own module tree
+        n
+        for n, m in hf.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("model.language_model.")
+        and n.rsplit(".", 1)[-1] in PROJECTIONS
+    }  # fmt: skip
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+    assert wrapped == expected and len(expected) == 7 * model.config.text.num_hidden_layers
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    pos = torch.arange(6).view(1, 1, 6).expand(3, 1, 6)
+    with torch.no_grad():
+        ours = model(ids, pos)
+        theirs = peft_model.merge_and_unload()(input_ids=ids).logits
+    diff = float((theirs - ours).abs().max())
+    print(f"default-target adapter, peft merged vs ours: max logit diff {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_lora_parts_reach_the_vit_only_when_asked(checkpoints, sft_file):
+    _, model, _ = _setup(checkpoints, sft_file, "qwen2_5_vl")
+    names = apply_lora(model, LoraOptions(targets=("qkv", "gate_proj"), parts=("llm", "vision")))
+    assert {n.split(".")[0] for n in names} == {"model", "visual"}
+    _, model, _ = _setup(checkpoints, sft_file, "qwen2_5_vl")
+    with pytest.raises(ConfigError, match="no Linear module of llm matches"):
+        apply_lora(model, LoraOptions(targets=("qkv",)))
+    with pytest.raises(ConfigError, match="parts must be some of"):
+        LoraOptions(parts=("vit",))

@@ -99,7 +99,12 @@ def test_lora_adapter_loads_in_peft_and_matches(checkpoints, sft_file, tmp_path)
             output=str(out),
             lr=1e-2,
             epochs=3,
-            lora=LoraOptions(rank=4, alpha=8, targets=("q_proj", "v_proj", "qkv", "gate_proj")),
+            lora=LoraOptions(
+                rank=4,
+                alpha=8,
+                targets=("q_proj", "v_proj", "qkv", "gate_proj"),
+                parts=("llm", "vision"),
+            ),
             progress=False,
             plot=False,
         )

@@ -7,6 +7,7 @@ Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` like every subcommand; the opt
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qwenvl.cli.common import LOAD_DTYPES, default
@@ -22,33 +23,45 @@ def add_train(sub: Subparsers) -> None:
         help="fine-tune a checkpoint (SFT or DPO; full or LoRA)",
         description="Fine-tune on a JSON-lines file of conversations (the LLM.chat message "
         "format). Writes OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/step-N and OUT/final "
-        "(a Hugging Face checkpoint, or a peft adapter with --lora).",
+        "(a Hugging Face checkpoint, or a peft adapter with --lora). OUT is created once the "
+        "data and the checkpoint were accepted.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder to start from")
     p.add_argument("--data", required=True, metavar="FILE", help="training JSON lines")
-    p.add_argument("--output", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--output", required=True, metavar="DIR", help="run folder (OUT)")
+    _option(p, "--eval-data", "eval_data", "held-out JSON lines (same format as --data)", "FILE",
+            unset="none")  # fmt: skip
+    _option(p, "--eval-every", "eval_every", "evaluate on --eval-data every N steps", "N", int,
+            unset="only at the end")  # fmt: skip
     p.add_argument(
-        "--eval-data",
-        default=_default("eval_data"),
-        metavar="FILE",
-        help="held-out JSON lines",
+        "--method",
+        choices=["sft", "dpo"],
+        default=_default("method"),
+        help="sft: learn the assistant replies; dpo: prefer 'chosen' over 'rejected' "
+        "(default %(default)s)",
     )
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=_default("eval_every"),
-        metavar="N",
-        help="evaluate every N steps",
+    _option(p, "--dpo-beta", "dpo_beta", "DPO temperature (strength of the KL anchor)", "B", float)
+    _option(
+        p,
+        "--dpo-sft-weight",
+        "dpo_sft_weight",
+        "add W x the chosen reply's mean token NLL to the DPO loss (RPO, LLaMA-Factory's "
+        "pref_ftx), so DPO does not lower the chosen answer's likelihood; 0 = plain DPO",
+        "W",
+        float,
     )
-    p.add_argument("--method", choices=["sft", "dpo"], default=_default("method"))
-    p.add_argument("--dpo-beta", type=float, default=_default("dpo_beta"))
     _add_lora_args(p.add_argument_group("LoRA (peft)"))
     g = p.add_argument_group("what trains")
-    for part in ("vision", "merger", "llm"):
-        g.add_argument(f"--freeze-{part}", action="store_true", default=_default(f"freeze_{part}"))
+    for part, what in (("vision", "ViT blocks"), ("merger", "patch merger"), ("llm", "LLM")):
+        g.add_argument(
+            f"--freeze-{part}",
+            action="store_true",
+            default=_default(f"freeze_{part}"),
+            help=f"keep the {what} fixed (with --lora: no adapters there)",
+        )
     _add_optimisation_args(p.add_argument_group("optimisation"))
     _add_data_args(p.add_argument_group("data"))
-    _add_checkpoint_args(p.add_argument_group("checkpoints"))
+    _add_checkpoint_args(p.add_argument_group("checkpoints and output"))
     p.set_defaults(func=cmd_train)
 
 
@@ -56,91 +69,139 @@ def _default(name: str) -> Any:
     return default(TrainConfig, name)
 
 
+def _option(
+    g: argparse._ActionsContainer,
+    flag: str,
+    field: str,
+    help: str,
+    metavar: str | None = None,
+    type: Callable[[str], Any] = str,
+    cls: type = TrainConfig,
+    unset: str = "not set",
+) -> None:
+    """An option whose default is field ``field`` of ``cls``, shown in its help (``unset`` says
+    what a default of None means)."""
+    value = default(cls, field)
+    shown = unset if value is None else "%(default)s"
+    g.add_argument(
+        flag, type=type, default=value, metavar=metavar, help=f"{help} (default {shown})"
+    )
+
+
 def _add_lora_args(g: argparse._ArgumentGroup) -> None:
     """Options of :class:`LoraOptions` (and --lora, which turns it on)."""
     g.add_argument("--lora", action="store_true", help="train a LoRA adapter, not all weights")
-    g.add_argument("--lora-rank", type=int, default=default(LoraOptions, "rank"))
-    g.add_argument("--lora-alpha", type=float, default=default(LoraOptions, "alpha"))
-    g.add_argument("--lora-dropout", type=float, default=default(LoraOptions, "dropout"))
+    _option(g, "--lora-rank", "rank", "adapter rank r", "R", int, LoraOptions)
+    _option(g, "--lora-alpha", "alpha", "scale alpha (updates scaled by alpha / r)", "A",
+            float, LoraOptions)  # fmt: skip
+    _option(g, "--lora-dropout", "dropout", "dropout on the adapter input", "P", float, LoraOptions)
     g.add_argument(
         "--lora-targets",
         default=",".join(default(LoraOptions, "targets")),
-        help="comma-separated module names, dotted suffixes or regexes",
+        metavar="NAMES",
+        help="comma-separated module names, dotted suffixes or regexes (default %(default)s)",
+    )
+    g.add_argument(
+        "--lora-parts",
+        default=",".join(default(LoraOptions, "parts")),
+        metavar="PARTS",
+        help="where --lora-targets are looked for: llm, vision (the ViT: attn.qkv, attn.proj, "
+        "mlp.*), merger; e.g. llm,vision adapts the ViT too (default %(default)s)",
     )
 
 
 def _add_optimisation_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--lr", type=float, default=_default("lr"))
-    g.add_argument("--vision-lr", type=float, default=_default("vision_lr"))
-    g.add_argument("--merger-lr", type=float, default=_default("merger_lr"))
-    g.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
-    g.add_argument("--warmup-steps", type=int, default=_default("warmup_steps"))
-    g.add_argument("--min-lr-ratio", type=float, default=_default("min_lr_ratio"))
-    g.add_argument("--epochs", type=int, default=_default("epochs"))
-    g.add_argument("--max-steps", type=int, default=_default("max_steps"))
-    g.add_argument("--batch-size", type=int, default=_default("batch_size"))
-    g.add_argument("--grad-accum", type=int, default=_default("grad_accum"))
-    g.add_argument(
-        "--max-grad-norm",
-        type=float,
-        default=_default("max_grad_norm"),
-        help="0 disables clipping",
-    )
+    _option(g, "--lr", "lr", "peak learning rate", "LR", float)
+    _option(g, "--vision-lr", "vision_lr", "learning rate of the ViT", "LR", float, unset="--lr")
+    _option(g, "--merger-lr", "merger_lr", "learning rate of the merger", "LR", float,
+            unset="--lr")  # fmt: skip
+    _option(g, "--weight-decay", "weight_decay", "AdamW weight decay (matrices only)", "WD", float)
+    _option(g, "--warmup-steps", "warmup_steps", "linear warmup steps", "N", int)
+    _option(g, "--min-lr-ratio", "min_lr_ratio", "cosine floor, as a fraction of --lr", "R", float)
+    _option(g, "--epochs", "epochs", "passes over the data", "N", int)
+    _option(g, "--max-steps", "max_steps", "stop after N optimizer steps", "N", int,
+            unset="--epochs decide")  # fmt: skip
+    _option(g, "--batch-size", "batch_size", "rows per micro-batch", "N", int)
+    _option(g, "--grad-accum", "grad_accum", "micro-batches per optimizer step", "N", int)
+    _option(g, "--max-grad-norm", "max_grad_norm", "clip the gradient norm; 0 disables", "X",
+            float)  # fmt: skip
     g.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         default=_default("gradient_checkpointing"),
+        help="recompute activations in the backward pass: less memory, ~30%% more compute",
     )
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=_default("precision"))
-    g.add_argument("--dtype", default=_default("dtype"), choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default=_default("device"))
-    g.add_argument("--seed", type=int, default=_default("seed"))
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=_default("precision"),
+        help="compute precision; auto = bf16 autocast on a GPU, fp32 on the CPU "
+        "(default %(default)s)",
+    )
+    g.add_argument(
+        "--dtype",
+        default=_default("dtype"),
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype the weights are trained in (default %(default)s)",
+    )
+    _option(g, "--device", "device", "cpu, cuda, cuda:N; auto = cuda when there is one", "DEV")
+    _option(g, "--seed", "seed", "seed of the data order, init and dropout", "S", int)
 
 
 def _add_data_args(g: argparse._ArgumentGroup) -> None:
+    _option(g, "--pack", "pack", "pack samples into rows of this many tokens", "TOKENS", int,
+            unset="one sample per row")  # fmt: skip
+    _option(g, "--max-len", "max_len", "longest sample", "TOKENS", int, unset="--pack")
     g.add_argument(
-        "--pack",
-        type=int,
-        default=_default("pack"),
-        metavar="TOKENS",
-        help="pack samples into rows",
+        "--overlong",
+        choices=["reject", "split"],
+        default=_default("overlong"),
+        help="a sample over --max-len: an error, or cut at turn boundaries (default %(default)s)",
     )
-    g.add_argument(
-        "--max-len",
-        type=int,
-        default=_default("max_len"),
-        metavar="TOKENS",
-        help="longest sample (default: --pack)",
-    )
-    g.add_argument("--overlong", choices=["reject", "split"], default=_default("overlong"))
-    g.add_argument("--min-pixels", type=int, default=_default("min_pixels"))
-    g.add_argument("--max-pixels", type=int, default=_default("max_pixels"))
+    _option(g, "--min-pixels", "min_pixels", "fewest pixels per image", "N", int,
+            unset="the checkpoint's")  # fmt: skip
+    _option(g, "--max-pixels", "max_pixels", "most pixels per image", "N", int,
+            unset="the checkpoint's")  # fmt: skip
 
 
 def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--save-every", type=int, default=_default("save_every"), metavar="N")
-    g.add_argument(
-        "--save-total-limit", type=int, default=_default("save_total_limit"), metavar="K"
-    )
+    _option(g, "--save-every", "save_every", "write OUT/checkpoints/step-N every N steps", "N",
+            int, unset="no checkpoints, only OUT/final")  # fmt: skip
+    _option(g, "--save-total-limit", "save_total_limit", "keep only the newest K checkpoints",
+            "K", int, unset="keep all")  # fmt: skip
     g.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         default=_default("resume"),
-        help="a checkpoint folder, or latest",
+        metavar="DIR",
+        help="continue from a checkpoint folder, or (no value) the newest under OUT; the run "
+        "says on stderr where it resumed (default: start from --model)",
     )
-    g.add_argument("--export-dtype", default=_default("export_dtype"))
-    g.add_argument("--no-progress", action="store_true")
+    _option(g, "--export-dtype", "export_dtype", "dtype of OUT/final; auto = the source "
+            "checkpoint's", "DTYPE")  # fmt: skip
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (default: a bar on a terminal, plain lines elsewhere)",
+    )
+    _option(g, "--log-every", "log_every", "off a terminal, a progress line every N steps",
+            "N", int, unset="by --log-seconds only")  # fmt: skip
+    _option(g, "--log-seconds", "log_seconds", "off a terminal, a progress line at least every "
+            "S seconds", "S", float)  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     lora = None
     if args.lora:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        lora = LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+        parts = tuple(t.strip() for t in args.lora_parts.split(",") if t.strip())
+        lora = LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout, targets, parts)
     config = TrainConfig(
         model=args.model, data=args.data, output=args.output, method=args.method,
         eval_data=args.eval_data, eval_every=args.eval_every, dpo_beta=args.dpo_beta, lora=lora,
+        dpo_sft_weight=args.dpo_sft_weight, log_every=args.log_every,
+        log_seconds=args.log_seconds,
         freeze_vision=args.freeze_vision, freeze_merger=args.freeze_merger,
         freeze_llm=args.freeze_llm, lr=args.lr, vision_lr=args.vision_lr,
         merger_lr=args.merger_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,

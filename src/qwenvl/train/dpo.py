@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.train.lora import adapters_disabled, has_lora
-from qwenvl.train.packing import Batch, sample_sums, token_logprobs
+from qwenvl.train.packing import IGNORE, Batch, sample_sums, token_logprobs
 
 
 def dpo_loss(
@@ -21,10 +21,29 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    sft_weight: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``-log sigmoid(beta * ((pc - rc) - (pr - rr)))`` per pair, and the reward margins."""
+    """``-log sigmoid(beta * ((pc - rc) - (pr - rr)))`` per pair, and the reward margins.
+
+    DPO only asks the chosen reply to gain on the rejected one, and it may do so by lowering
+    both: on a short-answer task that breaks greedy answers. ``sft_weight`` adds
+    ``sft_weight * (-pc / chosen_tokens)``, the chosen reply's mean token NLL, to each pair's loss
+    (RPO, Pang et al. 2024; LLaMA-Factory's ``pref_ftx``), which holds the chosen reply up.
+    """
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin), beta * margin
+    losses = -F.logsigmoid(beta * margin)
+    if sft_weight:
+        if chosen_tokens is None:
+            raise ValueError("the SFT term needs the chosen replies' token counts")
+        losses = losses + sft_weight * (-policy_chosen / chosen_tokens.to(policy_chosen))
+    return losses, beta * margin
+
+
+def chosen_tokens(batch: Batch) -> torch.Tensor:
+    """Target tokens of each pair's chosen reply: ``[pairs]`` (samples alternate c, r)."""
+    on = (batch.labels != IGNORE).float()
+    return sample_sums(on, batch.segments, batch.num_samples)[0::2]
 
 
 def pair_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,23 +28,35 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PARTS = ("llm", "vision", "merger")
 
 
 @dataclass(frozen=True)
 class LoraOptions:
     """``targets`` are module names (``q_proj``), dotted suffixes (``self_attn.q_proj``) or regular
-    expressions matched against the whole module name."""
+    expressions matched against the whole module name, looked for only in ``parts``.
+
+    ``parts`` defaults to the language model: Qwen2.5-VL's ViT MLPs are also called
+    ``gate/up/down_proj``, and peft users (and LLaMA-Factory, ms-swift, whose vision tower is
+    frozen by default) expect ``q_proj,...,down_proj`` to mean the LLM's projections. Add
+    ``vision`` (``attn.qkv``, ``attn.proj``, ``mlp.*`` of the ViT blocks) and ``merger`` to
+    adapt those too.
+    """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    parts: tuple[str, ...] = ("llm",)
 
     def __post_init__(self) -> None:
         if self.rank <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError("LoRA needs rank > 0, alpha > 0 and 0 <= dropout < 1")
         if not self.targets:
             raise ConfigError("LoRA needs at least one target module name")
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or not self.parts:
+            raise ConfigError(f"LoRA parts must be some of {', '.join(PARTS)}, not {unknown}")
 
 
 def part_of(name: str) -> str:
@@ -82,7 +94,11 @@ def select_targets(
         and any(_matches(n, p) or _matches(n, names.to_hf(p)) for p in targets)
     ]
     if not found:
-        raise ConfigError(f"no Linear module matches the LoRA targets {list(targets)}")
+        searched = ", ".join(p for p in PARTS if p not in skip_parts) or "no part"
+        raise ConfigError(
+            f"no Linear module of {searched} matches the LoRA targets {list(targets)} "
+            "(--lora-parts llm,vision,merger widens the search)"
+        )
     return found
 
 
@@ -95,10 +111,12 @@ def _peft():
 
 
 def apply_lora(model: nn.Module, options: LoraOptions, skip_parts: Sequence[str] = ()) -> list[str]:
-    """Wrap the chosen Linears with LoRA (B = 0, so the output is unchanged); freeze every base
-    weight. Returns the wrapped module names."""
+    """Wrap the chosen Linears of ``options.parts`` (less ``skip_parts``, the frozen ones) with
+    LoRA (B = 0, so the output is unchanged); freeze every base weight. Returns the wrapped
+    module names."""
     peft = _peft()
-    names = select_targets(model, options.targets, skip_parts)
+    skip = {*skip_parts, *(p for p in PARTS if p not in options.parts)}
+    names = select_targets(model, options.targets, sorted(skip))
     config = peft.LoraConfig(
         r=options.rank,
         lora_alpha=options.alpha,

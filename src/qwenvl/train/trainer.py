@@ -32,7 +32,7 @@ from qwenvl.errors import ConfigError
 from qwenvl.processing.prompt import Processor
 from qwenvl.train import checkpoint as ckpt
 from qwenvl.train.data import load_dpo, load_sft
-from qwenvl.train.dpo import dpo_loss, pair_logprobs, reference_logprobs
+from qwenvl.train.dpo import chosen_tokens, dpo_loss, pair_logprobs, reference_logprobs
 from qwenvl.train.lora import LoraOptions, apply_lora, part_of, save_adapter
 from qwenvl.train.packing import collate, pack, sample_losses
 
@@ -84,10 +84,13 @@ class TrainConfig:
     save_total_limit: int | None = None
     resume: str | None = None  # a checkpoint folder, or "latest" (newest under output)
     dpo_beta: float = 0.1
+    dpo_sft_weight: float = 0.0  # DPO + this x the chosen reply's mean token NLL (RPO, pref_ftx)
     min_pixels: int | None = None
     max_pixels: int | None = None
     export_dtype: str = "auto"  # full fine-tune export: auto = the source checkpoint's
-    progress: bool | None = None  # None: when stderr is a terminal
+    progress: bool | None = None  # None/True: a bar on a terminal, lines elsewhere; False: off
+    log_every: int | None = None  # plain progress line every N steps (and every log_seconds)
+    log_seconds: float = 30.0
     plot: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +107,10 @@ class TrainConfig:
             raise ConfigError("lr must be positive")
         if self.freeze_vision and self.freeze_merger and self.freeze_llm:
             raise ConfigError("every part is frozen: nothing to train")
+        if self.dpo_sft_weight < 0 or self.dpo_beta <= 0:
+            raise ConfigError("dpo_beta must be positive and dpo_sft_weight at least 0")
+        if (self.log_every is not None and self.log_every < 1) or self.log_seconds <= 0:
+            raise ConfigError("log_every must be at least 1 and log_seconds positive")
 
 
 @dataclass
@@ -132,32 +139,69 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
 
 
 class Progress:
-    """A one-line bar on stderr: step, loss, learning rate, tokens/s and ETA."""
+    """Progress on stderr: step/total, loss, learning rate, samples/s and ETA.
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.start = time.perf_counter()
+    On a terminal, a bar redrawn in place every step. Elsewhere (nohup, CI, a pipe) a carriage-
+    return bar would be one unreadable line that only appears at the end, so plain lines are
+    printed instead: at the first and last step, every ``every`` steps, and whenever ``seconds``
+    have passed since the previous line.
+    """
+
+    def __init__(
+        self, total: int, mode: str, every: int | None = None, seconds: float = 30.0
+    ) -> None:
+        if mode not in ("bar", "lines", "off"):
+            raise ValueError(f"progress mode must be bar, lines or off, not {mode!r}")
+        self.total, self.mode, self.every, self.seconds = total, mode, every, seconds
+        self.start = self.last_line = time.perf_counter()
         self.first: int | None = None
+        self.samples = 0
+
+    def note(self, message: str) -> None:
+        """A one-off line (where a resumed run started), shown in every mode but ``off``."""
+        if self.mode != "off":
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
 
     def update(self, step: int, m: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.mode == "off":
             return
         if self.first is None:
             self.first = step - 1
-        done = step - self.first
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (self.total - step)
-        filled = int(20 * step / max(self.total, 1))
-        sys.stderr.write(
-            f"\rstep {step}/{self.total} [{'#' * filled}{'.' * (20 - filled)}] "
-            f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:,.0f} tok/s "
-            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        self.samples += m.get("samples", 0)
+        now = time.perf_counter()
+        elapsed = now - self.start
+        eta = elapsed / max(step - self.first, 1) * (self.total - step)
+        text = (
+            f"step {step}/{self.total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+            f"{self.samples / max(elapsed, 1e-9):.2f} samples/s "
+            f"{m['tokens_per_s']:,.0f} tok/s ETA {_clock(eta)}"
         )
+        if self.mode == "bar":
+            filled = int(20 * step / max(self.total, 1))
+            sys.stderr.write(f"\r{text} [{'#' * filled}{'.' * (20 - filled)}]")
+        elif self._line_due(step, now):
+            extra = "".join(f" {k} {m[k]:.4f}" for k in ("margin", "eval_loss") if k in m)
+            sys.stderr.write(f"{text} elapsed {_clock(elapsed)}{extra}\n")
+            self.last_line = now
         sys.stderr.flush()
 
+    def _line_due(self, step: int, now: float) -> bool:
+        return (
+            step == self.first + 1
+            or step >= self.total
+            or (self.every is not None and step % self.every == 0)
+            or now - self.last_line >= self.seconds
+        )
+
     def close(self) -> None:
-        if self.enabled:
+        if self.mode == "bar":
             sys.stderr.write("\n")
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class Trainer:
@@ -167,8 +211,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, on_step_end: StepHook | None = None) -> None:
         self.cfg = c = config
         self.on_step_end = on_step_end
-        self.out = Path(c.output)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(c.output)  # created by run(), once the data and weights were accepted
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
         )
@@ -286,7 +329,10 @@ class Trainer:
             with self._ctx():  # the reference runs in the same precision as the policy
                 ref_c, ref_r = reference_logprobs(self.model, self.reference, batch)
                 pol_c, pol_r = pair_logprobs(self.model, batch)
-            losses, margins = dpo_loss(pol_c, pol_r, ref_c, ref_r, self.cfg.dpo_beta)
+            losses, margins = dpo_loss(
+                pol_c, pol_r, ref_c, ref_r, self.cfg.dpo_beta,
+                self.cfg.dpo_sft_weight, chosen_tokens(batch),
+            )  # fmt: skip
             stats = {"margin": float(margins.detach().sum()), "loss": float(losses.detach().sum())}
             return losses.sum() / step_norm, stats
         with self._ctx():
@@ -340,7 +386,7 @@ class Trainer:
             kept = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= self.step]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
             self.metrics = [json.loads(ln) for ln in kept]
-        logger.info("resumed from %s at step %d", folder, self.step)
+        self.resumed_from = folder
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
@@ -349,12 +395,15 @@ class Trainer:
 
     def run(self) -> TrainResult:
         c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "train_config.json").write_text(json.dumps(asdict(c), indent=2, default=str))
         self._resume()
         if self.step == 0:
             (self.out / "metrics.jsonl").write_text("")
-        show = c.progress if c.progress is not None else sys.stderr.isatty()
-        bar = Progress(self.total_steps, show)
+        mode = "off" if c.progress is False else "bar" if sys.stderr.isatty() else "lines"
+        bar = Progress(self.total_steps, mode, c.log_every, c.log_seconds)
+        if self.step:
+            bar.note(f"resumed from {self.resumed_from} at step {self.step}/{self.total_steps}")
         start = time.perf_counter()
         tokens_seen = 0
         while self.step < self.total_steps:
@@ -388,6 +437,7 @@ class Trainer:
                 "loss": loss_sum / max(norm, 1.0),
                 "lr": lr,
                 "tokens": tokens,
+                "samples": sum(len(row) for mb in micro_batches for row in mb),
                 "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                 "grad_norm": grad_norm,
                 "elapsed_s": time.perf_counter() - start,
