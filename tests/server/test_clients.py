@@ -133,3 +133,44 @@ def test_the_first_request_after_ready_is_as_fast_as_the_second(checkpoints, tmp
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(60)
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_video_as_a_list_of_frames(demo_server):
+    """qwen-agent's ``{"type": "video", "video": [frame, ...]}``: every frame is used (the prompt
+    has the tokens of all of them) and the demo model finds the second a block appears, as the
+    scene generator drew it. Each frame's URL is checked like any other."""
+    from qwenvl.demo.evaluate import EVAL_SEED
+    from qwenvl.demo.tasks import VIDEO_OPTIONS, sample_at
+
+    right = 0
+    for i in range(4):
+        s = sample_at(EVAL_SEED, i, ["when"])
+        frames = [data_uri(_png(f)) for f in s.video]
+        part = {"type": "video", "video": frames, **VIDEO_OPTIONS}
+        content = [part, {"type": "text", "text": s.question}]
+        body = {"model": MODEL, "max_tokens": 8, "temperature": 0}
+        r = post(demo_server.base_url, {**body, "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200, r.text
+        video = r.json()["qwenvl"]["videos"][0]
+        # 2 frames per temporal patch, (112 / 28)^2 = 16 merged tokens per patch
+        assert video["tokens"] == (len(s.video) + 1) // 2 * 16
+        right += r.json()["choices"][0]["message"]["content"].strip() == str(s.info["second"])
+    assert right >= 3
+    content = [{"type": "video", "video": [frames[0], "ftp://example.com/f.png"]}]
+    r = post(
+        demo_server.base_url, {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    )
+    assert r.status_code == 400 and "messages[0].content[0].video[1]" in r.text, r.text
+    content = [{"type": "video", "video": []}]
+    r = post(
+        demo_server.base_url, {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    )
+    assert r.status_code == 400, r.text

@@ -24,6 +24,7 @@ from qwenvl.server.errors import APIError, input_error
 from qwenvl.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    FramesPart,
     ImagePart,
     NamedToolChoice,
     VideoPart,
@@ -86,31 +87,43 @@ async def fetch_media(state: ServerState, messages: list[dict[str, Any]]) -> Non
     """Download the messages' http(s) images and videos in the fetch pool, all at once, and put
     the bytes in place of each URL. Downloads wait on the network, not the CPU: kept out of the
     preprocessing pool, a slow sender delays only its own request."""
-    items = []
-    for mi, message in enumerate(messages):
-        content = message.get("content")
-        for ci, part in enumerate(content if isinstance(content, list) else []):
-            inner = part.get("image_url") or part.get("video_url")
-            url = inner.get("url") if isinstance(inner, dict) else None
-            if isinstance(url, str) and _scheme(url) in ("http", "https"):
-                items.append((f"messages[{mi}].content[{ci}]", inner))
+    items = [it for mi, m in enumerate(messages) for it in _remote_media(mi, m)]
     if not items:
         return
     loop = asyncio.get_running_loop()
     policy = state.llm.processor.media_policy
     results = await asyncio.gather(
         *(
-            loop.run_in_executor(state.fetch_pool, fetch_url, it["url"].strip(), policy)
-            for _, it in items
+            loop.run_in_executor(state.fetch_pool, fetch_url, holder[key].strip(), policy)
+            for _, holder, key in items
         ),
         return_exceptions=True,
     )
-    for (where, inner), result in zip(items, results):
+    for (where, holder, key), result in zip(items, results):
         if isinstance(result, QwenVLError):
             raise input_error(type(result)(f"{where}: {result}"))
         if isinstance(result, BaseException):
             raise result
-        inner["url"] = result
+        holder[key] = result
+
+
+def _remote_media(mi: int, message: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(where, holder, key)`` of every http(s) URL in a message: ``holder[key]`` is the URL
+    (an ``image_url``/``video_url`` object's ``url``, or a frame of a frame list)."""
+    out: list[tuple[str, Any, Any]] = []
+    content = message.get("content")
+    for ci, part in enumerate(content if isinstance(content, list) else []):
+        inner = part.get("image_url") or part.get("video_url")
+        if isinstance(inner, dict):
+            out.append((f"messages[{mi}].content[{ci}]", inner, "url"))
+        elif isinstance(part.get("video"), list):
+            frames = part["video"]
+            out += [
+                (f"messages[{mi}].content[{ci}].video[{k}]", frames, k) for k in range(len(frames))
+            ]
+    return [
+        o for o in out if isinstance(o[1][o[2]], str) and _scheme(o[1][o[2]]) in ("http", "https")
+    ]
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -120,12 +133,14 @@ def chat_messages(
     """The messages as ``Processor.prepare_chat`` reads them, every media URL checked first."""
     messages = []
     for mi, m in enumerate(req.messages):
-        if isinstance(m.content, list):
-            for ci, part in enumerate(m.content):
-                if isinstance(part, (ImagePart, VideoPart)):
-                    inner = part.image_url if isinstance(part, ImagePart) else part.video_url
-                    url = inner if isinstance(inner, str) else inner.url
-                    check_media_url(url, f"messages[{mi}].content[{ci}]", policy)
+        for ci, part in enumerate(m.content if isinstance(m.content, list) else []):
+            where = f"messages[{mi}].content[{ci}]"
+            if isinstance(part, FramesPart):
+                for k, url in enumerate(part.video):
+                    check_media_url(url, f"{where}.video[{k}]", policy)
+            elif isinstance(part, (ImagePart, VideoPart)):
+                inner = part.image_url if isinstance(part, ImagePart) else part.video_url
+                check_media_url(inner if isinstance(inner, str) else inner.url, where, policy)
         messages.append(m.to_dict(max_pixels))
     return messages
 

@@ -84,18 +84,31 @@ class VideoPart(VideoOptions):
     video_url: VideoURL | str
 
 
-Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+MAX_FRAME_LIST = 768  # qwen-vl-utils' most frames of a video
+
+
+class FramesPart(VideoOptions):
+    """A video given as its frames, each an image URL (qwen-agent and qwen-vl-utils send
+    ``{"type": "video", "video": [url, ...]}``)."""
+
+    type: Literal["video"]
+    video: Annotated[list[str], Field(min_length=1, max_length=MAX_FRAME_LIST)]
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart | FramesPart, Field(discriminator="type")]
 
 LOW_DETAIL_PIXELS = 512 * 512
 
 
 def part_to_item(
-    part: TextPart | ImagePart | VideoPart, max_pixels: int | None = None
+    part: TextPart | ImagePart | VideoPart | FramesPart, max_pixels: int | None = None
 ) -> dict[str, Any]:
     """A validated part as the content item ``Processor.prepare_chat`` reads. ``max_pixels``:
     the server's own image cap, which ``detail: "low"`` may only lower."""
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
+    if isinstance(part, FramesPart):
+        return part.model_dump(exclude_none=True)
     kind = "image" if isinstance(part, ImagePart) else "video"
     inner = part.image_url if isinstance(part, ImagePart) else part.video_url
     options = part.model_dump(exclude={"type", f"{kind}_url"}, exclude_none=True)
