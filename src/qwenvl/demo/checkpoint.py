@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from qwenvl.demo.tasks import MAX_PIXELS, MIN_PIXELS, MODEL_TYPE, TASKS, sample_at
@@ -152,6 +153,17 @@ def new_model(folder: str | Path, seed: int = 0) -> nn.Module:
     model = family_of(cfg).build(cfg)
     init_weights(model)
     return model
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """The weights of a model folder written by ``save_weights`` (any dtype), into ``model``."""
+    tensors = load_file(str(Path(folder) / "model.safetensors"))
+    state = model.state_dict()
+    missing = set(state) - set(tensors) - {"lm_head.weight"}  # tied to the embedding
+    unknown = set(tensors) - set(state)
+    if missing or unknown:
+        raise ValueError(f"{folder}: missing {sorted(missing)}, unexpected {sorted(unknown)}")
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
 
 
 def save_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -4,7 +4,8 @@ Scenes come from a seed the training never uses (training streams are keyed by s
 step). Per task: (a) per-block accuracy (colour and number right at the same reading position)
 and whole-answer exact match; (b), (c), (e) accuracy; (d) the share of answers whose box, mapped
 back to the original image by the grounding API, has IoU >= 0.5 with the truth; (f) the share
-within one second.
+within one second; (g) the share of tool calls whose click, mapped back to the original image by
+``qwenvl.agents``, lands inside the named block.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from qwenvl.demo.tasks import TASKS, DemoSample, parse_int, parse_list, sample_at
+from qwenvl.agents import Click, parse_actions
+from qwenvl.demo.tasks import EVAL_TASKS, DemoSample, demo_screen, parse_int, parse_list, sample_at
+from qwenvl.errors import ActionError
 from qwenvl.sampling import SamplingParams
 
 EVAL_SEED = 987654321
@@ -44,14 +47,30 @@ def score(sample: DemoSample, text: str, output: Any = None) -> dict[str, float]
     if sample.task == "when":
         got = parse_int(text)
         return {"within_1s": float(got is not None and abs(got - sample.info["second"]) <= 1)}
+    if sample.task == "click":
+        return {"inside": float(click_inside(sample, text))}
     return {"acc": float(text.strip() == sample.answer)}
+
+
+def click_inside(sample: DemoSample, text: str) -> bool:
+    """Whether the reply is one left click that lands inside the named block (scene pixels)."""
+    scene = sample.info["scene"]
+    try:
+        actions = parse_actions(text, demo_screen(scene.width, scene.height))
+    except ActionError:
+        return False
+    a = actions[0]
+    if len(actions) != 1 or a != Click(a.x, a.y) or a.x is None or a.y is None:
+        return False  # one plain left click, at a place
+    x1, y1, x2, y2 = scene.by_number(sample.info["number"]).box
+    return x1 <= a.x < x2 and y1 <= a.y < y2
 
 
 def evaluate(
     llm: Any,
     count: int = 300,
     seed: int = EVAL_SEED,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = EVAL_TASKS,
     batch: int = 48,
 ) -> dict[str, dict[str, float]]:
     """Mean metrics per task over ``count`` samples of every task."""
@@ -75,6 +94,7 @@ METRIC_NAMES = {
     "acc": "accuracy",
     "iou50": "IoU >= 0.5",
     "within_1s": "within 1 s",
+    "inside": "click inside the block",
 }
 
 

@@ -4,7 +4,9 @@
 (c) ``number``: the number on the block of a unique colour; (d) ``ground``: the box of the block
 with number N, in Qwen2.5-VL's JSON convention (``bbox_2d`` in resized-image pixels); (e)
 ``compare``: which of two images has more blocks; (f) ``when``: in a clip where blocks appear one
-by one, the second at which the block with number N appears.
+by one, the second at which the block with number N appears; (g) ``click``: given the cookbook's
+``computer_use`` tool, a ``left_click`` tool call at the centre of the block with number N (model
+coordinates), then, once the tool's result comes back, a short confirmation.
 
 Every sample is a pure function of ``(seed, index)``; ``write_jsonl`` writes them in the format
 ``qwenvl train`` reads.
@@ -22,11 +24,15 @@ from typing import Any
 
 from PIL import Image
 
+from qwenvl.agents import Screen, computer_use_tool
 from qwenvl.demo.scenes import COLOUR_NAMES, SCALE, SIDE, Scene, random_scene, render
 from qwenvl.grounding import grounding_prompt
+from qwenvl.processing.chat_template import DEFAULT_SYSTEM_PROMPT, format_tools_block
 from qwenvl.processing.image import smart_resize
 
 TASKS = ("list", "count", "number", "ground", "compare", "when")
+TOOL_TASKS = ("click",)  # kept apart: TASKS also seeds the tokenizer's corpus
+EVAL_TASKS = TASKS + TOOL_TASKS
 LIST_PROMPT = "Output the color and number of each box."
 COUNT_PROMPT = "How many boxes are there?"
 COMPARE_PROMPT = "Which image has more boxes?"
@@ -54,6 +60,51 @@ def when_prompt(number: int) -> str:
     return f"At what second does the box with the number {number} appear?"
 
 
+# How people ask for a click, and what a tool may answer (the second turn's input).
+CLICK_PROMPTS = (
+    "Click the box with the number {n}.",
+    "Click the block with number {n}.",
+    "Click on the box with the number {n}.",
+    "Please click the block with the number {n}.",
+)
+TOOL_RESULTS = (
+    "Clicked at ({x}, {y}).",
+    "done",
+    "ok",
+    '{{"status": "success"}}',
+    "The click was performed.",
+)
+
+
+def click_confirmation(number: int) -> str:
+    return f"I clicked the box with the number {number}."
+
+
+def demo_screen(width: int = SIDE, height: int = SIDE) -> Screen:
+    """A scene as a screen: the model's coordinates are pixels of the half-size image it sees."""
+    return Screen.for_screenshot(
+        width, height, family=MODEL_TYPE, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
+    )
+
+
+def click_tool(style: str = "openai") -> dict[str, Any]:
+    """The ``computer_use`` tool for a scene, as an OpenAI client sends it (``openai``: name,
+    description, parameters) or as the cookbooks' qwen-agent prompt writes it (``cookbook``)."""
+    tool = computer_use_tool(demo_screen())
+    if style == "cookbook":
+        return tool
+    f = tool["function"]
+    return {
+        "type": "function",
+        "function": {k: f[k] for k in ("name", "description", "parameters")},
+    }
+
+
+def tool_system_prompt(style: str = "openai") -> str:
+    """The system message the chat template writes for ``tools=[click_tool(style)]``."""
+    return DEFAULT_SYSTEM_PROMPT + format_tools_block([click_tool(style)])
+
+
 @dataclass
 class DemoSample:
     """One question with its media and answer; ``info`` keeps what evaluation needs."""
@@ -64,6 +115,9 @@ class DemoSample:
     question: str
     answer: str
     info: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None  # a system message (the tools block, for ``click``)
+    call: dict[str, Any] | None = None  # the answer is this tool call instead of ``answer``
+    follow_up: list[dict[str, Any]] = field(default_factory=list)  # the tool's result, a reply
 
     def messages(self, with_answer: bool = True) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = [{"type": "image", "image": im} for im in self.images]
@@ -71,8 +125,15 @@ class DemoSample:
             content.append({"type": "video", "video": self.video, **VIDEO_OPTIONS})
         content.append({"type": "text", "text": self.question})
         out: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if self.system is not None:
+            out.insert(0, {"role": "system", "content": self.system})
         if with_answer:
-            out.append({"role": "assistant", "content": self.answer})
+            if self.call is not None:
+                call = {"type": "function", "function": self.call}
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            else:
+                out.append({"role": "assistant", "content": self.answer})
+            out += self.follow_up
         return out
 
 
@@ -154,7 +215,32 @@ def make_sample(task: str, rng: random.Random, max_blocks: int = 10) -> DemoSamp
             str(appear[i]),
             {"scene": s, "second": appear[i], "shown": shown_per_frame, "number": number},
         )
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task == "click":
+        return click_sample(rng, max_blocks)
+    raise ValueError(f"unknown task {task!r}; expected one of {EVAL_TASKS}")
+
+
+def click_sample(rng: random.Random, max_blocks: int = 10) -> DemoSample:
+    """``click``: the tool call on the named block; half the samples go on to the tool's result
+    and the confirmation. The tool comes as either client writes it (``click_tool``)."""
+    s = random_scene(rng, rng.randint(1, max_blocks))
+    n = rng.choice(s.blocks).number
+    x1, y1, x2, y2 = resized_box(s, n)
+    x, y = (x1 + x2) // 2, (y1 + y2) // 2
+    call = {"name": "computer_use", "arguments": {"action": "left_click", "coordinate": [x, y]}}
+    style = rng.choice(("openai", "cookbook"))
+    follow_up = []
+    if rng.random() < 0.5:
+        result = rng.choice(TOOL_RESULTS).format(x=x, y=y)
+        follow_up = [
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": click_confirmation(n)},
+        ]
+    question = rng.choice(CLICK_PROMPTS).format(n=n)
+    info = {"scene": s, "number": n, "style": style}
+    return DemoSample(
+        "click", [render(s)], None, question, "", info, tool_system_prompt(style), call, follow_up
+    )
 
 
 def _render_subset(scene: Scene, shown: list[int]) -> Image.Image:

@@ -33,6 +33,7 @@ import json
 import math
 import random
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.demo import checkpoint as demo_ckpt
+from qwenvl.demo.prefix import shared_opening_logits
 from qwenvl.demo.scenes import COLOUR_NAMES, SCALE, random_scene, render
 from qwenvl.demo.supervision import (
     PLACES,
@@ -54,7 +56,7 @@ from qwenvl.demo.supervision import (
     question_cue,
     sample_scenes,
 )
-from qwenvl.demo.tasks import TASKS, DemoSample, make_sample
+from qwenvl.demo.tasks import TASKS, DemoSample, click_sample, make_sample
 from qwenvl.layers.rotary import apply_rotary
 from qwenvl.models import read_config
 from qwenvl.processing.prompt import Processor
@@ -84,6 +86,7 @@ class Stage:
     attention_weight: float = 1.0  # the guided-attention loss
     crops: int = 0  # extra 56x56 crops around one block each, per step (vision stage)
     max_blocks_to: int = 10
+    clicks: int = 0  # ``click`` samples per step besides ``batch`` (their own forward)
 
 
 STAGES = (
@@ -121,6 +124,18 @@ STAGES = (
         tasks=("list", "number", "count") * 2 + ("number", "ground", "compare", "when"),
         max_blocks_from=10,
     ),
+    # tool calling: the click task, with every earlier task rehearsed at a low rate so none
+    # loses accuracy; the probes are not trained here (aux_weight 0)
+    Stage(
+        "tools",
+        steps=400,
+        batch=12,
+        lr=4e-4,
+        vision_lr=1e-4,
+        tasks=("list", "number", "count", "ground", "compare", "when"),
+        aux_weight=0.0,
+        clicks=8,
+    ),
 )
 
 
@@ -128,18 +143,29 @@ class Recipe:
     """The staged run; ``world`` > 1 splits every batch over that many processes (``rank``)."""
 
     def __init__(
-        self, out: Path, seed: int = 0, threads: int = 1, rank: int = 0, world: int = 1
+        self,
+        out: Path,
+        seed: int = 0,
+        threads: int = 1,
+        rank: int = 0,
+        world: int = 1,
+        init: Path | None = None,
     ) -> None:
         self.out, self.seed, self.rank, self.world = out, seed, rank, world
         torch.set_num_threads(threads)
         self.files = out / "files"
         if rank == 0 and not (self.files / "config.json").exists():
-            demo_ckpt.write_files(self.files)
+            if init is None:
+                demo_ckpt.write_files(self.files)
+            else:
+                _copy_files(init, self.files)
         if world > 1:
             torch.distributed.barrier()
         self.config = read_config(self.files / "config.json")
         self.processor = Processor.from_pretrained(self.files, self.config)
         self.model = demo_ckpt.new_model(self.files, seed)
+        if init is not None:  # a later stage, from a model written by an earlier run
+            demo_ckpt.load_weights(self.model, init)
         tok = self.processor.tokenizer
         self.aux = AuxHeads(
             self.config.text.hidden_size,
@@ -176,7 +202,7 @@ class Recipe:
                         max_blocks=top,
                     )
                 )
-        return out
+        return out + [click_sample(rng, top) for _ in range(stage.clicks)]
 
     # --- losses -------------------------------------------------------------------------------
     def vision_step(self, samples: Sequence[DemoSample]) -> tuple[torch.Tensor, dict]:
@@ -258,6 +284,23 @@ class Recipe:
             metrics[f"lm_{task}"] = per_sample[idx].mean().item()
         total = lm + spans + stage.aux_weight * aux + stage.attention_weight * look
         return total, metrics
+
+    def click_step(self, samples: Sequence[DemoSample]) -> tuple[torch.Tensor, dict]:
+        """The answer loss of ``click`` samples (each sample's mean token loss), their long tool
+        prompt run once per prompt style (``demo.prefix``)."""
+        cfg = self.config
+        losses = []
+        for system in dict.fromkeys(s.system for s in samples):
+            group = [s for s in samples if s.system == system]
+            encoded = [encode_conversation(self.processor, s.messages()) for s in group]
+            logits, labels, owner = shared_opening_logits(
+                self.model, encoded, (cfg.image_token_id, cfg.video_token_id)
+            )
+            tok = F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
+            sums = torch.zeros(len(group)).index_add(0, owner, tok)
+            losses.append(sums / torch.bincount(owner, minlength=len(group)).clamp(min=1))
+        per_sample = torch.cat(losses)
+        return per_sample.mean(), {"lm_click": per_sample.mean().item()}
 
     def cell_reading_loss(
         self,
@@ -501,7 +544,8 @@ class Recipe:
                 opt.load_state_dict(opt_state)
             if start >= stage.steps:
                 continue
-            bar = Progress(stage.steps, progress and self.rank == 0)
+            shown = progress and self.rank == 0
+            bar = Progress(stage.steps, "off" if not shown else "bar" if _tty() else "lines")
             self.model.train()
             t0 = time.perf_counter()
             for step in range(start, stage.steps):
@@ -510,10 +554,15 @@ class Recipe:
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * warm * (0.1 + 0.9 * decay)
                 samples = self.batch(stage, step)[self.rank :: self.world]
+                clicks = [s for s in samples if s.task == "click"]
+                samples = [s for s in samples if s.task != "click"]
                 if stage.tasks:
                     loss, m = self.joint_step(samples, stage)
                 else:
                     loss, m = self.vision_step(samples)
+                if clicks:
+                    click_loss, click_m = self.click_step(clicks)
+                    loss, m = loss + click_loss, {**m, **click_m}
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.average_gradients(opt)
@@ -603,12 +652,26 @@ class Recipe:
         return folder
 
 
-def _worker(rank: int, world: int, port: int, out: Path, seed: int, stages: tuple) -> None:
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _copy_files(model: Path, files: Path) -> None:
+    """A model folder's files but its weights (the recipe keeps weights in its state)."""
+    files.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        if f.is_file() and not f.name.startswith("model.safetensors"):
+            (files / f.name).write_bytes(f.read_bytes())
+
+
+def _worker(
+    rank: int, world: int, port: int, out: Path, seed: int, stages: tuple, init: Path | None
+) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        folder = Recipe(out, seed, 1, rank, world).run(stages)
+        folder = Recipe(out, seed, 1, rank, world, init).run(stages)
         if rank == 0:
             print(f"model written to {folder}")
     finally:
@@ -633,6 +696,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="data-parallel processes of one thread each (a model this small scales by "
         "processes, not threads)",
     )
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from this model folder (e.g. the shipped demo model) instead of random "
+        "weights; give the stages already done 0 steps",
+    )
     for stage in STAGES:
         p.add_argument(f"--{stage.name}-steps", type=int, default=stage.steps)
     a = p.parse_args(argv)
@@ -641,10 +710,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     stages = tuple(replace(s, steps=getattr(a, f"{s.name}_steps")) for s in STAGES)
     if a.workers > 1:
         torch.multiprocessing.spawn(
-            _worker, (a.workers, _free_port(), out, a.seed, stages), nprocs=a.workers
+            _worker, (a.workers, _free_port(), out, a.seed, stages, a.init), nprocs=a.workers
         )
         return
-    folder = Recipe(out, a.seed, a.threads).run(stages)
+    folder = Recipe(out, a.seed, a.threads, init=a.init).run(stages)
     print(f"model written to {folder}")
 
 

@@ -1,0 +1,76 @@
+"""The demo's tool task: what a click sample asks and answers, and the recipe's shared-opening
+forward, which must give the logits of the whole conversation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from qwenvl.checkpoint import load_model
+from qwenvl.demo import default_model_path
+from qwenvl.demo.prefix import shared_opening_logits
+from qwenvl.demo.tasks import click_sample, click_tool
+from qwenvl.models import read_config
+from qwenvl.processing.prompt import Processor
+from qwenvl.train.data import encode_conversation
+
+
+@pytest.fixture(scope="module")
+def processor() -> Processor:
+    path = default_model_path()
+    return Processor.from_pretrained(path, read_config(path / "config.json"))
+
+
+def test_click_sample_targets_the_block_centre_in_model_pixels(processor) -> None:
+    rng = random.Random(3)
+    for _ in range(20):
+        s = click_sample(rng)
+        block = s.info["scene"].by_number(s.info["number"])
+        # the model sees the 280 px scene at 140 px: half of the block's centre, rounded down
+        cx, cy = (block.box[0] + block.box[2]) / 2 / 2, (block.box[1] + block.box[3]) / 2 / 2
+        x, y = s.call["arguments"]["coordinate"]
+        assert abs(x - cx) <= 1 and abs(y - cy) <= 1
+        args = {"action": "left_click", "coordinate": [x, y]}
+        assert s.call == {"name": "computer_use", "arguments": args}
+        assert str(s.info["number"]) in s.question
+
+
+@pytest.mark.parametrize("style", ["openai", "cookbook"])
+def test_click_prompt_is_what_the_template_writes_for_tools(processor, style) -> None:
+    """A sample's system message is the one ``tools=[...]`` makes the chat template write, so
+    a client passing the tool (openai, qwen-agent) shows the model what it was trained on."""
+    rng = random.Random(4)
+    s = next(s for s in (click_sample(rng) for _ in range(20)) if s.info["style"] == style)
+    with_system = processor.prepare_chat(s.messages(with_answer=False)).token_ids
+    user_only = s.messages(with_answer=False)[1:]
+    with_tools = processor.prepare_chat(user_only, tools=[click_tool(style)]).token_ids
+    assert with_system == with_tools
+
+
+def test_shared_opening_gives_the_whole_conversations_logits(processor) -> None:
+    model, _ = load_model(default_model_path(), dtype="float32")
+    rng = random.Random(1)
+    samples = [s for s in (click_sample(rng) for _ in range(12)) if s.info["style"] == "openai"]
+    encoded = [encode_conversation(processor, s.messages()) for s in samples[:3]]
+    assert len({len(e) for e in encoded}) > 1  # own parts of different lengths
+    cfg = processor.config
+    with torch.no_grad():
+        logits, labels, owner = shared_opening_logits(
+            model, encoded, (cfg.image_token_id, cfg.video_token_id)
+        )
+        want, want_labels = [], []
+        for e in encoded:
+            pixels = torch.cat([im.pixel_values for im in e.images])
+            grids = [im.grid_thw for im in e.images]
+            full = model(
+                torch.tensor([e.token_ids]), e.positions[:, None], pixel_values=pixels,
+                image_grid_thw=grids,
+            )[0]  # fmt: skip
+            at = e.targets.nonzero().flatten()
+            want.append(full[at - 1])
+            want_labels.append(torch.tensor(e.token_ids)[at])
+    assert torch.equal(labels, torch.cat(want_labels))
+    assert owner.tolist() == [i for i, w in enumerate(want) for _ in range(len(w))]
+    assert (logits - torch.cat(want)).abs().max() < 1e-4
