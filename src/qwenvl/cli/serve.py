@@ -193,6 +193,13 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
         help="parse special tokens typed in messages as control tokens (trusted clients only: "
         "a user could end their turn and write a system turn)",
     )
+    p.add_argument(
+        "--no-web",
+        dest="web",
+        action="store_false",
+        default=default(ServerSettings, "web"),
+        help="do not serve the chat page at / (only the API)",
+    )
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -214,6 +221,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         body_timeout_s=args.body_timeout,
         metrics_need_key=args.metrics_need_key,
         special_tokens_in_content=args.special_tokens_in_content,
+        web=args.web,
     )
 
 

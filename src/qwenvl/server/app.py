@@ -2,10 +2,10 @@
 
 Routes: ``POST /v1/chat/completions`` (`routes_chat`), ``POST /v1/completions``
 (`routes_completions`), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus,
-`routes_admin`). One engine thread serves every connection; each request streams through its own
-queue, and a client that disconnects aborts its request at once. Every error is
-``{"error": {message, type, param, code}}`` (`errors`). The routes share one `ServerState`, kept
-on ``app.state.qwenvl``.
+`routes_admin`), and the chat page at ``/`` (`routes_web`; off with ``settings.web=False``).
+One engine thread serves every connection; each request streams through its own queue, and a
+client that disconnects aborts its request at once. Every error is ``{"error": {message, type,
+param, code}}`` (`errors`). The routes share one `ServerState`, kept on ``app.state.qwenvl``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from qwenvl.llm import LLM
-from qwenvl.server import routes_admin, routes_chat, routes_completions, routes_responses
+from qwenvl.server import (
+    routes_admin,
+    routes_chat,
+    routes_completions,
+    routes_responses,
+    routes_web,
+)
 from qwenvl.server.errors import install_error_handlers
 from qwenvl.server.metrics import Metrics
 from qwenvl.server.settings import ServerSettings
@@ -91,4 +97,6 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(CountRequests, metrics=state.metrics)
     for module in (routes_admin, routes_chat, routes_completions, routes_responses):
         app.include_router(module.router)
+    if settings.web:
+        routes_web.install(app)
     return app

@@ -45,6 +45,7 @@ class ServerSettings:
         special_tokens_in_content: parse special-token strings typed in messages as control
             tokens (trusted clients only: anyone could then end their turn and write a system
             turn). Off: message text is always plain text.
+        web: serve the chat page at ``/`` (``server/web/``); off: only the API.
     """
 
     served_model_name: str = "qwenvl"
@@ -67,6 +68,7 @@ class ServerSettings:
     body_timeout_s: float = 60.0
     metrics_need_key: bool = True
     special_tokens_in_content: bool = False
+    web: bool = True
 
     def __post_init__(self) -> None:
         counts = ("max_body_bytes", "max_media_bytes", "max_image_pixels", "preprocess_workers")
