@@ -179,6 +179,9 @@ def test_readme_question_streams_the_answer(served: Served, page: Any) -> None:
         .observe(document.querySelector('#chat'), {subtree: true, childList: true,
                  characterData: true}); }"""
     )
+    models = httpx.get(f"{served.base}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    ids = [m["id"] for m in models.json()["data"]]
+    assert page.locator("#model option").all_inner_texts() == ids == ["qwenvl-demo"]
     turn = _ask(page, README_QUESTION, [example_image_path()])
     assert turn.get_attribute("data-status") == "done"
     assert turn.locator(".text").inner_text() == README_ANSWER
@@ -268,6 +271,14 @@ def test_refused_image_shows_the_servers_message(served: Served, page: Any, tmp_
     # the refused turn is left out of the next request: the conversation goes on
     turn = _ask(page, README_QUESTION, [example_image_path()])
     assert turn.locator(".text").inner_text() == README_ANSWER
+    # a reply that cannot fit the context (the demo model's is 4096 tokens)
+    page.expected_errors.append("the server responded with a status of 400")
+    page.click("#settings summary")
+    page.fill("#max-tokens", "5000")
+    turn = _ask(page, "And now?")
+    status = turn.locator(".status").inner_text()
+    assert turn.get_attribute("data-status") == "error"
+    assert "Refused (400" in status and "4096" in status, status
 
 
 def test_stop_aborts_the_request(served: Served, page: Any) -> None:
@@ -307,6 +318,60 @@ def test_keyboard_and_small_screen(served: Served, page: Any) -> None:
     page.press("#input", "Enter")
     _settled(page.locator(".turn.assistant").last)
     assert page.locator(".turn.user .text").inner_text() == "first line\nsecond"
+    page.click("#settings summary")
+    low = {sel: r for sel, r in _contrasts(page).items() if r < 4.5}
+    assert low == {}, f"text below WCAG AA contrast (4.5:1): {low}"
+
+
+# Each visible text element's colour and the first opaque background behind it.
+_COLOURS = """sels => sels.flatMap(sel => [...document.querySelectorAll(sel)]
+  .filter(e => e.offsetParent !== null && e.textContent.trim())
+  .map((e, i) => { let b = e, bg = 'rgba(0, 0, 0, 0)';
+    while (b && (bg = getComputedStyle(b).backgroundColor).endsWith(', 0)')) b = b.parentElement;
+    return [`${sel}#${i}`, getComputedStyle(e).color, b ? bg : 'rgb(255, 255, 255)']; }))"""
+_TEXT = ["h1", ".field", "button", "summary", ".settings label", ".hint", ".turn .text", ".meta"]
+_TEXT += [".status", ".err", ".notice", "#input"]
+
+
+def _contrasts(page: Any) -> dict[str, float]:
+    """WCAG 2 contrast ratio of each visible text element against its background."""
+
+    def luminance(css: str) -> float:
+        rgb = [float(x) / 255 for x in css[css.index("(") + 1 : -1].split(",")[:3]]
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    out = {}
+    for name, fg, bg in page.evaluate(_COLOURS, _TEXT):
+        hi, lo = sorted((luminance(fg), luminance(bg)), reverse=True)
+        out[name] = (hi + 0.05) / (lo + 0.05)
+    assert len(out) > 10, out
+    return out
+
+
+def test_drop_and_paste_attach_files(served: Served, page: Any) -> None:
+    from qwenvl.demo import example_image_path
+
+    png = list(example_image_path().read_bytes())
+    handle = page.evaluate_handle(
+        """bytes => { const t = new DataTransfer();
+        t.items.add(new File([new Uint8Array(bytes)], 'blocks.png', {type: 'image/png'}));
+        return t; }""",
+        png,
+    )
+    page.dispatch_event("main", "drop", {"dataTransfer": handle})
+    expect(page.locator("#pending .chip")).to_have_count(1)
+    page.evaluate(
+        """t => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t,
+            bubbles: true}))""",
+        handle,
+    )
+    expect(page.locator("#pending .chip")).to_have_count(2)
+    page.locator("#pending .chip .remove").first.click()
+    expect(page.locator("#pending .chip")).to_have_count(1)
+    turn = _ask(page, README_QUESTION)
+    assert turn.locator(".text").inner_text() == README_ANSWER
+    assert page.locator(".turn.user .item").count() == 1
 
 
 def test_dropped_connection_is_reported(served: Served, page: Any) -> None:
