@@ -232,6 +232,33 @@ def test_find_draws_the_box_on_the_block(served: Served, page: Any) -> None:
     assert len(_found_pixels(Image.open(io.BytesIO(canvas.screenshot())))[0]) == 0
 
 
+def test_points_and_quads_are_drawn_in_place(served: Served, page: Any) -> None:
+    """The overlay for the other grounding kinds (the demo model only grounds boxes): a point
+    and a quad in a 400 x 200 picture's pixels, shown at 200 x 100."""
+    page.evaluate(
+        """async () => {
+        const { groundingLayer } = await import('/web/overlay.js');
+        const probe = document.createElement('div');
+        probe.id = 'probe';
+        probe.className = 'canvas';
+        Object.assign(probe.style, {position: 'relative', width: '200px', height: '100px',
+                                    background: '#fff'});
+        probe.append(groundingLayer([
+          {kind: 'point', x: 100, y: 50, label: 'p'},
+          {kind: 'quad', points: [[300, 20], [380, 20], [380, 100], [300, 100]], label: 'q'},
+        ], 400, 200));
+        document.body.prepend(probe); }"""
+    )
+    ys, xs = _found_pixels(Image.open(io.BytesIO(page.locator("#probe").screenshot())))
+    dot, quad = xs < 100, xs >= 100
+    # the point: a dot of radius 400 / 80 = 5 picture pixels (2.5 on screen) around (50, 25)
+    assert abs(xs[dot].mean() - 50) < 1 and abs(ys[dot].mean() - 25) < 1
+    assert xs[dot].max() - xs[dot].min() <= 6
+    # the quad's corners (300, 20) .. (380, 100) halved: (150, 10) .. (190, 50)
+    got = [xs[quad].min(), ys[quad].min(), xs[quad].max() + 1, ys[quad].max() + 1]
+    assert np.allclose(got, [150, 10, 190, 50], atol=1.5), got
+
+
 def test_video_turn_shows_its_frames_at_their_times(
     served: Served, page: Any, tmp_path: Path
 ) -> None:

@@ -72,11 +72,13 @@ async function loadConfig() {
 }
 
 // --- settings, kept in this browser -------------------------------------------------------
+// The key is kept for this tab only (sessionStorage), the settings for the browser.
 function restoreSettings() {
   for (const id of [...SETTINGS, 'api-key']) {
-    const saved = localStorage.getItem(`qwenvl.${id}`);
+    const store = id === 'api-key' ? sessionStorage : localStorage;
+    const saved = store.getItem(`qwenvl.${id}`);
     if (saved !== null) $(id).value = saved;
-    $(id).addEventListener('change', () => localStorage.setItem(`qwenvl.${id}`, $(id).value));
+    $(id).addEventListener('change', () => store.setItem(`qwenvl.${id}`, $(id).value));
   }
 }
 
@@ -214,14 +216,21 @@ function showGeometry(seen, media) {
   });
 }
 
+const MAX_THUMBS = 48; // a long video's strip shows this many of its frames, evenly spread
+
 async function showStrip(item, video) {
   item.stripFor = video.timestamps.join();
-  const cells = video.timestamps.map((t, k) => h('figure', {
-    class: 'frame', 'data-t': t, 'data-index': video.frame_indices?.[k] ?? '',
-  }, h('figcaption', {}, `${t.toFixed(2)} s`)));
-  item.strip.replaceChildren(...cells);
+  const n = video.timestamps.length;
+  const picked = n <= MAX_THUMBS ? [...Array(n).keys()]
+    : [...Array(MAX_THUMBS).keys()].map((k) => Math.round((k * (n - 1)) / (MAX_THUMBS - 1)));
+  const times = picked.map((k) => video.timestamps[k]);
+  const cells = picked.map((k) => h('figure', {
+    class: 'frame', 'data-t': video.timestamps[k], 'data-index': video.frame_indices?.[k] ?? '',
+  }, h('figcaption', {}, `${video.timestamps[k].toFixed(2)} s`)));
+  const note = n > MAX_THUMBS ? h('p', { class: 'hint' }, `${MAX_THUMBS} of the ${n} frames`) : null;
+  item.strip.replaceChildren(...cells, ...(note ? [note] : []));
   try {
-    const thumbs = await frameThumbs(item.url, video.timestamps, video.source_fps);
+    const thumbs = await frameThumbs(item.url, times, video.source_fps);
     thumbs.forEach((canvas, k) => cells[k].prepend(canvas));
   } catch (e) {
     item.strip.append(h('p', { class: 'hint' }, `No previews: ${e.message}.`));

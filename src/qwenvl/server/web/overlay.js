@@ -11,16 +11,18 @@ function el(name, attrs, text) {
   return node;
 }
 
-function anchorOf(obj) {
+const radius = (width) => Math.max(3, width / 80);
+
+function anchorOf(obj, width) {
   if (obj.kind === 'box') return [obj.x1, obj.y1];
-  if (obj.kind === 'point') return [obj.x, obj.y];
+  if (obj.kind === 'point') return [obj.x - radius(width), obj.y - radius(width)];
   const xs = obj.points.map((p) => p[0]);
   const ys = obj.points.map((p) => p[1]);
   return [Math.min(...xs), Math.min(...ys)];
 }
 
 function shapeOf(obj, width) {
-  const r = Math.max(3, width / 80);
+  const r = radius(width);
   if (obj.kind === 'box') {
     const w = Math.max(0, obj.x2 - obj.x1);
     const h = Math.max(0, obj.y2 - obj.y1);
@@ -35,7 +37,7 @@ function shapeOf(obj, width) {
 function labelOf(obj, index, width, height) {
   const text = obj.label || obj.text || `#${index + 1}`;
   const size = Math.max(9, Math.round(height / 22));
-  const [x, y] = anchorOf(obj);
+  const [x, y] = anchorOf(obj, width);
   const top = y - size - 2 >= 0 ? y - size - 2 : y;
   const g = el('g', { class: 'label' });
   const w = Math.min(width - x, text.length * size * 0.6 + 6);
