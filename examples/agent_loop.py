@@ -8,10 +8,17 @@ coordinates -> real screen pixels) and applies it to the screen, until the polic
     python examples/agent_loop.py --family qwen2_vl     # the same, in 0..1000 coordinates
     python examples/agent_loop.py --mobile              # the mobile_use action space
     python examples/agent_loop.py --model DIR           # a real checkpoint decides
+    python examples/agent_loop.py --blocks              # the demo model clicks numbered blocks
 
 The scripted policy reads the app's layout (an oracle standing in for the model's eyes) and writes
 its clicks in the model's coordinate space for the screenshot it was shown, exactly as a model
 would, so the whole path (tool prompt, parsing, coordinate mapping) is exercised.
+
+``--blocks`` is a second screen where the bundled demo model is the policy: a pyramid of numbered
+blocks and the task "click the blocks in order of their numbers". The model reads the screen
+(its ``list`` skill), then for each number in turn is asked, with the ``computer_use`` tool, to
+click that block; the screen records which block each click hit, the tool's result goes back to
+the model, which confirms.
 """
 
 from __future__ import annotations
@@ -239,6 +246,81 @@ def run_agent(
     return steps
 
 
+# ---------------------------------------------------------------------------------------------
+# The block world: the demo model as the policy
+
+
+@dataclass
+class BlockScreen:
+    """A demo scene as a screen: a click hits the block under it (or nothing)."""
+
+    scene: Any
+    hits: list[int | None] = field(default_factory=list)
+
+    def screenshot(self) -> Image.Image:
+        from qwenvl.demo.scenes import render
+
+        return render(self.scene)
+
+    def apply(self, action: Action) -> str:
+        if not isinstance(action, Click) or action.x is None or action.y is None:
+            return f"{type(action).__name__} (no effect here)"
+        under = [b.number for b in self.scene.blocks if _inside(b.box, action.x, action.y)]
+        self.hits.append(under[0] if under else None)
+        return f"Clicked at ({action.x}, {action.y})."
+
+
+def _inside(box: Box, x: int, y: int) -> bool:
+    return box[0] <= x < box[2] and box[1] <= y < box[3]
+
+
+def run_blocks(llm: Any, world: BlockScreen) -> list[str]:
+    """Click the blocks in order of their numbers; returns the transcript's lines."""
+    from qwenvl import SamplingParams
+    from qwenvl.demo.tasks import LIST_PROMPT, click_tool, demo_screen, parse_list
+
+    greedy = SamplingParams(temperature=0, max_tokens=96)
+    shot = world.screenshot()
+    screen = demo_screen(shot.width, shot.height)
+    look = [{"type": "image", "image": shot}, {"type": "text", "text": LIST_PROMPT}]
+    seen = llm.chat([{"role": "user", "content": look}], greedy)[0].outputs[0].text
+    order = sorted(n for _, n in parse_list(seen))
+    lines = [f"the model sees: {seen!r} -> order {order}"]
+    for n in order:
+        ask = {"type": "text", "text": f"Click the box with the number {n}."}
+        chat = [{"role": "user", "content": [{"type": "image", "image": shot}, ask]}]
+        out = llm.chat(chat, greedy, tools=[click_tool()])[0].outputs[0]
+        try:
+            actions = parse_actions(out, screen)
+        except ActionError as e:
+            lines.append(f"  {n}: no action ({e}): {out.text!r}")
+            continue
+        result = world.apply(actions[0])
+        calls = [
+            {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in out.tool_calls or []
+        ]
+        chat.append({"role": "assistant", "content": "", "tool_calls": calls})
+        chat.append({"role": "tool", "content": result})
+        reply = llm.chat(chat, greedy, tools=[click_tool()])[0].outputs[0].text
+        lines.append(f"  {n}: {actions[0]} hit block {world.hits[-1]}; the model: {reply!r}")
+    return lines
+
+
+def main_blocks(seed: int) -> int:
+    import random
+
+    from qwenvl import LLM
+    from qwenvl.demo.scenes import random_scene
+
+    world = BlockScreen(random_scene(random.Random(seed), 6))
+    for line in run_blocks(LLM(), world):
+        print(line)
+    want = sorted(b.number for b in world.scene.blocks)
+    print(f"blocks hit, in order: {world.hits}; wanted {want}")
+    return 0 if world.hits == want else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", metavar="DIR", help="use this checkpoint instead of a script")
@@ -252,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--text", default="hello", help="what to type into the field")
     parser.add_argument("--save-dir", type=Path, help="save each screenshot here")
+    parser.add_argument("--blocks", action="store_true", help="the demo model on a block world")
+    parser.add_argument("--seed", type=int, default=1, help="the block world's scene")
     args = parser.parse_args(argv)
+    if args.blocks:
+        return main_blocks(args.seed)
 
     app = SimulatedScreen(args.width, args.height)
     task = f"Type '{args.text}' into the text field and submit the form."
