@@ -7,7 +7,8 @@ import pytest
 from conftest import sft_lines, write_images, write_jsonl
 from qwenvl.checkpoint import load_config
 from qwenvl.processing.prompt import Processor
-from qwenvl.train.data import DataError, encode_record, load_sft, read_jsonl
+from qwenvl.train.data import DataError, encode_record, read_jsonl
+from qwenvl.train.dataset import load_sft
 
 
 def _processor(checkpoints):

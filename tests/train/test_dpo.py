@@ -9,7 +9,7 @@ from test_packing import hf_summed_loss
 from qwenvl.checkpoint import load_model
 from qwenvl.processing.prompt import Processor
 from qwenvl.train import LoraOptions, TrainConfig, Trainer
-from qwenvl.train.data import load_dpo
+from qwenvl.train.dataset import load_dpo
 from qwenvl.train.dpo import chosen_tokens, dpo_loss, pair_logprobs
 from qwenvl.train.packing import collate, sample_losses
 

@@ -8,7 +8,7 @@ import tiny
 from qwenvl.checkpoint import load_model
 from qwenvl.errors import ConfigError
 from qwenvl.processing.prompt import Processor
-from qwenvl.train.data import load_sft
+from qwenvl.train.dataset import load_sft
 from qwenvl.train.lora import LoraOptions, apply_lora, load_adapter, merge_lora, save_adapter
 from qwenvl.train.packing import collate, sample_losses
 

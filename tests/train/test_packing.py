@@ -5,7 +5,8 @@ import torch
 
 from qwenvl.checkpoint import load_model
 from qwenvl.processing.prompt import Processor
-from qwenvl.train.data import Sample, load_sft
+from qwenvl.train.data import Sample
+from qwenvl.train.dataset import load_sft
 from qwenvl.train.packing import IGNORE, collate, pack, sample_losses
 
 

@@ -7,6 +7,7 @@ Registered in :data:`qwenvl.cli.main.SUBCOMMANDS` like every subcommand; the opt
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +163,23 @@ def _add_data_args(g: argparse._ArgumentGroup) -> None:
             unset="the checkpoint's")  # fmt: skip
     _option(g, "--max-pixels", "max_pixels", "most pixels per image", "N", int,
             unset="the checkpoint's")  # fmt: skip
+    g.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        default=_default("allow_outside_paths"),
+        help="let media paths point outside the data file's folder (default: refused)",
+    )
+    _option(g, "--data-workers", "data_workers",
+            "processes decoding samples ahead of the training step; 0: in the training process",
+            "N", int)  # fmt: skip
+    _option(g, "--prefetch", "prefetch", "steps each data worker prepares ahead", "N", int)
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=_default("fsdp"),
+        help="under torchrun: shard weights, gradients and optimizer state over the ranks "
+        "(FSDP2) instead of replicating the model (DDP, the default)",
+    )
 
 
 def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
@@ -214,8 +232,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels, save_every=args.save_every,
         save_total_limit=args.save_total_limit, resume=args.resume,
         export_dtype=args.export_dtype, progress=False if args.no_progress else None,
+        allow_outside_paths=args.allow_outside_paths, data_workers=args.data_workers,
+        prefetch=args.prefetch, fsdp=args.fsdp,
     )  # fmt: skip
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return 0
     print(f"trained {result.steps} steps, final loss {result.last_loss:.4f}; wrote {result.final}")
     return 0
 

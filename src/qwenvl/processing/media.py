@@ -146,6 +146,8 @@ class OpenedImage:
     def size(self) -> tuple[int, int]:
         """(width, height) as the model will see it, after EXIF orientation."""
         width, height = self.image.size
+        if _png_without_exif(self.image):
+            return width, height  # Pillow would decode the whole PNG to look for a late eXIf
         try:
             orientation = self.image.getexif().get(0x0112, 1)
         except Exception:  # unreadable EXIF is ignored when loading too
@@ -155,6 +157,23 @@ class OpenedImage:
     def load(self, policy: MediaPolicy) -> Image.Image:
         """Decode the pixels: EXIF orientation applied, RGB."""
         return _finish(self.image, self.what, policy, owned=self.owned)
+
+
+def _png_without_exif(image: Image.Image) -> bool:
+    """A PNG opened from memory whose chunks (walked, not decompressed) hold no eXIf."""
+    fp = getattr(image, "fp", None)
+    if image.format != "PNG" or "exif" in image.info or not isinstance(fp, io.BytesIO):
+        return False
+    with fp.getbuffer() as data:
+        pos = 8  # after the signature: chunks of length (4), type (4), data, CRC (4)
+        while pos + 8 <= len(data):
+            kind = bytes(data[pos + 4 : pos + 8])
+            if kind == b"eXIf":
+                return False
+            if kind == b"IEND":
+                return True
+            pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return True
 
 
 def _finish(image: Image.Image, what: str, policy: MediaPolicy, *, owned: bool) -> Image.Image:
@@ -192,8 +211,7 @@ def _decode(data: bytes, what: str, policy: MediaPolicy) -> OpenedImage:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise MediaError(
-            f"{what} is not an image in a format Pillow can read ({len(data)} bytes, "
-            f"starting {data[:12]!r})"
+            f"{what} is not an image in a format Pillow can read ({len(data)} bytes)"
         ) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaTooLargeError(f"{what}: image too large (decompression bomb check): {e}") from e

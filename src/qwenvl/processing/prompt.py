@@ -35,7 +35,7 @@ from qwenvl.processing.image import (
 )
 from qwenvl.processing.media import OpenedImage, load_image, open_image
 from qwenvl.processing.policy import MediaPolicy
-from qwenvl.processing.video import VideoSampling, load_video
+from qwenvl.processing.video import VideoSampling, load_video, plan_from_header
 from qwenvl.tokenizer import Tokenizer
 
 IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
@@ -171,6 +171,12 @@ class Processor:
     ) -> ProcessedVideo:
         """The item's own ``max_video_tokens`` (else ``self.max_video_tokens``), capped by
         ``cap``."""
+        opts = self._video_sampling(options, cap)
+        video, meta = load_video(source, opts, self.vision, self.media_policy)
+        video.metadata = meta
+        return video
+
+    def _video_sampling(self, options: dict[str, Any], cap: int | None) -> VideoSampling:
         options = dict(options)
         if options.get("max_pixels") is not None and options.get("min_pixels") is None:
             # a caller who only lowers max_pixels means "smaller frames", not a contradiction
@@ -178,10 +184,31 @@ class Processor:
         opts = VideoSampling.from_item(options)
         budget = self.max_video_tokens if opts.max_video_tokens is None else opts.max_video_tokens
         given = [b for b in (budget, cap) if b is not None]
-        opts = replace(opts, max_video_tokens=min(given) if given else None)
-        video, meta = load_video(source, opts, self.vision, self.media_policy)
-        video.metadata = meta
-        return video
+        return replace(opts, max_video_tokens=min(given) if given else None)
+
+    def media_tokens(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """The ``<|image_pad|>`` and ``<|video_pad|>`` counts of each image and video of the
+        messages, from headers only (nothing decoded): what :meth:`prepare_chat` will expand
+        them to, with no prompt budget. Training sizes and packs samples with it.
+
+        Raises:
+            MediaError, PromptError: an unreadable or refused item, named by its place.
+        """
+        images, videos = [], []
+        for item in _media_items(messages):
+            try:
+                if item.kind == "image":
+                    op = open_image(item.source, self.media_policy)
+                    geometry = image_geometry(*op.size, self.vision, **item.options)
+                    self._check_resized(geometry)
+                    images.append(geometry.num_tokens)
+                else:
+                    opts = self._video_sampling(item.options, None)
+                    plan = plan_from_header(item.source, opts, self.vision, self.media_policy)
+                    videos.append(plan.num_tokens)
+            except (MediaError, PromptError) as e:
+                raise type(e)(f"{item.where}: {e}") from e
+        return images, videos
 
     # --- prompts -----------------------------------------------------------------------------
     def _template(self) -> str:

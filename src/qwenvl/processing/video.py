@@ -39,6 +39,7 @@ from qwenvl.processing.media import (
     _file_url_to_path,
     check_local_path,
     load_image,
+    open_image,
     parse_data_uri,
 )
 from qwenvl.processing.policy import DEFAULT_POLICY, MediaPolicy
@@ -83,6 +84,7 @@ __all__ = [
     "DEFAULT_SEEK_GAP",
     "VideoSource",
     "load_video",
+    "plan_from_header",
     "probe_video",
 ]
 
@@ -403,6 +405,41 @@ def _check_frame_size(plan: VideoPlan, policy: MediaPolicy, what: str) -> None:
         f"{what}: the options resize frames to",
         "; lower min_pixels or resized_height/width",
     )
+
+
+def plan_from_header(
+    source: VideoSource,
+    opts: VideoSampling | None = None,
+    cfg: VisionPreprocessConfig | None = None,
+    policy: MediaPolicy = DEFAULT_POLICY,
+) -> VideoPlan:
+    """The plan :func:`load_video` will follow (frames, size, tokens), from headers alone: the
+    container's, or each listed frame's. Lets training count a sample's tokens without decoding.
+
+    Raises:
+        MediaError: as :func:`load_video` would before decoding its first frame.
+    """
+    opts = VideoSampling() if opts is None else opts
+    cfg = VisionPreprocessConfig() if cfg is None else cfg
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise MediaError("a video frame list is empty")
+        sizes = [open_image(f, policy).size for f in source]
+        header = VideoInfo(
+            fps=opts.fps,
+            total_frames=len(sizes),
+            duration=len(sizes) / opts.fps,
+            width=sizes[0][0],
+            height=sizes[0][1],
+        )
+        plan = plan_video(header, opts, cfg, frame_list=True)
+        _check_frame_size(plan, policy, "video frames")
+        return plan
+    container, _, info, what = _open(source, policy)
+    container.close()
+    plan = plan_video(info, opts, cfg)
+    _check_frame_size(plan, policy, what)
+    return plan
 
 
 def load_video(

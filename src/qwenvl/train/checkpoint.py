@@ -1,9 +1,10 @@
-"""Training checkpoints (atomic save, exact resume) and the final exports.
+"""Training checkpoints (atomic save, exact resume on any number of ranks) and the final exports.
 
-A training checkpoint ``OUT/checkpoints/step-000040/`` holds the trainable weights
-(``trainable.safetensors``, fp32), the optimizer and scheduler state, every RNG state and the
-position in the data (``state.pt``). It is written to a temporary folder and renamed into place, so
-a run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+A training checkpoint ``OUT/checkpoints/step-000040/`` holds the trainable weights and the
+optimizer state (``torch.distributed.checkpoint`` shards, fp32, loadable on any number of ranks),
+the scheduler state, every rank's RNG state and the position in the data (``state.pt``). It is
+written to a temporary folder and renamed into place, so a run killed at any moment leaves either
+the previous checkpoint or the new one, never half of one.
 
 The full fine-tune export is the released Hugging Face layout (flat tensor names, ``lm_head``
 omitted when tied) next to the source checkpoint's config, tokenizer, chat template, preprocessor
@@ -13,20 +14,33 @@ and generation config; a LoRA export is a peft adapter folder (``lora.save_adapt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from qwenvl.errors import CheckpointError
+from qwenvl.train.distributed import Ranks, barrier, gather_objects
+
+logger = logging.getLogger(__name__)
+SINGLE = Ranks()
 
 STATE = "state.pt"
-TRAINABLE = "trainable.safetensors"
 SHARD_BYTES = 4 << 30
 _WEIGHT_FILES = ("model.safetensors.index.json",)
 
@@ -55,43 +69,52 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+_PARTIAL = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen weights stay
+
+
 def save_checkpoint(
     out: Path,
     step: int,
-    model: nn.Module,
+    net: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     extra: dict[str, Any],
     keep: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically; keep only the newest ``keep`` checkpoints."""
+    """Write ``checkpoints/step-N`` atomically; keep only the newest ``keep`` checkpoints.
+
+    Weights and optimizer state go through ``torch.distributed.checkpoint``: each rank writes
+    its own shards (FSDP) or rank 0 writes the replicated tensors (DDP, one process), under
+    fully qualified names, so any number of ranks can load them back."""
     final = checkpoint_dir(out, step)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {
-        n: p.detach().to("cpu", torch.float32).contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
-    save_file(trainable, tmp / TRAINABLE)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if ranks.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(ranks)
     state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        **extra,
+        "model": get_model_state_dict(net, options=_TRAINABLE),
+        "optim": get_optimizer_state_dict(net, optimizer),
     }
-    torch.save(state, tmp / STATE)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if keep:
-        done = sorted(p for p in final.parent.glob("step-*") if (p / STATE).is_file())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=tmp, no_dist=not ranks.distributed)
+    rngs = gather_objects(rng_state(), ranks)
+    if ranks.main:
+        meta = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs, **extra}
+        torch.save(meta, tmp / STATE)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if keep:
+            done = sorted(p for p in final.parent.glob("step-*") if (p / STATE).is_file())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(ranks)
     return final
 
 
@@ -111,35 +134,61 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    folder: Path,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, extras)."""
+    """Restore weights, optimizer, scheduler and RNG (each rank's own when the number of ranks
+    is the one saved); returns the saved state (step, extras)."""
     if not (folder / STATE).is_file():
         raise CheckpointError(f"{folder}: not a training checkpoint (no {STATE})")
-    weights = load_file(folder / TRAINABLE)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
+    state = {
+        "model": get_model_state_dict(net, options=_TRAINABLE),
+        "optim": get_optimizer_state_dict(net, optimizer),
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=folder, no_dist=not ranks.distributed)
+    except Exception as e:  # DCP reports missing keys as a CheckpointException / RuntimeError
         raise CheckpointError(
-            f"{folder}: trainable parameters differ from this run's (was the run configured "
-            "differently?)"
-        )
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n])
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state
+            f"{folder}: cannot load it into this run (trainable parameters differ? was the run "
+            f"configured differently?): {str(e)[:300]}"
+        ) from e
+    set_model_state_dict(net, state["model"], options=_PARTIAL)
+    set_optimizer_state_dict(net, optimizer, state["optim"])
+    meta = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+    scheduler.load_state_dict(meta["scheduler"])
+    rngs = meta["rng"] if isinstance(meta["rng"], list) else [meta["rng"]]
+    if len(rngs) != ranks.size:
+        logger.info(
+            "%s was saved by %d rank(s), resumed on %d: rank %d takes rank %d's random state",
+            folder, len(rngs), ranks.size, ranks.rank, ranks.rank % len(rngs),
+        )  # fmt: skip
+    set_rng_state(rngs[ranks.rank % len(rngs)])
+    return meta
+
+
+def full_state(net: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every weight, whole and on the CPU, on rank 0 (other ranks get ``{}``), named as the
+    model names them (a ``TrainModule`` prefix dropped). All ranks must call it."""
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
+    sd = get_model_state_dict(net, options=options)
+    return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
 def export_hf(
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     source: str | Path,
     out: str | Path,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``model`` in the released Hugging Face layout, with the source's non-weight files."""
+    """Write ``model`` (or its state dict) in the released Hugging Face layout, with the
+    source's non-weight files."""
     source, out = Path(source), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((source / "config.json").read_text())
@@ -147,7 +196,8 @@ def export_hf(
         cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings"))
     )
     tensors: dict[str, torch.Tensor] = {}
-    for n, p in model.state_dict().items():
+    state = model if isinstance(model, dict) else model.state_dict()
+    for n, p in state.items():
         if tied and n == "lm_head.weight":
             continue
         t = p.detach().to("cpu")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,6 @@ ROLES = ("system", "user", "assistant", "tool")
 LINE_OPTIONS = ("min_pixels", "max_pixels")
 END = "<|im_end|>"
 _REMOTE = re.compile(r"^(https?://|data:|file://)", re.IGNORECASE)
-_MAX_ERRORS = 20
 
 
 class DataError(QwenVLError, ValueError):
@@ -61,38 +62,67 @@ class Sample:
 
 
 # --- reading and checking ----------------------------------------------------------------------
-def read_jsonl(path: str | Path, kind: str = "sft") -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(
+    path: str | Path, kind: str = "sft", allow_outside: bool = False
+) -> list[tuple[int, dict[str, Any]]]:
     """Parse and check every line of ``path``; returns ``(line number, record)`` pairs with media
-    paths made absolute. Raises one DataError listing the problems (``file:line: message``)."""
+    paths made absolute. Raises one DataError listing every problem (``file:line: message``)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from e
     records, errors = [], []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
+    for lineno, _, raw in iter_lines(path):
         try:
-            record = json.loads(raw)
-            if not isinstance(record, dict):
-                raise DataError("expected a JSON object")
-            record = _check_record(record, path.parent, kind)
-            records.append((lineno, record))
-        except (ValueError, DataError) as e:  # json.JSONDecodeError is a ValueError
-            msg = f"not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
-            errors.append(f"{path}:{lineno}: {msg}")
-            if len(errors) >= _MAX_ERRORS:
-                errors.append("(stopped after 20 errors)")
-                break
-    if errors:
-        raise DataError("invalid training data:\n" + "\n".join(errors))
+            records.append((lineno, parse_line(raw, path.parent, kind, allow_outside)))
+        except DataError as e:
+            errors.append(f"{path}:{lineno}: {e}")
+    raise_errors(errors)
     if not records:
         raise DataError(f"{path}: no samples")
     return records
 
 
-def _check_record(record: dict[str, Any], root: Path, kind: str) -> dict[str, Any]:
+def iter_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number, byte offset, raw line)`` of every non-blank line."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from e
+    with f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, offset, raw
+            offset += len(raw)
+
+
+def parse_line(raw: bytes, root: Path, kind: str, allow_outside: bool = False) -> dict[str, Any]:
+    """One JSON line -> its checked record (media paths absolute, under ``root`` unless
+    ``allow_outside``). A line that is not UTF-8 is named by its byte position, never quoted."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start} of the line)") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise DataError("expected a JSON object")
+    return _check_record(record, _Where(root, allow_outside), kind)
+
+
+def raise_errors(errors: list[str]) -> None:
+    """One DataError listing every problem found, or nothing."""
+    if errors:
+        raise DataError(f"invalid training data ({len(errors)} problems):\n" + "\n".join(errors))
+
+
+@dataclass(frozen=True)
+class _Where:
+    root: Path  # the data file's folder: relative media paths start here
+    allow_outside: bool  # may media paths leave it
+
+
+def _check_record(record: dict[str, Any], root: _Where, kind: str) -> dict[str, Any]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError("'messages' must be a non-empty list")
@@ -129,7 +159,7 @@ def _has_content(message: dict[str, Any]) -> bool:
 
 
 def _check_messages(
-    messages: list[Any], root: Path, defaults: dict[str, Any], where: str
+    messages: list[Any], root: _Where, defaults: dict[str, Any], where: str
 ) -> list[dict[str, Any]]:
     out = []
     seen_user = False
@@ -169,7 +199,7 @@ def _media_kind(item: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_item(item: dict[str, Any], root: Path, defaults: dict[str, Any], at: str) -> dict:
+def _check_item(item: dict[str, Any], root: _Where, defaults: dict[str, Any], at: str) -> dict:
     kind = _media_kind(item)
     if kind is None:
         if item.get("type", "text") == "text" and not isinstance(item.get("text"), str):
@@ -196,19 +226,32 @@ def _check_item(item: dict[str, Any], root: Path, defaults: dict[str, Any], at: 
     return item
 
 
-def _resolve(source: Any, root: Path, at: str) -> Any:
-    """A path relative to the data file becomes absolute; URLs and base64 pass through."""
+def _resolve(source: Any, where: _Where, at: str) -> Any:
+    """A path relative to the data file becomes absolute; URLs and base64 pass through. A local
+    file outside the data folder (symlinks followed) is refused unless ``where.allow_outside``:
+    a data file from elsewhere must not make training read, and later echo, arbitrary files."""
     if isinstance(source, list):  # a video given as frames
-        return [_resolve(s, root, at) for s in source]
-    if not isinstance(source, str) or _REMOTE.match(source) or len(source) > 1024:
+        return [_resolve(s, where, at) for s in source]
+    if not isinstance(source, str) or len(source) > 1024:
         return source
-    path = Path(source).expanduser()
-    path = path if path.is_absolute() else root / path
-    if path.exists():
-        return str(path)
-    if "." in Path(source).name or "/" in source or "\\" in source:
-        raise DataError(f"{at}: file not found: {path}")
-    return source  # a short base64 payload
+    if source[:7].lower() == "file://":
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path))
+    elif _REMOTE.match(source):
+        return source
+    else:
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else where.root / path
+    if not path.exists():
+        if "." in Path(source).name or "/" in source or "\\" in source:
+            raise DataError(f"{at}: file not found: {path}")
+        return source  # a short base64 payload
+    if not where.allow_outside:
+        root = where.root.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise DataError(
+                f"{at}: {path} is outside the data folder {root} (--allow-outside-paths allows it)"
+            )
+    return str(path)
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -275,6 +318,83 @@ def split_rounds(messages: list[dict[str, Any]]) -> tuple[list[dict], list[list[
     return head, rounds
 
 
+Piece = tuple[int, int] | None  # rounds [a, b) of ``split_rounds``; None: the whole conversation
+
+
+class Lengths:
+    """Token counts of a conversation and of its parts, from the text and the media headers
+    alone: the lengths ``encode_conversation`` will give, without decoding a pixel."""
+
+    def __init__(self, processor: Processor, messages: list[dict[str, Any]]) -> None:
+        self.processor = processor
+        images, videos = processor.media_tokens(messages)
+        counts = {"image": iter(images), "video": iter(videos)}
+        self.media = {}
+        for m in messages:
+            content = m.get("content")
+            items = content if isinstance(content, list) else []
+            self.media[id(m)] = sum(next(counts[k]) for k in map(_media_kind, items) if k)
+
+    def __call__(self, messages: list[dict[str, Any]]) -> int:
+        proc = self.processor
+        ids, _ = proc.encode_chat(proc.render_marked(messages, add_generation_prompt=False))
+        pads = ids.count(proc.config.image_token_id) + ids.count(proc.config.video_token_id)
+        return len(ids) - pads + sum(self.media[id(m)] for m in messages)
+
+
+def record_pieces(
+    processor: Processor,
+    record: dict[str, Any],
+    max_len: int | None = None,
+    overlong: str = "reject",
+) -> list[tuple[Piece, int]]:
+    """The samples one SFT line gives and their lengths: the whole conversation, or
+    (``overlong="split"``) pieces cut at turn boundaries, each within ``max_len``."""
+    messages = record["messages"]
+    length = Lengths(processor, messages)
+    n = length(messages)
+    if max_len is None or n <= max_len:
+        return [(None, n)]
+    if overlong != "split":
+        raise DataError(f"{n} tokens, more than the budget of {max_len}")
+    head, rounds = split_rounds(messages)
+
+    def part(a: int, b: int) -> list[dict[str, Any]]:
+        return head + [m for r in rounds[a:b] for m in r]
+
+    pieces: list[tuple[Piece, int]] = []
+    start = 0
+    for k in range(len(rounds)):
+        if length(part(start, k + 1)) <= max_len:
+            continue
+        if k == start or length(part(k, k + 1)) > max_len:
+            raise DataError(f"a single turn is longer than the budget of {max_len} tokens")
+        pieces.append(((start, k), length(part(start, k))))
+        start = k
+    pieces.append(((start, len(rounds)), length(part(start, len(rounds)))))
+    return [(p, n) for p, n in pieces if _has_reply(part(*p))]  # type: ignore[misc]
+
+
+def _has_reply(messages: list[dict[str, Any]]) -> bool:
+    return any(m["role"] == "assistant" for m in messages)
+
+
+def encode_piece(processor: Processor, record: dict[str, Any], piece: Piece) -> Sample:
+    """The sample of one piece (see :func:`record_pieces`) of an SFT line."""
+    messages = record["messages"]
+    if piece is not None:
+        head, rounds = split_rounds(messages)
+        messages = head + [m for r in rounds[piece[0] : piece[1]] for m in r]
+    return encode_conversation(processor, messages)
+
+
+def pair_lengths(processor: Processor, record: dict[str, Any]) -> tuple[int, int]:
+    """Lengths of a DPO line's chosen and rejected conversations (headers only)."""
+    prompt = record["messages"]
+    length = Lengths(processor, prompt + [record["chosen"], record["rejected"]])
+    return length(prompt + [record["chosen"]]), length(prompt + [record["rejected"]])
+
+
 def encode_record(
     processor: Processor,
     record: dict[str, Any],
@@ -284,46 +404,13 @@ def encode_record(
 ) -> list[Sample]:
     """One SFT line -> one sample, or (``overlong="split"``) several, cut at turn boundaries."""
     try:
-        sample = encode_conversation(processor, record["messages"])
-        sample.line = lineno
-        if max_len is None or len(sample) <= max_len:
-            return [sample]
-        if overlong != "split":
-            raise DataError(f"{len(sample)} tokens, more than the budget of {max_len}")
-        head, rounds = split_rounds(record["messages"])
-        pieces: list[Sample] = []
-        group: list[list[dict]] = []
-        for rnd in rounds:
-            trial = _encode_group(processor, head, group + [rnd])
-            if trial is not None and len(trial) <= max_len:
-                group.append(rnd)
-                continue
-            if not group:
-                raise DataError(f"a single turn is longer than the budget of {max_len} tokens")
-            done = _encode_group(processor, head, group)
-            if done is not None:
-                pieces.append(done)
-            group = [rnd]
-            single = _encode_group(processor, head, group)
-            if single is not None and len(single) > max_len:
-                raise DataError(f"a single turn is longer than the budget of {max_len} tokens")
-        done = _encode_group(processor, head, group)
-        if done is not None:
-            pieces.append(done)
-        for p in pieces:
-            p.line = lineno
-        return pieces
-    except (PromptError, MediaError) as e:
+        samples = []
+        for piece, _ in record_pieces(processor, record, max_len, overlong):
+            samples.append(encode_piece(processor, record, piece))
+            samples[-1].line = lineno
+        return samples
+    except (PromptError, MediaError, DataError) as e:
         raise DataError(f"line {lineno}: {e}") from e
-    except DataError as e:
-        raise DataError(f"line {lineno}: {e}") from e
-
-
-def _encode_group(processor: Processor, head: list, rounds: list[list[dict]]) -> Sample | None:
-    messages = head + [m for r in rounds for m in r]
-    if not any(m["role"] == "assistant" for m in messages):
-        return None
-    return encode_conversation(processor, messages)
 
 
 def encode_pair(processor: Processor, record: dict[str, Any], lineno: int) -> tuple[Sample, Sample]:
@@ -339,37 +426,3 @@ def encode_pair(processor: Processor, record: dict[str, Any], lineno: int) -> tu
         return out[0], out[1]
     except (PromptError, MediaError) as e:
         raise DataError(f"line {lineno}: {e}") from e
-
-
-def load_sft(
-    path: str | Path,
-    processor: Processor,
-    max_len: int | None = None,
-    overlong: str = "reject",
-) -> list[Sample]:
-    """Check, then encode, every conversation of a JSON-lines file."""
-    records = read_jsonl(path, "sft")
-    samples: list[Sample] = []
-    for lineno, record in records:
-        try:
-            samples.extend(encode_record(processor, record, lineno, max_len, overlong))
-        except DataError as e:
-            raise DataError(f"{path}:{str(e).removeprefix('line ')}") from e
-    return samples
-
-
-def load_dpo(path: str | Path, processor: Processor, max_len: int | None = None) -> list:
-    """Check, then encode, every (prompt, chosen, rejected) line as ``[chosen, rejected]``."""
-    pairs = []
-    for lineno, record in read_jsonl(path, "dpo"):
-        try:
-            chosen, rejected = encode_pair(processor, record, lineno)
-        except DataError as e:
-            raise DataError(f"{path}:{str(e).removeprefix('line ')}") from e
-        if max_len is not None and len(chosen) + len(rejected) > max_len:
-            raise DataError(
-                f"{path}:{lineno}: chosen + rejected take {len(chosen) + len(rejected)} tokens, "
-                f"more than the budget of {max_len}"
-            )
-        pairs.append([chosen, rejected])
-    return pairs

@@ -189,15 +189,21 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    base_model: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) whose
-    names are those of the transformers 5 model."""
+    names are those of the transformers 5 model. ``weights``: the adapter tensors by our names
+    (``adapter_state``'s), when the model's own are sharded (FSDP gathers them first)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model._lora_config  # noqa: SLF001
     tensors = {}
     names = _names(model)
-    for n, p in adapter_state(model).items():
+    for n, p in (adapter_state(model) if weights is None else weights).items():
         module, _, leaf = n.partition(".lora_")
         key = PEFT_PREFIX + names.to_hf(module) + ".lora_" + leaf
         tensors[key] = p.detach().to("cpu", torch.float32).contiguous()
