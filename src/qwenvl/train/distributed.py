@@ -23,8 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qwenvl.errors import ConfigError
-
 logger = logging.getLogger(__name__)
 
 
@@ -120,8 +118,6 @@ def wrap(model: nn.Module, ranks: Ranks, fsdp: bool, bf16: bool) -> nn.Module:
     touch = ranks.distributed and any(p.requires_grad for p in model.visual.parameters())
     net = TrainModule(model, touch)
     if not ranks.distributed:
-        if fsdp:
-            raise ConfigError("--fsdp needs several ranks: start with torchrun --nproc-per-node N")
         return net
     if fsdp:
         return shard(net, bf16)
