@@ -113,7 +113,8 @@ def parse_line(raw: bytes, root: Path, kind: str, allow_outside: bool = False) -
 def raise_errors(errors: list[str]) -> None:
     """One DataError listing every problem found, or nothing."""
     if errors:
-        raise DataError(f"invalid training data ({len(errors)} problems):\n" + "\n".join(errors))
+        n = f"{len(errors)} problem{'s' if len(errors) > 1 else ''}"
+        raise DataError(f"invalid training data ({n}):\n" + "\n".join(errors))
 
 
 @dataclass(frozen=True)

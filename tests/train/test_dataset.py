@@ -1,0 +1,156 @@
+"""The streaming index: lengths from headers equal the real encoder's, one pass reports every
+problem, media outside the data folder are refused, and training decodes lazily."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import sft_lines, write_images, write_jsonl
+from qwenvl.checkpoint import load_config
+from qwenvl.processing.prompt import Processor
+from qwenvl.train import TrainConfig, Trainer
+from qwenvl.train.data import DataError, encode_conversation, encode_record, read_jsonl
+from qwenvl.train.dataset import Units, index_file
+from video_clips import make_video
+
+
+def _processor(checkpoints, family="qwen2_vl"):
+    path = checkpoints(family)
+    return Processor.from_pretrained(path, load_config(path))
+
+
+def _varied(root: Path) -> list[dict]:
+    """Images of odd sizes and orientations, per-item and per-line pixel options, fixed sizes,
+    a video file, a video as frames, several rounds, text only, tools-free system turns."""
+    write_images(root / "images")
+    Image.new("RGB", (333, 97), "red").save(root / "images/wide.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the model sees it 97 wide, 333 high
+    Image.new("RGB", (333, 97), "blue").save(root / "images/rotated.jpg", exif=exif)
+    for k in range(5):
+        Image.new("RGB", (90, 60), (40 * k, 0, 0)).save(root / f"images/f{k}.png")
+    make_video(root / "clip.mp4", 30, 10)
+    img = {"type": "image", "image": "images/wide.jpg"}
+    lines = sft_lines()
+    lines.append(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [
+                        img,
+                        {**img, "image": "images/rotated.jpg", "max_pixels": 28 * 28 * 4},
+                        {"type": "text", "text": "Compare."},
+                    ],
+                },
+                {"role": "assistant", "content": "Same size."},
+            ],
+            "min_pixels": 28 * 28 * 2,
+        }
+    )
+    lines.append({"messages": [
+        {"role": "user", "content": [{**img, "resized_height": 56, "resized_width": 84},
+                                     {"type": "video", "video": "clip.mp4", "fps": 4}]},
+        {"role": "assistant", "content": "A clip."},
+        {"role": "user", "content": [{"type": "video", "fps": 2, "video":
+                                      [f"images/f{k}.png" for k in range(5)]}]},
+        {"role": "assistant", "content": "Frames."}]})  # fmt: skip
+    return lines
+
+
+def test_indexed_lengths_equal_the_encoders(checkpoints, tmp_path):
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        proc = _processor(checkpoints, family)
+        lines = _varied(tmp_path)
+        path = write_jsonl(tmp_path / "train.jsonl", lines)
+        index = index_file(path, proc)
+        # the truth: the encoder, pixels and all, on each checked record
+        truth = [len(encode_conversation(proc, r["messages"])) for _, r in read_jsonl(path)]
+        assert [n for (n,) in index.lengths] == truth
+        assert index.lines == list(range(1, len(lines) + 1))
+        decoded = list(Units(index, proc))  # and decoding checks each against its index entry
+        assert [len(u[0]) for u in decoded] == truth
+        print(f"{family}: {len(truth)} lines, lengths {truth}")
+
+
+def test_split_pieces_and_dpo_pairs_match_the_encoder(checkpoints, tmp_path):
+    proc = _processor(checkpoints)
+    write_images(tmp_path / "images")
+    path = write_jsonl(tmp_path / "long.jsonl", [sft_lines()[1]])
+    full = len(encode_conversation(proc, read_jsonl(path)[0][1]["messages"]))
+    index = index_file(path, proc, max_len=full - 1, overlong="split")
+    pieces = encode_record(proc, read_jsonl(path)[0][1], 1, max_len=full - 1, overlong="split")
+    assert [n for (n,) in index.lengths] == [len(p) for p in pieces] and len(pieces) == 2
+    prompt = sft_lines()[0]["messages"][:1]
+    pair = {"messages": prompt, "chosen": "A red box.", "rejected": "Two blue boxes, far away."}
+    dpo = index_file(write_jsonl(tmp_path / "dpo.jsonl", [pair]), proc, "dpo")
+    msgs = read_jsonl(tmp_path / "dpo.jsonl", "dpo")[0][1]
+    truth = tuple(
+        len(encode_conversation(proc, msgs["messages"] + [msgs[k]], last_turn_only=True))
+        for k in ("chosen", "rejected")
+    )
+    assert dpo.lengths == [truth]
+
+
+def test_one_pass_reports_every_problem_without_quoting_files(checkpoints, tmp_path):
+    proc = _processor(checkpoints)
+    write_images(tmp_path / "images")
+    (tmp_path / "images/notes.png").write_bytes(b"SECRET-TOKEN-1234 not a picture")
+    good = Image.new("RGB", (64, 64), "red")
+    good.save(tmp_path / "images/cut.png")
+    data = (tmp_path / "images/cut.png").read_bytes()
+    (tmp_path / "images/cut.png").write_bytes(data[:20])  # the header is cut
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    good.save(outside)
+    lines = sft_lines()
+    lines[1] = {"messages": [{"role": "user", "content": "hi"}]}
+    for k, name in ((0, "images/notes.png"), (2, "images/cut.png"), (3, str(outside))):
+        lines[k]["messages"][0]["content"] = [{"type": "image", "image": name},
+                                              {"type": "text", "text": "?"}]  # fmt: skip
+    path = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with open(path, "ab") as f:
+        f.write(b"{not json\n\xff\xfeSECRET-TOKEN-1234\n")
+    with pytest.raises(DataError) as e:
+        index_file(path, proc, workers=1)
+    msg = str(e.value)
+    print(msg)
+    assert "(6 problems)" in msg
+    for line, what in ((1, "notes.png"), (2, "no assistant message"), (3, "cut.png"),
+                       (4, "outside the data folder"), (5, "not valid JSON"),
+                       (6, "not UTF-8")):  # fmt: skip
+        assert any(ln.startswith(f"{path}:{line}:") and what in ln for ln in msg.splitlines())
+    assert "SECRET" not in msg and "\\x" not in msg
+    # the same file with the outside picture allowed: only that line's complaint goes
+    with pytest.raises(DataError) as e:
+        index_file(path, proc, allow_outside=True)
+    assert "(5 problems)" in str(e.value) and "outside" not in str(e.value)
+
+
+def test_a_file_broken_after_indexing_fails_the_step_naming_its_line(checkpoints, tmp_path):
+    write_images(tmp_path / "images")
+    path = write_jsonl(tmp_path / "train.jsonl", sft_lines())
+    cfg = TrainConfig(model=str(checkpoints("qwen2_vl")), data=str(path),
+                      output=str(tmp_path / "o"), progress=False, plot=False,
+                      batch_size=4, data_workers=1)  # fmt: skip
+    trainer = Trainer(cfg)
+    (tmp_path / "images/im1.png").write_bytes(b"gone")
+    with pytest.raises(DataError, match=r"train.jsonl:2: .*im1.png"):
+        trainer.run()
+
+
+def test_max_steps_beyond_the_epochs_goes_on(checkpoints, tmp_path, caplog):
+    write_images(tmp_path / "images")
+    path = write_jsonl(tmp_path / "train.jsonl", sft_lines())
+    cfg = TrainConfig(model=str(checkpoints("qwen2_vl")), data=str(path),
+                      output=str(tmp_path / "o"), progress=False, plot=False,
+                      batch_size=2, epochs=1, max_steps=5, data_workers=0)  # fmt: skip
+    result = Trainer(cfg).run()
+    epochs = [m["epoch"] for m in result.metrics if "loss" in m]
+    assert epochs == [0, 0, 1, 1, 2]  # 4 lines at 2 per step: 2 steps an epoch
+    assert "max_steps 5 is more than 1 epoch(s) give (2 steps)" in caplog.text
+    assert json.loads((tmp_path / "o/metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
