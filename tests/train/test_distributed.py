@@ -40,6 +40,8 @@ train(TrainConfig(**cfg), on_step_end=hook if kill_after else None)
 # 13 units: the 4th step of an epoch has one row, so a rank pads it with a zero-weight pass
 FULL = dict(lr=1e-3, batch_size=1, grad_accum=2, max_steps=10, pack=256,
             gradient_checkpointing=True, freeze_merger=True, save_every=2)  # fmt: skip
+DPO = dict(method="dpo", lr=1e-4, batch_size=1, grad_accum=2, epochs=5, max_steps=10,
+           dpo_beta=0.5, dpo_sft_weight=0.5)  # fmt: skip
 LORA = dict(lr=1e-2, batch_size=1, grad_accum=2, epochs=3, max_steps=10,
             lora=dict(rank=4, alpha=8, dropout=0.0, parts=("llm", "vision")))  # fmt: skip
 
@@ -49,16 +51,22 @@ def setup(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     write_images(root / "images")
     data = write_jsonl(root / "train.jsonl", sft_lines() * 3 + sft_lines()[:1])
+    image = [{"type": "image", "image": "images/im0.png"}, {"type": "text", "text": "Colour?"}]
+    pairs = [{"messages": [{"role": "user", "content": image if k % 2 else "Count."}],
+              "chosen": f"{k} red boxes.", "rejected": f"The {k} blue ones, far."}
+             for k in range(7)]  # fmt: skip
+    dpo = write_jsonl(root / "dpo.jsonl", pairs)
     script = root / "run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(src=SRC)))
-    return {"root": root, "data": str(data), "script": script,
+    return {"root": root, "data": str(data), "dpo": str(dpo), "script": script,
             "model": str(checkpoints("qwen2_vl")), "runs": {}}  # fmt: skip
 
 
 def _config(setup, out: Path, extra: dict, world: int) -> dict:
     cfg = dict(extra)
     cfg["grad_accum"] = cfg["grad_accum"] * 2 // world  # the same global batch at any size
-    return dict(model=setup["model"], data=setup["data"], output=str(out), seed=5,
+    cfg.setdefault("data", setup["data"])
+    return dict(model=setup["model"], output=str(out), seed=5,
                 progress=False, plot=False, data_workers=1, **cfg)  # fmt: skip
 
 
@@ -128,13 +136,20 @@ def test_full_finetune_on_2_ranks_matches_one_process(setup, fsdp):
     _compare(ref, other, f"full {'FSDP' if fsdp else 'DDP'} x2")
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_lora_on_2_ranks_matches_one_process(setup, fsdp):
+def test_lora_fsdp_on_2_ranks_matches_one_process(setup):
     """Adapters on the language model and the ViT (rows without a picture still reduce the
-    ViT's gradients on every rank)."""
+    ViT's gradients on every rank). LoRA under DDP: the two-machine test below."""
     ref = _run(setup, "lora-1", LORA, 1)
-    other = _run(setup, f"lora-{'fsdp' if fsdp else 'ddp'}", LORA, 2, fsdp)
-    _compare(ref, other, f"LoRA {'FSDP' if fsdp else 'DDP'} x2")
+    _compare(ref, _run(setup, "lora-fsdp", LORA, 2, True), "LoRA FSDP x2")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_dpo_on_2_ranks_matches_one_process(setup, fsdp):
+    """DPO with the SFT term, full fine-tuning: the frozen reference is a replica (DDP) or
+    sharded like the policy (FSDP)."""
+    ref = _run(setup, "dpo-1", DPO | {"data": setup["dpo"]}, 1)
+    other = _run(setup, f"dpo-{'fsdp' if fsdp else 'ddp'}", DPO | {"data": setup["dpo"]}, 2, fsdp)
+    _compare(ref, other, f"DPO {'FSDP' if fsdp else 'DDP'} x2")
 
 
 def test_sigkill_on_2_ranks_resumes_on_2_and_on_1(setup):
@@ -159,7 +174,8 @@ def test_sigkill_on_2_ranks_resumes_on_2_and_on_1(setup):
 
 
 def test_two_machines_on_one_box(setup):
-    """``torchrun --nnodes 2 --node-rank 0|1 --rdzv-endpoint 127.0.0.1:PORT``, one rank each."""
+    """``torchrun --nnodes 2 --node-rank 0|1 --rdzv-endpoint 127.0.0.1:PORT``, one rank each:
+    LoRA under DDP across two "machines"."""
     ref = _run(setup, "lora-1", LORA, 1)
     out = setup["root"] / "two-nodes"
     cfg = json.dumps({**_config(setup, out, LORA, 2), "fsdp": False})

@@ -237,6 +237,7 @@ class StepShare:
     weights: list[float] = field(default_factory=list)
     num_targets: int = 0  # of the real micro-batches
     samples: int = 0
+    media: int = 0  # real micro-batches with pictures or videos
     error: str | None = None
 
 
@@ -263,6 +264,8 @@ class StepData(Dataset):
                 out.weights.append(1.0)
                 out.num_targets += out.batches[-1].num_targets
                 out.samples += sum(len(row) for row in micro)
+                b = out.batches[-1]
+                out.media += b.pixel_values is not None or b.pixel_values_videos is not None
             pad = out.batches[0] if out.batches else self._collate(spare) if padding else None
         except DataError as e:  # reported by the trainer, not as a worker traceback
             return StepShare(step, error=str(e))

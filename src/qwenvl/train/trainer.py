@@ -420,10 +420,9 @@ class Trainer:
         if share.error is not None:
             raise DataError(share.error)
         t0 = time.perf_counter()
-        if c.method == "dpo":
-            norm = float(self.plan.num_rows(share.step))
-        else:
-            norm = distributed.all_sum([float(share.num_targets)], r, self.device)[0]
+        counts = [float(share.num_targets), float(share.media)]
+        targets, media = distributed.all_sum(counts, r, self.device)
+        norm = float(self.plan.num_rows(share.step)) if c.method == "dpo" else targets
         # DDP and FSDP average gradients over the ranks: each rank's share counts size times
         step_norm = max(norm, 1.0) / r.size
         sums = [0.0, 0.0, 0.0, float(share.samples)]  # loss, margin, tokens, samples
@@ -435,6 +434,9 @@ class Trainer:
                 sums[0] += stats["loss"]
                 sums[1] += stats.get("margin", 0.0)
                 sums[2] += batch.num_tokens
+        if r.distributed and not media:  # as in one process: no picture, no ViT update at all
+            for p in self.model.visual.parameters():
+                p.grad = None  # (not a zero gradient, on which AdamW would still move)
         grad_norm = self._clip()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
