@@ -1,0 +1,153 @@
+"""Streaming training data vs the in-memory path it replaced: memory over a run, time to the
+first step, throughput (samples/s).
+
+    python bench/train_stream.py                      # 20,000 demo scenes
+    python bench/train_stream.py --data /tmp/d20k --subset 2000 --subset-steps 50 --old e1eec09
+
+Each run is a child process training the demo model (``qwenvl.demo``) with batch 4, its RSS
+(the trainer plus its DataLoader workers, summed over /proc) sampled after every step. On the
+whole generated file: the data path alone (index, then every step's batches decoded by 2
+workers, 2 steps ahead) over one epoch, RSS every 50 steps; then a few training steps (time to
+the first one). Both paths are then timed side by side, twice, on the first ``--subset`` lines,
+the in-memory one with the trainer of commit ``--old`` (from ``git archive``), which encodes
+every sample, pixels included, before step 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, os, sys, time
+t_start = time.perf_counter()
+from pathlib import Path
+import qwenvl
+from qwenvl.train import TrainConfig, Trainer
+
+def rss_mib(pid):
+    total, todo = 0, [pid]
+    kids = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                kids.setdefault(int(open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()[1]),
+                                []).append(int(e))
+            except (OSError, IndexError, ValueError):
+                pass
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+args = json.loads(sys.argv[1])
+extra = {"data_workers": 2, "prefetch": 2} if args["stream"] else {}
+demo = Path(qwenvl.__file__).parent / "data" / "demo-model"
+cfg = TrainConfig(model=str(demo), data=args["data"], output=args["out"],
+                  lr=1e-4, batch_size=4, max_steps=args["steps"] or None, progress=False,
+                  plot=False, seed=0, **extra)
+log = []
+def hook(step, m):
+    log.append((step, time.perf_counter() - t_start, m.get("samples", 4), rss_mib(os.getpid())))
+t0 = time.perf_counter()
+trainer = Trainer(cfg, on_step_end=hook)
+t_init = time.perf_counter() - t0
+if args["data_only"]:  # the data path alone over a whole epoch: what streaming changes
+    trainer.total_steps = trainer.plan.steps_in(0)
+    for share in trainer._steps():
+        if share.step % 50 == 0:
+            hook(share.step + 1, {"samples": share.samples})
+else:
+    trainer.run()
+print(json.dumps({"init_s": t_init, "import_s": t0 - t_start, "log": log}))
+"""
+
+
+def child(data: Path, steps: int, stream: bool, src: Path, data_only: bool = False) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    spec = json.dumps({"data": str(data), "out": str(out / "run"), "steps": steps,
+                       "stream": stream, "data_only": data_only})  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run([sys.executable, "-c", CHILD, spec], env=env, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summary(name: str, r: dict, skip: int = 3) -> None:
+    """One table row: init, first step, samples/s after ``skip`` samples of the log, RSS."""
+    log = r["log"]
+    steady = log[skip:] if len(log) > skip + 1 else log
+    rate = (steady[-1][0] - steady[0][0]) * 4 / max(steady[-1][1] - steady[0][1], 1e-9)
+    rss = [m for *_, m in log]
+    quart = [rss[int(q * (len(rss) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
+    print(
+        f"| {name} | {r['init_s']:.1f} | {log[0][1]:.1f} | {rate:.2f} | "
+        f"{' / '.join(f'{m:.0f}' for m in quart)} | {max(rss) - min(rss):.0f} |",
+        flush=True,
+    )
+
+
+def old_tree(commit: str) -> Path:
+    """The package as it was at ``commit`` (``git archive``: no worktree, nothing to clean)."""
+    path = Path(tempfile.mkdtemp(prefix="qwenvl-old-"))
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], check=True,
+                         capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(path)], input=tar, check=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--steps", type=int, default=10, help="training steps on the whole file")
+    ap.add_argument("--subset", type=int, default=1200, help="lines for the side-by-side runs")
+    ap.add_argument("--subset-steps", type=int, default=20)
+    ap.add_argument("--old", default="e1eec09", help="commit of the in-memory trainer")
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bench-demo20k")
+    args = ap.parse_args()
+    data = args.data / "data.jsonl"
+    if not data.exists():
+        from qwenvl.demo.tasks import write_jsonl
+
+        t = time.perf_counter()
+        write_jsonl(args.data, args.samples, 7)
+        print(f"wrote {args.samples} samples in {time.perf_counter() - t:.0f} s")
+    subset = args.data / f"first{args.subset}.jsonl"
+    with open(data) as f, open(subset, "w") as g:
+        g.writelines(line for _, line in zip(range(args.subset), f))
+    print(
+        "| run | init s (index, or encode all; + load) | first step at s | samples/s "
+        "| RSS MiB at 0/25/50/75/100 % of the log | spread MiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    n = sum(1 for _ in open(data))
+    summary(f"streaming, {n} lines, data path only, one epoch (RSS every 50 steps)",
+            child(data, 0, True, ROOT / "src", data_only=True))  # fmt: skip
+    summary(f"streaming, {n} lines, {args.steps} training steps",
+            child(data, args.steps, True, ROOT / "src"))  # fmt: skip
+    tree = old_tree(args.old)
+    for _ in range(2):  # alternating, as the machine's load varies
+        summary(f"in-memory ({args.old}), {args.subset} lines, {args.subset_steps} steps",
+                child(subset, args.subset_steps, False, tree / "src"))  # fmt: skip
+        summary(f"streaming, {args.subset} lines, {args.subset_steps} steps",
+                child(subset, args.subset_steps, True, ROOT / "src"))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
