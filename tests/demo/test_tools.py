@@ -12,6 +12,7 @@ from qwenvl.checkpoint import load_model
 from qwenvl.demo import default_model_path
 from qwenvl.demo.prefix import shared_opening_logits
 from qwenvl.demo.tasks import click_sample, click_tool
+from qwenvl.layers.rotary import apply_rotary
 from qwenvl.models import read_config
 from qwenvl.processing.prompt import Processor
 from qwenvl.train.data import encode_conversation
@@ -57,7 +58,7 @@ def test_shared_opening_gives_the_whole_conversations_logits(processor) -> None:
     assert len({len(e) for e in encoded}) > 1  # own parts of different lengths
     cfg = processor.config
     with torch.no_grad():
-        logits, labels, owner = shared_opening_logits(
+        logits, labels, owner, look = shared_opening_logits(
             model, encoded, (cfg.image_token_id, cfg.video_token_id)
         )
         want, want_labels = [], []
@@ -74,3 +75,43 @@ def test_shared_opening_gives_the_whole_conversations_logits(processor) -> None:
     assert torch.equal(labels, torch.cat(want_labels))
     assert owner.tolist() == [i for i, w in enumerate(want) for _ in range(len(w))]
     assert (logits - torch.cat(want)).abs().max() < 1e-4
+    assert look == 0
+
+
+def test_guided_loss_is_the_whole_conversations_attention(processor) -> None:
+    """``look`` is -log of head 0's attention mass on the guided keys, as the full forward of
+    the whole conversation gives it (its layer input caught by a hook, its q/k recomputed)."""
+    model, _ = load_model(default_model_path(), dtype="float32")
+    layer = 2
+    rng = random.Random(2)
+    samples = [s for s in (click_sample(rng) for _ in range(12)) if s.info["style"] == "cookbook"]
+    encoded = [encode_conversation(processor, s.messages()) for s in samples[:2]]
+    n = len(encoded[1])
+    pairs = [(n - 5, torch.tensor([n - 40, n - 30])), (n - 3, torch.tensor([n - 60]))]
+    guide = [{}, {layer: pairs}]
+    cfg = processor.config
+    with torch.no_grad():
+        *_, look = shared_opening_logits(
+            model, encoded, (cfg.image_token_id, cfg.video_token_id), guide, head=0
+        )
+        seen = {}
+        attn = model.model.layers[layer].self_attn
+        hook = attn.register_forward_hook(lambda m, a, o: seen.update(x=a[0], cos=a[1], sin=a[2]))
+        e = encoded[1]
+        pixels = torch.cat([im.pixel_values for im in e.images])
+        model(torch.tensor([e.token_ids]), e.positions[:, None], pixel_values=pixels,
+              image_grid_thw=[im.grid_thw for im in e.images])  # fmt: skip
+        hook.remove()
+        x = seen["x"][0]
+        if hasattr(attn, "qkv_proj"):
+            q, k, _ = attn.qkv_proj(x).split(attn.widths, -1)
+        else:
+            q, k = attn.q_proj(x), attn.k_proj(x)
+        hd = attn.head_dim
+        q = apply_rotary(q[:, :hd], seen["cos"][0, 0], seen["sin"][0, 0])
+        k = apply_rotary(k[:, :hd], seen["cos"][0, 0], seen["sin"][0, 0])
+        want = []
+        for j, keys in pairs:
+            p = ((q[j] @ k[: j + 1].T) / hd**0.5).softmax(-1)
+            want.append(-p[keys].sum().log())
+    assert abs(float(look) - float(torch.stack(want).mean())) < 1e-4

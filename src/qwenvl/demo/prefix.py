@@ -47,13 +47,28 @@ class _KeepOpening:
         return out.transpose(0, 1).reshape(q.shape[1], -1)
 
 
+# Per sample, per layer: ``(query position, key positions)`` pairs in the whole conversation's
+# positions, where one head must look (``Recipe.attention_targets``).
+Guide = Sequence[dict[int, list[tuple[int, Tensor]]]]
+
+
 class _AfterOpening:
     """Each conversation's own tokens (one row, end to end) attend to the kept opening and,
-    causally, to their own conversation's tokens."""
+    causally, to their own conversation's tokens. With ``guide``, ``look`` sums ``-log`` of
+    ``head``'s attention mass on the guided keys (the recipe's guided-attention loss)."""
 
-    def __init__(self, kept: dict[int, tuple[Tensor, Tensor]], lengths: list[int]) -> None:
+    def __init__(
+        self,
+        kept: dict[int, tuple[Tensor, Tensor]],
+        lengths: list[int],
+        guide: Guide = (),
+        head: int = 0,
+    ) -> None:
         self.kept = kept
         self.lengths = lengths
+        self.guide, self.head = guide, head
+        self.look: Tensor | float = 0.0
+        self.looks = 0
 
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
@@ -63,15 +78,28 @@ class _AfterOpening:
         v = v.reshape(v.shape[0], -1, d).transpose(0, 1)
         k0, v0 = self.kept[layer]
         outs, start = [], 0
-        for n in self.lengths:
+        self.heads = q.shape[0]
+        for i, n in enumerate(self.lengths):
             own = slice(start, start + n)
             keys = torch.cat([k0, k[:, own]], 1)[None]
             values = torch.cat([v0, v[:, own]], 1)[None]
             mask = torch.ones(n, k0.shape[1] + n, dtype=torch.bool, device=q.device)
             mask[:, k0.shape[1] :] = torch.ones(n, n, dtype=torch.bool).tril()
             outs.append(causal_attention(q[None, :, own], keys, values, mask[None, None])[0])
+            if i < len(self.guide) and layer in self.guide[i]:
+                self._guided(q[self.head, own], keys[0], self.guide[i][layer], k0.shape[1])
             start += n
         return torch.cat(outs, 1).transpose(0, 1).reshape(q.shape[1], -1)
+
+    def _guided(self, q: Tensor, keys: Tensor, pairs: list[tuple[int, Tensor]], p: int) -> None:
+        """Key index = position in the conversation; a query at position ``j`` sees keys
+        ``0..j``."""
+        kv_head = self.head // (self.heads // keys.shape[0])
+        for j, wanted in pairs:
+            scores = (q[j - p].float() @ keys[kv_head, : j + 1].float().T) / q.shape[-1] ** 0.5
+            logp = scores.log_softmax(-1)
+            self.look = self.look - torch.logsumexp(logp[wanted], -1)
+            self.looks += 1
 
 
 def opening_length(samples: Sequence[Sample], vision_ids: Sequence[int]) -> int:
@@ -85,11 +113,16 @@ def opening_length(samples: Sequence[Sample], vision_ids: Sequence[int]) -> int:
 
 
 def shared_opening_logits(
-    model: torch.nn.Module, samples: Sequence[Sample], vision_ids: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logits [N, vocab], labels [N], owner [N])`` at every trained token of ``samples``, in
-    order; ``owner`` is the index of the sample a token belongs to. ``vision_ids``: the image
-    and video placeholder ids."""
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    vision_ids: Sequence[int],
+    guide: Guide = (),
+    head: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logits [N, vocab], labels [N], owner [N], look)`` at every trained token of
+    ``samples``, in order; ``owner`` is the index of the sample a token belongs to; ``look`` the
+    mean guided-attention loss of ``head`` over ``guide``'s pairs (0 without). ``vision_ids``:
+    the image and video placeholder ids."""
     p = opening_length(samples, vision_ids)
     ids = samples[0].token_ids[:p]
     keep = _KeepOpening()
@@ -104,9 +137,8 @@ def shared_opening_logits(
         grids = [im.grid_thw for s in samples for im in s.images]
         feats = model.encode_vision(torch.cat(pixels).to(model.device), grids)
     positions = torch.cat([s.positions[:, p:] for s in samples], 1)[:, None]
-    hidden = model.decode(
-        model.embed(row, feats), positions, kv=_AfterOpening(keep.kv, [len(o) for o in own])
-    )[0]
+    after = _AfterOpening(keep.kv, [len(o) for o in own], guide, head)
+    hidden = model.decode(model.embed(row, feats), positions, kv=after)[0]
     # the token at t is predicted from t - 1: shift by one inside each sample
     rows, labels, owner, start = [], [], [], 0
     for i, s in enumerate(samples):
@@ -121,4 +153,5 @@ def shared_opening_logits(
     if bool((rows_t < 0).any()):
         raise ValueError("a sample's first own token is a target")
     logits = model.compute_logits(hidden[rows_t.to(hidden.device)])
-    return logits, torch.cat(labels), torch.cat(owner)
+    look = torch.as_tensor(after.look, dtype=torch.float32) / max(1, after.looks)
+    return logits, torch.cat(labels), torch.cat(owner), look

@@ -153,6 +153,9 @@ def cell_labels(scene: Scene, grid_h: int, grid_w: int) -> torch.Tensor:
     return out
 
 
+PLACE_KEY = {"ground": "bbox_2d", "click": "coordinate"}  # the JSON key before a place
+
+
 def answer_targets(sample: DemoSample) -> list[tuple[int, int, int, int]]:
     """The answer's character spans that read one block: ``(start, end, block number, group)``,
     ``group`` being the video's temporal group (its second) where the block appears, or -1."""
@@ -166,8 +169,8 @@ def answer_targets(sample: DemoSample) -> list[tuple[int, int, int, int]]:
         return out
     if sample.task == "number":
         return [(0, len(sample.answer), int(sample.answer), -1)]
-    if sample.task == "ground":
-        start = sample.answer.index("[", sample.answer.index("bbox_2d"))
+    if sample.task in ("ground", "click"):
+        start = sample.answer.index("[", sample.answer.index(PLACE_KEY[sample.task]))
         return [(start, sample.answer.index("]", start) + 1, sample.info["number"], -1)]
     if sample.task == "when":
         return [(0, len(sample.answer), sample.info["number"], sample.info["second"])]
@@ -186,6 +189,9 @@ def question_cue(sample: DemoSample) -> tuple[int, int] | None:
         phrase = ground_phrase(sample.info["number"])
         end = q.index(phrase) + len(phrase)
         return end - len(str(sample.info["number"])), end
+    if sample.task == "click":  # "Click the box with the number 7."
+        start = q.rindex(str(sample.info["number"]))
+        return start, start + len(str(sample.info["number"]))
     return None
 
 

@@ -29,6 +29,7 @@ from qwenvl.demo.scenes import COLOUR_NAMES, SCALE, SIDE, Scene, random_scene, r
 from qwenvl.grounding import grounding_prompt
 from qwenvl.processing.chat_template import DEFAULT_SYSTEM_PROMPT, format_tools_block
 from qwenvl.processing.image import smart_resize
+from qwenvl.tool_calls import format_tool_call
 
 TASKS = ("list", "count", "number", "ground", "compare", "when")
 TOOL_TASKS = ("click",)  # kept apart: TASKS also seeds the tokenizer's corpus
@@ -116,7 +117,7 @@ class DemoSample:
     answer: str
     info: dict[str, Any] = field(default_factory=dict)
     system: str | None = None  # a system message (the tools block, for ``click``)
-    call: dict[str, Any] | None = None  # the answer is this tool call instead of ``answer``
+    call: dict[str, Any] | None = None  # the answer is this tool call (``answer``: its text)
     follow_up: list[dict[str, Any]] = field(default_factory=list)  # the tool's result, a reply
 
     def messages(self, with_answer: bool = True) -> list[dict[str, Any]]:
@@ -238,8 +239,17 @@ def click_sample(rng: random.Random, max_blocks: int = 10) -> DemoSample:
         ]
     question = rng.choice(CLICK_PROMPTS).format(n=n)
     info = {"scene": s, "number": n, "style": style}
+    answer = format_tool_call(call["name"], call["arguments"])  # what the model writes
     return DemoSample(
-        "click", [render(s)], None, question, "", info, tool_system_prompt(style), call, follow_up
+        "click",
+        [render(s)],
+        None,
+        question,
+        answer,
+        info,
+        tool_system_prompt(style),
+        call,
+        follow_up,
     )
 
 

@@ -128,7 +128,7 @@ STAGES = (
     # loses accuracy; the probes are not trained here (aux_weight 0)
     Stage(
         "tools",
-        steps=400,
+        steps=250,
         batch=12,
         lr=4e-4,
         vision_lr=1e-4,
@@ -285,22 +285,33 @@ class Recipe:
         total = lm + spans + stage.aux_weight * aux + stage.attention_weight * look
         return total, metrics
 
-    def click_step(self, samples: Sequence[DemoSample]) -> tuple[torch.Tensor, dict]:
-        """The answer loss of ``click`` samples (each sample's mean token loss), their long tool
-        prompt run once per prompt style (``demo.prefix``)."""
+    def click_step(self, samples: Sequence[DemoSample], stage: Stage) -> tuple[torch.Tensor, dict]:
+        """``click`` samples, their long tool prompt run once per prompt style
+        (``demo.prefix``), with the losses that taught grounding: each sample's mean token loss,
+        the coordinate tokens' own mean (``span_loss``), and the guided heads looking at the
+        named block while they are written (``attention_loss``)."""
         cfg = self.config
-        losses = []
+        answer, spans, looks = [], [], []
         for system in dict.fromkeys(s.system for s in samples):
             group = [s for s in samples if s.system == system]
             encoded = [encode_conversation(self.processor, s.messages()) for s in group]
-            logits, labels, owner = shared_opening_logits(
-                self.model, encoded, (cfg.image_token_id, cfg.video_token_id)
+            guide = [
+                self.attention_targets(s, e, item_labels([s.info["scene"]], e.images[0].grid_thw))
+                for s, e in zip(group, encoded)
+            ]
+            logits, labels, owner, look = shared_opening_logits(
+                self.model, encoded, (cfg.image_token_id, cfg.video_token_id), guide, GUIDED_HEAD
             )
             tok = F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
-            sums = torch.zeros(len(group)).index_add(0, owner, tok)
-            losses.append(sums / torch.bincount(owner, minlength=len(group)).clamp(min=1))
-        per_sample = torch.cat(losses)
-        return per_sample.mean(), {"lm_click": per_sample.mean().item()}
+            answer.append(_mean_by(tok, owner, len(group)))
+            place = torch.cat([_place_tokens(e, g) for e, g in zip(encoded, guide)])
+            spans.append(_mean_by(tok[place], owner[place], len(group)))
+            looks.append(look)
+        per_sample, span = torch.cat(answer), torch.cat(spans)
+        look = torch.stack(looks).mean()
+        total = per_sample.mean() + span.mean() + stage.attention_weight * look
+        m = {"lm_click": per_sample.mean().item(), "spans_click": span.mean().item()}
+        return total, {**m, "look_click": look.item()}
 
     def cell_reading_loss(
         self,
@@ -561,7 +572,7 @@ class Recipe:
                 else:
                     loss, m = self.vision_step(samples)
                 if clicks:
-                    click_loss, click_m = self.click_step(clicks)
+                    click_loss, click_m = self.click_step(clicks, stage)
                     loss, m = loss + click_loss, {**m, **click_m}
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -650,6 +661,19 @@ class Recipe:
             self.out / "loss.png",
         )
         return folder
+
+
+def _mean_by(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
+    """Per sample, the mean of its ``values`` (``owner``: each value's sample)."""
+    sums = torch.zeros(count).index_add(0, owner, values)
+    return sums / torch.bincount(owner, minlength=count).clamp(min=1)
+
+
+def _place_tokens(encoded: Sample, guide: dict[int, list]) -> torch.Tensor:
+    """Which of a sample's target tokens write the place (a click's coordinates), in target
+    order: the tokens after the guided query positions."""
+    place = {q + 1 for q, _ in guide.get(GUIDED_LAYERS[0], [])}
+    return torch.tensor([int(t) in place for t in encoded.targets.nonzero().flatten()])
 
 
 def _tty() -> bool:
