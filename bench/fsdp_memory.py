@@ -8,9 +8,10 @@
    AdamW (2 moments) bytes in fp32, for full fine-tuning and for LoRA (rank 16 on the language
    model's projections). Nothing is allocated, so the 2B shape needs no memory.
 2. Measured: what fits on a 24 GiB machine. Full fine-tuning of 2.2 B parameters with AdamW in
-   fp32 needs ~35 GiB in one process, so the real run is LoRA (rank 16) over bf16 base weights:
-   3 steps of a short text sample, 1 process and 2 FSDP ranks; each rank reports its RSS, peak
-   RSS, and the bytes of its local parameters and optimizer state.
+   fp32 needs ~33 GiB in one process, so the real run is LoRA (rank 16) over bf16 base weights,
+   1 process and 2 FSDP ranks, each loaded, sharded and its AdamW state made; each rank reports
+   its RSS, peak RSS, and the bytes of its local parameters and optimizer state (no activations:
+   a bf16 training step of this shape takes ~10 min on the shared 2-core CPU).
 
 The random-weight checkpoint comes from ``bench/released_shapes.py`` (built once, ~4.4 GB).
 """
@@ -57,26 +58,23 @@ def state_sizes(folder: Path, lora: bool) -> dict:
 
 
 def measured(folder: Path, out: Path) -> dict:
-    """3 LoRA steps over bf16 weights; this rank's memory after the last one."""
+    """This rank's memory once the model is loaded, sharded (2 ranks) and AdamW's state exists
+    (one optimizer step on zero gradients, as ``torch.distributed.checkpoint`` initialises it):
+    a CPU forward/backward of the 2B shape in bf16 takes ~10 min a step on the shared 2 cores,
+    so activations are not included."""
     from qwenvl.train import LoraOptions, TrainConfig, Trainer
 
-    data = out.parent / "text.jsonl"
-    seen: dict = {}
-
-    def hook(step: int, m: dict) -> None:
-        if step == 3:
-            status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-            seen["rss"] = int(status["VmRSS"].split()[0]) * 1024
-            seen["hwm"] = int(status["VmHWM"].split()[0]) * 1024
-
     trainer = Trainer(
-        TrainConfig(model=str(folder), data=str(data), output=str(out), dtype="bfloat16",
-                    lora=LoraOptions(rank=16, alpha=32), max_steps=3, lr=1e-4,
+        TrainConfig(model=str(folder), data=str(out.parent / "text.jsonl"), output=str(out),
+                    dtype="bfloat16", lora=LoraOptions(rank=16, alpha=32), lr=1e-4,
                     progress=False, plot=False, data_workers=0,
                     fsdp=int(os.environ.get("WORLD_SIZE", "1")) > 1),
-        on_step_end=hook,
     )  # fmt: skip
-    trainer.run()
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
     params = sum(_local(p).numel() * p.element_size() for p in trainer.model.parameters())
     optim = sum(
         _local(v).numel() * v.element_size()
@@ -85,7 +83,8 @@ def measured(folder: Path, out: Path) -> dict:
         if torch.is_tensor(v) and v.dim() > 0
     )
     return {"rank": trainer.ranks.rank, "ranks": trainer.ranks.size, "params": params,
-            "optim": optim, **seen}  # fmt: skip
+            "optim": optim, "rss": int(status["VmRSS"].split()[0]) * 1024,
+            "hwm": int(status["VmHWM"].split()[0]) * 1024}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -142,7 +141,7 @@ def main() -> None:
                          {"role": "assistant", "content": "Red, green and blue."}]}  # fmt: skip
     (work / "text.jsonl").write_text((json.dumps(line) + "\n") * 4)
     print(
-        "\n| LoRA r16, bf16 weights, 3 steps | ranks | local params GiB | optimizer GiB "
+        "\n| LoRA r16, bf16 weights, AdamW state made | ranks | local params GiB | optimizer GiB "
         "| RSS GiB | peak RSS GiB |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
