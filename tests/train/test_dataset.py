@@ -154,3 +154,35 @@ def test_max_steps_beyond_the_epochs_goes_on(checkpoints, tmp_path, caplog):
     assert epochs == [0, 0, 1, 1, 2]  # 4 lines at 2 per step: 2 steps an epoch
     assert "max_steps 5 is more than 1 epoch(s) give (2 steps)" in caplog.text
     assert json.loads((tmp_path / "o/metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+
+
+def _chunks(png: bytes) -> list[bytes]:
+    out, pos = [], 8
+    while pos < len(png):
+        n = int.from_bytes(png[pos : pos + 4], "big")
+        out.append(png[pos : pos + 12 + n])
+        pos += 12 + n
+    return out
+
+
+def test_png_sizes_from_headers_see_an_exif_rotation_before_or_after_the_pixels():
+    """``OpenedImage.size`` walks a PNG's chunks instead of letting Pillow decode it to look
+    for an eXIf; a rotation stored before or after IDAT must still turn the size."""
+    import io
+
+    from qwenvl.processing.media import load_image, open_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 20), "red").save(buf, "PNG", exif=exif)
+    early = buf.getvalue()
+    chunks = _chunks(early)
+    kinds = [c[4:8] for c in chunks]
+    assert kinds.index(b"eXIf") < kinds.index(b"IDAT")
+    moved = [c for c in chunks if c[4:8] != b"eXIf"]
+    late = early[:8] + b"".join(moved[:-1] + [chunks[kinds.index(b"eXIf")], moved[-1]])
+    plain = io.BytesIO()
+    Image.new("RGB", (60, 20), "red").save(plain, "PNG")
+    for data, size in ((early, (20, 60)), (late, (20, 60)), (plain.getvalue(), (60, 20))):
+        assert open_image(data).size == size == load_image(data).size
