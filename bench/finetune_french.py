@@ -9,8 +9,9 @@ engine (``qwenvl.LLM``) on held-out scenes drawn from another seed:
   row is one block; question "What color is the top box? Answer in French.", answer ``rouge``,
   ``bleu``... The DPO files pair that answer (chosen) with the French name of another colour
   (rejected: a colour of another block of the scene when there is one, else any other).
-* ``full``: full fine-tuning; ``lora``: a LoRA adapter on the language model (the default
-  targets), served unmerged by ``LLM(lora=...)``;
+* ``full`` / ``full3``: full fine-tuning for 2 / 3 epochs (``full-more``: one more epoch on top
+  of ``full``); ``lora`` / ``lora3``: a LoRA adapter on the language model (the default targets)
+  for 40 steps / 3 epochs, served unmerged by ``LLM(lora=...)``;
 * ``start`` then ``dpo`` / ``dpo-sft``: DPO alone and DPO with ``--dpo-sft-weight``, from the
   same half-trained starting point (one epoch of SFT), with the same steps; the held-out reward
   margin is the run's ``eval_margin`` (beta x the chosen-minus-rejected log-ratio to the frozen
@@ -55,6 +56,11 @@ COMMON = ["--batch-size", "16", "--seed", "0", "--log-every", "10"]  # a later -
 STAGES: dict[str, tuple[str, str, list[str]]] = {
     "full": ("demo", "sft", ["--lr", "1e-3", "--epochs", "2", "--batch-size", "8",
                              "--warmup-steps", "10"]),
+    "full3": ("demo", "sft", ["--lr", "1e-3", "--epochs", "3", "--batch-size", "8",
+                              "--warmup-steps", "10"]),
+    "lora3": ("demo", "sft", ["--lora", "--lora-rank", "16", "--lora-alpha", "32", "--lr", "3e-3",
+                              "--epochs", "3", "--warmup-steps", "5"]),
+    "full-more": ("full", "sft", ["--lr", "3e-4", "--epochs", "1", "--warmup-steps", "5"]),
     "start": ("demo", "sft", ["--lr", "1e-3", "--epochs", "1", "--warmup-steps", "5"]),
     "dpo-sft": ("start", "dpo", ["--lr", "5e-4", "--max-steps", "12", "--dpo-beta", "0.1",
                                  "--dpo-sft-weight", "1.0"]),
