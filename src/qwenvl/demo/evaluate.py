@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qwenvl.agents import Click, parse_actions
-from qwenvl.demo.tasks import EVAL_TASKS, DemoSample, demo_screen, parse_int, parse_list, sample_at
+from qwenvl.demo.tasks import TASKS, DemoSample, demo_screen, parse_int, parse_list, sample_at
 from qwenvl.errors import ActionError
 from qwenvl.sampling import SamplingParams
 
@@ -70,7 +70,7 @@ def evaluate(
     llm: Any,
     count: int = 300,
     seed: int = EVAL_SEED,
-    tasks: Sequence[str] = EVAL_TASKS,
+    tasks: Sequence[str] = TASKS,
     batch: int = 48,
 ) -> dict[str, dict[str, float]]:
     """Mean metrics per task over ``count`` samples of every task."""
