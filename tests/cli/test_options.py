@@ -39,6 +39,7 @@ SERVE_FIELDS = {
     "--body-timeout": (ServerSettings, "body_timeout_s"),
     "--metrics-without-key": (ServerSettings, "metrics_need_key"),
     "--special-tokens-in-content": (ServerSettings, "special_tokens_in_content"),
+    "--no-web": (ServerSettings, "web"),
 }
 # Serve options that set no EngineConfig/ServerSettings field.
 SERVE_OTHERS = {
