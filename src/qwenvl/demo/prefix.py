@@ -128,7 +128,8 @@ def shared_opening_logits(
     keep = _KeepOpening()
     with torch.no_grad():
         opening = torch.tensor([ids], device=model.device)
-        model.decode(model.embed_tokens(opening), samples[0].positions[:, None, :p], kv=keep)
+        opening_at = samples[0].positions[:, None, :p].to(model.device)
+        model.decode(model.embed_tokens(opening), opening_at, kv=keep)
     own = [s.token_ids[p:] for s in samples]
     row = torch.tensor([[t for o in own for t in o]], device=model.device)
     pixels = [im.pixel_values for s in samples for im in s.images]
@@ -136,7 +137,7 @@ def shared_opening_logits(
     if pixels:
         grids = [im.grid_thw for s in samples for im in s.images]
         feats = model.encode_vision(torch.cat(pixels).to(model.device), grids)
-    positions = torch.cat([s.positions[:, p:] for s in samples], 1)[:, None]
+    positions = torch.cat([s.positions[:, p:] for s in samples], 1)[:, None].to(model.device)
     after = _AfterOpening(keep.kv, [len(o) for o in own], guide, head)
     hidden = model.decode(model.embed(row, feats), positions, kv=after)[0]
     # the token at t is predicted from t - 1: shift by one inside each sample

@@ -75,7 +75,7 @@ class AuxHeads(nn.Module):
         for a label it cannot see. Pooled, the model may keep the digit where it sees it, and
         the decoder's attention over a block's tokens does the same pooling.
         """
-        feats = feats.float()
+        feats, labels = feats.float(), labels.to(feats.device)
         out = list(self.proj(feats).split(list(HEADS.values()), dim=-1))
         bridged = self._bridged(feats, 0)
         if bridged is not None:
@@ -96,6 +96,7 @@ class AuxHeads(nn.Module):
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Colour (or background) on every token; row and column on block tokens only, so the
         few block tokens are not drowned by the background ones; the digit per block."""
+        labels = labels.to(feats.device)
         logits = self.logits(feats, labels)
         on_block = labels[:, 0] > 0
         total = F.cross_entropy(logits[0], labels[:, 0])
@@ -107,6 +108,7 @@ class AuxHeads(nn.Module):
 
     @torch.no_grad()
     def accuracy(self, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        labels = labels.to(feats.device)
         logits = self.logits(feats, labels)
         on_block = labels[:, 0] > 0
         out = {}

@@ -152,8 +152,10 @@ class Recipe:
         rank: int = 0,
         world: int = 1,
         init: Path | None = None,
+        device: str = "cpu",
     ) -> None:
         self.out, self.seed, self.rank, self.world = out, seed, rank, world
+        self.device = torch.device(device)
         torch.set_num_threads(threads)
         self.files = out / "files"
         if rank == 0 and not (self.files / "config.json").exists():
@@ -175,6 +177,8 @@ class Recipe:
             [tok.encode(c) for c in COLOUR_NAMES],
             [tok.encode(str(d))[0] for d in range(10)],
         )
+        self.model.to(self.device)
+        self.aux.to(self.device)
         self.seen: dict[int, tuple] = {}  # guided layers' inputs of the last forward
         self.said: dict[int, torch.Tensor] = {}  # ... and their attention outputs
         for i in (CUE_LAYER, *GUIDED_LAYERS):
@@ -216,7 +220,7 @@ class Recipe:
             )
             for s in samples
         ]
-        pixels = torch.cat([it.pixel_values for it in items])
+        pixels = torch.cat([it.pixel_values for it in items]).to(self.device)
         grids = [it.grid_thw for it in items]
         feats = self.model.encode_vision(pixels, grids)
         labels = batch_labels([item_labels([s.info["scene"]], g) for s, g in zip(samples, grids)])
@@ -228,7 +232,7 @@ class Recipe:
         encoded = [encode_conversation(self.processor, s.messages()) for s in samples]
         batch = collate(
             [[e] for e in encoded], self.processor.tokenizer.require_id("<|endoftext|>")
-        )
+        ).to(self.device)
         m = self.model
         image_feats = video_feats = None
         aux_feats = []
@@ -337,14 +341,14 @@ class Recipe:
         ):
             if not per_item:
                 continue
-            lab = torch.cat(list(per_item))
+            lab = torch.cat(list(per_item)).to(logits.device)
             slots = (input_ids == token_id).nonzero()  # row-major: the features' order
             on = lab[:, 0] > 0
             if not bool(on.any()):
                 continue
             lg = logits[slots[on, 0], slots[on, 1]].float().log_softmax(-1)
-            digit = self.aux.digit_tokens[lab[on, 1] - 1]
-            colour = self.aux.colour_tokens[lab[on, 0] - 1]
+            digit = self.aux.digit_tokens.to(lg.device)[lab[on, 1] - 1]
+            colour = self.aux.colour_tokens.to(lg.device)[lab[on, 0] - 1]
             total = total - lg.gather(1, digit[:, None]).sum() - lg.gather(1, colour[:, None]).sum()
             count += int(on.sum())
         return total / max(1, 2 * count)
@@ -425,7 +429,7 @@ class Recipe:
         """
         x = self.seen[GUIDED_LAYERS[0]][0]
         feats = torch.cat([x[b, at] for b, (at, _) in enumerate(places)]).float()
-        truth = torch.cat([w for _, w in places])
+        truth = torch.cat([w for _, w in places]).to(feats.device)
         logits = self.aux.where(feats).view(-1, 3, PLACES)
         return F.cross_entropy(logits.flatten(0, 1), truth.flatten())
 
@@ -444,7 +448,7 @@ class Recipe:
             return out.new_zeros((), dtype=torch.float32)
         feats = torch.stack([out[b, q] for b, q, _ in read_out]).float()
         logits = self.aux.find(feats).view(-1, 3, PLACES)
-        truth = torch.stack([w for _, _, w in read_out]).flatten()
+        truth = torch.stack([w for _, _, w in read_out]).flatten().to(feats.device)
         return F.cross_entropy(logits.flatten(0, 1), truth)
 
     @staticmethod
@@ -463,10 +467,10 @@ class Recipe:
         """
         if not read_out:
             return logits.new_zeros((), dtype=torch.float32)
-        rows = torch.tensor([b for b, _, _ in read_out])
-        at = torch.tensor([q for _, q, _ in read_out])
+        rows = torch.tensor([b for b, _, _ in read_out], device=logits.device)
+        at = torch.tensor([q for _, q, _ in read_out], device=logits.device)
         tok = F.cross_entropy(logits[rows, at].float(), input_ids[rows, at + 1], reduction="none")
-        per_sample = torch.zeros(int(rows.max()) + 1).index_add_(0, rows, tok)
+        per_sample = tok.new_zeros(int(rows.max()) + 1).index_add_(0, rows, tok)
         count = torch.bincount(rows)
         return (per_sample[count > 0] / count[count > 0]).mean()
 
@@ -498,7 +502,7 @@ class Recipe:
         question says which block (cue words, then the block). ``-log`` of the attention mass
         on the target tokens, averaged over the supervised positions of all guided layers.
         """
-        total, count = torch.zeros(()), 0
+        total, count = torch.zeros((), device=self.device), 0
         for layer in (CUE_LAYER, *GUIDED_LAYERS):
             x, cos, sin, mask = self.seen[layer]
             attn = self.model.model.layers[layer].self_attn
@@ -542,7 +546,7 @@ class Recipe:
         state_path = self.out / "state.pt"
         done_stage, done_step, opt_state = -1, 0, None
         if state_path.exists():
-            st = torch.load(state_path, weights_only=False)
+            st = torch.load(state_path, weights_only=False, map_location=self.device)
             self.model.load_state_dict(st["model"])
             self.aux.load_state_dict(st["aux"])
             done_stage, done_step, opt_state = st["stage"], st["step"], st["optimizer"]
@@ -667,7 +671,8 @@ class Recipe:
 
 def _mean_by(values: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
     """Per sample, the mean of its ``values`` (``owner``: each value's sample)."""
-    sums = torch.zeros(count).index_add(0, owner, values)
+    owner = owner.to(values.device)
+    sums = values.new_zeros(count).index_add(0, owner, values)
     return sums / torch.bincount(owner, minlength=count).clamp(min=1)
 
 
@@ -728,6 +733,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="start from this model folder (e.g. the shipped demo model) instead of random "
         "weights; give the stages already done 0 steps",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where one process trains (e.g. cuda); the workers of --workers train on the CPU",
+    )
     for stage in STAGES:
         p.add_argument(f"--{stage.name}-steps", type=int, default=stage.steps)
     a = p.parse_args(argv)
@@ -739,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             _worker, (a.workers, _free_port(), out, a.seed, stages, a.init), nprocs=a.workers
         )
         return
-    folder = Recipe(out, a.seed, a.threads, init=a.init).run(stages)
+    folder = Recipe(out, a.seed, a.threads, init=a.init, device=a.device).run(stages)
     print(f"model written to {folder}")
 
 

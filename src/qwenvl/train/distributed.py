@@ -28,12 +28,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process among the training ranks (``size`` 1: a single process, no group)."""
+    """This process among the training ranks (``group`` False: a single process, no group)."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    group: bool = False  # a torchrun job, even of one process (FSDP on one GPU shards nothing
+    # but casts through its mixed-precision policy, with the same code as on many)
 
     @property
     def main(self) -> bool:
@@ -41,18 +43,19 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        return self.group
 
 
 def join(device: str) -> tuple[Ranks, torch.device]:
-    """Join torchrun's group when ``WORLD_SIZE`` > 1; returns the ranks and this rank's device
-    (``device`` "auto": cuda:<local rank> when CUDA is there, else the CPU)."""
+    """Join torchrun's group (any ``WORLD_SIZE``, 1 included, when torchrun's rendezvous
+    variables are set); returns the ranks and this rank's device (``device`` "auto":
+    cuda:<local rank> when CUDA is there, else the CPU)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if size <= 1:
+    if size <= 1 and not {"MASTER_ADDR", "MASTER_PORT", "RANK"} <= set(os.environ):
         return Ranks(), dev
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
@@ -60,7 +63,7 @@ def join(device: str) -> tuple[Ranks, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), local,
-                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # fmt: skip
+                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")), group=True)  # fmt: skip
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         torch.set_num_threads(max(1, cores // ranks.local_size))  # ranks share the cores

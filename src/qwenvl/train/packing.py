@@ -9,7 +9,7 @@ itself only, so no attention row is empty.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,15 @@ class Batch:
     image_grid_thw: list[tuple[int, int, int]] | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: list[tuple[int, int, int]] | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with every tensor on ``device`` (grids stay lists)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
 
     @property
     def num_targets(self) -> int:

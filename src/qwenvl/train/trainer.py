@@ -234,7 +234,9 @@ class Trainer:
         self.out = Path(c.output)  # created by run(), once the data and weights were accepted
         self.ranks, self.device = distributed.join(c.device)
         if c.fsdp and not self.ranks.distributed:
-            raise ConfigError("--fsdp needs several ranks: start with torchrun --nproc-per-node N")
+            raise ConfigError(
+                "--fsdp runs under torchrun: torchrun --nproc-per-node N -m qwenvl train ..."
+            )
         bf16 = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda")
         self.autocast = bf16 and not c.fsdp  # FSDP casts through its mixed-precision policy
         torch.manual_seed(c.seed)
