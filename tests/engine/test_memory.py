@@ -1,4 +1,5 @@
-"""A burst of 32 requests stays inside the KV budget (measured RSS) and returns every block."""
+"""A burst of 32 requests stays inside the KV budget (measured RSS) and returns every block; the
+KV cache costs no memory before it is used."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent(
     start = rss()
     engine = LLMEngine(model, tok, [-1], EngineConfig(kv_cache_memory=budget,
                                                       encoder_cache_memory=0))
-    claimed = rss() - start  # the KV cache is committed when the engine starts
+    claimed = rss() - start  # what starting the engine costs, KV cache included
     g = torch.Generator().manual_seed(1)
     prompts = []
     for i in range(33):
@@ -91,10 +92,10 @@ def test_burst_stays_inside_the_kv_budget(checkpoints):
     assert r["kv"] <= budget
     assert r["unbounded"] > 3 * budget  # the burst would need far more KV than the budget
     assert r["free_at_end"] == r["num_blocks"]  # every block came back
-    # the budget is claimed at start-up (all pages committed), and the burst adds only a few MiB
-    # of activations on top: nothing grows with the number of requests
-    assert r["kv"] * 0.9 <= r["claimed"] <= r["kv"] + 4 * 2**20, r
-    assert r["growth"] < 12 * 2**20, r
-    # what the burst adds stays well below the KV it would need without a budget; the one-time
-    # warm-up (first-call library buffers, thread pools: 15-25 MiB by machine) is not asserted on
-    assert r["growth"] < (r["unbounded"] - r["kv"]) / 2, r
+    # the KV cache is not written at start-up (its pages come zeroed on first use), and the
+    # burst grows RSS by at most the budget plus a few MiB of activations: nothing grows with
+    # the number of requests. The one-time warm-up (first-call library buffers, thread pools:
+    # 15-25 MiB by machine) is not asserted on.
+    assert r["claimed"] < r["kv"] / 4, r
+    assert r["growth"] < r["kv"] + 12 * 2**20, r
+    assert r["growth"] < r["unbounded"] / 2, r

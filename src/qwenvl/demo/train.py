@@ -138,6 +138,18 @@ STAGES = (
         aux_weight=0.0,
         clicks=8,
     ),
+    # the same again from where ``tools`` ends (a fresh warm-up and cosine): clicks still landed
+    # on a neighbouring block after 250 steps, with the click's loss still falling
+    Stage(
+        "tools2",
+        steps=0,
+        batch=12,
+        lr=4e-4,
+        vision_lr=1e-4,
+        tasks=("list", "number", "count", "ground", "compare", "when"),
+        aux_weight=0.0,
+        clicks=8,
+    ),
 )
 
 

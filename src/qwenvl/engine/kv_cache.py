@@ -8,6 +8,7 @@ per-step :class:`AttentionMetadata` that tells every layer where to write and wh
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,15 @@ def kv_blocks_for(
     return blocks
 
 
+def _zeroed(size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on the CPU, pages of an anonymous mapping (zero until first written)."""
+    nbytes = math.prod(size) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(size, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype).view(size)  # keeps ``pages`` alive
+
+
 class PagedKVCache:
     """Keys and values of every layer as flat ``[num_blocks * block_size, kv_heads, head_dim]``."""
 
@@ -73,19 +83,12 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         slots = num_blocks * block_size
-        # Zero-filled, so padded reads in batched decode see finite numbers (0 * NaN = NaN), and
-        # written here, so every page is committed now: the budget is claimed at start-up instead
-        # of showing up later as RSS that creeps up while requests touch new blocks.
-        storage = torch.empty(
-            2,
-            shape.num_layers,
-            slots,
-            shape.num_kv_heads,
-            shape.head_dim,
-            dtype=dtype,
-            device=device,
-        )
-        storage.fill_(0)
+        # Zeroed, so padded reads in batched decode see finite numbers (0 * NaN = NaN). On the
+        # CPU the storage is an anonymous mapping, which the kernel hands out zeroed page by page
+        # on first touch: start-up does not write gigabytes of zeros (seconds on a 2-core box),
+        # and RSS grows as requests reach new blocks (admission already counts blocks).
+        size = (2, shape.num_layers, slots, shape.num_kv_heads, shape.head_dim)
+        storage = _zeroed(size, dtype, device)
         self.k = list(storage[0].unbind(0))
         self.v = list(storage[1].unbind(0))
         self.nbytes = storage.numel() * storage.element_size()
