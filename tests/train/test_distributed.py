@@ -71,10 +71,11 @@ def _config(setup, out: Path, extra: dict, world: int) -> dict:
 
 
 def _launch(setup, out: Path, cfg: dict, ranks: int, kill_after: int = 0, fsdp=False) -> int:
-    """Run the training script on ``ranks`` processes (1: plain python, else torchrun)."""
+    """Run the training script on ``ranks`` processes (1: plain python, else torchrun; FSDP on
+    one rank: torchrun with one process)."""
     cfg = {**cfg, "fsdp": fsdp}
     args = [str(setup["script"]), json.dumps(cfg), str(kill_after)]
-    if ranks == 1:
+    if ranks == 1 and not fsdp:
         cmd = [sys.executable, *args]
     else:
         port = free_port()
@@ -134,6 +135,13 @@ def test_full_finetune_on_2_ranks_matches_one_process(setup, fsdp):
     ref = _run(setup, "full-1", FULL, 1)
     other = _run(setup, f"full-{'fsdp' if fsdp else 'ddp'}", FULL, 2, fsdp)
     _compare(ref, other, f"full {'FSDP' if fsdp else 'DDP'} x2")
+
+
+def test_fsdp_on_one_rank_matches_one_process(setup):
+    """``torchrun --nproc-per-node 1 ... --fsdp`` (one GPU, for FSDP2's mixed-precision policy)
+    joins a group of one and trains like a plain process."""
+    ref = _run(setup, "full-1", FULL, 1)
+    _compare(ref, _run(setup, "full-fsdp1", FULL, 1, True), "full FSDP x1")
 
 
 def test_lora_fsdp_on_2_ranks_matches_one_process(setup):
