@@ -20,6 +20,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _weight_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Built weights cache in the session's temporary folder (subprocesses inherit it), not in
+    the user's home."""
+    import os
+
+    before = os.environ.get("QWENVL_CACHE_DIR")
+    os.environ["QWENVL_CACHE_DIR"] = str(tmp_path_factory.mktemp("qwenvl-cache"))
+    yield
+    if before is None:
+        os.environ.pop("QWENVL_CACHE_DIR", None)
+    else:
+        os.environ["QWENVL_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     """``checkpoints(family, **variant)`` -> folder; each variant is built once per session."""

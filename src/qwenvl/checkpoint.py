@@ -23,6 +23,7 @@ from qwenvl.errors import CheckpointError, ConfigError
 from qwenvl.models import ModelConfig, family_of, read_config
 from qwenvl.models.formats import get_format
 from qwenvl.models.parallel import ShardPlan, dense_slice, parallelize
+from qwenvl.weight_cache import weight_cache
 from qwenvl.weights import load_into, weight_files
 
 logger = logging.getLogger(__name__)
@@ -95,10 +96,11 @@ def load_model(
     ``shard`` (tensor parallelism, :mod:`qwenvl.models.parallel`): build this rank's share of
     the model and read only its slice of each tensor; the collectives are attached by
     ``parallelize`` with the plan's process group. Returns the model and its (local) config.
+    A compact format's built model is cached on disk and mapped by later loads
+    (:mod:`qwenvl.weight_cache`).
     """
     folder = Path(folder)
     config = load_config(folder) if shard is None else shard.config
-    family = family_of(config)
     if weight_format is None:  # an AWQ/GPTQ checkpoint can only load in its own format
         from qwenvl.models.quantized import format_for, quantization_config_of
 
@@ -106,6 +108,29 @@ def load_model(
         weight_format = None if quant is None else format_for(quant).name
     files = weight_files(folder)
     torch_dtype = resolve_dtype(dtype, config)
+    cache = None if shard else weight_cache(folder, files, weight_format, torch_dtype, device)
+    cached = cache.load() if cache is not None else None
+    if cached is not None:
+        return cached, config
+    model = _build_and_load(folder, config, files, torch_dtype, device, progress, weight_format,
+                            shard)  # fmt: skip
+    if cache is not None:
+        cache.store(model)
+    return model, config
+
+
+def _build_and_load(
+    folder: Path,
+    config: ModelConfig,
+    files: list[Path],
+    torch_dtype: torch.dtype,
+    device: str | torch.device,
+    progress: Callable[[int, int], None] | None,
+    weight_format: str | None,
+    shard: ShardPlan | None,
+) -> nn.Module:
+    """``load_model``'s work: the model built on the meta device, then filled from the files."""
+    family = family_of(config)
     stored = resolve_dtype("auto", config)
     with torch.device("meta"):
         model = family.build(config, get_format(weight_format))
@@ -161,7 +186,7 @@ def load_model(
     logger.info(
         "loaded %s (%s, weights %s) from %s", config.family, torch_dtype, weight_format, folder
     )
-    return model, config
+    return model
 
 
 def _shard_slices(

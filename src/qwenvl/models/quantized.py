@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenvl.errors import CheckpointError, ConfigError
+from qwenvl.layers.int4_linear import Int4Linear, Int8GroupLinear
 from qwenvl.models.interface import WeightFormat
 
 # AWQ packs column c of each block of 8 into nibble _AWQ_NIBBLE[c] (the inverse of the pack
@@ -392,17 +393,33 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 def _kernel_class(in_features: int, group: int, bits: int) -> type[nn.Module]:
     """``Int4Linear`` (4-bit) or ``Int8GroupLinear`` (8-bit) where the kernels' layout takes the
     group size, else the torch path, which computes the same product."""
+    cls = Int4Linear if bits == 4 else Int8GroupLinear
     try:
-        from qwenvl.layers.int4_linear import Int4Linear, Int8GroupLinear
-
-        cls = Int4Linear if bits == 4 else Int8GroupLinear
         cls._packed_shape(8, in_features, group)
-    except (ImportError, AttributeError, ValueError):
+    except ValueError:
         return GroupQuantLinear
     return cls
 
 
-_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+# A checkpoint's linear on each kernel class: module-level classes, so a built model pickles
+# (``qwenvl.weight_cache``).
+class QuantizedInt4Linear(_FromCheckpoint, Int4Linear):
+    pass
+
+
+class QuantizedInt8GroupLinear(_FromCheckpoint, Int8GroupLinear):
+    pass
+
+
+class QuantizedGroupQuantLinear(_FromCheckpoint, GroupQuantLinear):
+    pass
+
+
+_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    Int4Linear: QuantizedInt4Linear,
+    Int8GroupLinear: QuantizedInt8GroupLinear,
+    GroupQuantLinear: QuantizedGroupQuantLinear,
+}
 
 
 def quantized_linear(
@@ -423,10 +440,7 @@ def quantized_linear(
             f"divide into groups of {group} and {per}-value int32 packs"
         )
     base = _kernel_class(in_features, group, fmt.bits)
-    cls = _CLASSES.get(base)
-    if cls is None:
-        cls = _CLASSES[base] = type(f"Quantized{base.__name__}", (_FromCheckpoint, base), {})
-    m = cls(in_features, out_features, bias, group_size=group, parts=parts)
+    m = _CLASSES[base](in_features, out_features, bias, group_size=group, parts=parts)
     m.fmt, m.parts, m.group_size = fmt, parts, group
     m._ckpt, m._has_bias = None, bias
     return m
