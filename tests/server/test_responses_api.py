@@ -108,6 +108,18 @@ def test_a_function_tool_round_trip(server, stream):
     )  # fmt: skip
     assert second.usage.input_tokens == chat.usage.prompt_tokens
     assert second.output_text == (chat.choices[0].message.content or "")
+    # OpenAI's documented pattern: the response's own output objects go back into the input
+    # (the SDK serialises every field of them, ``status``, ``async_`` and ``caller`` included)
+    again = [{"role": "user", "content": "Click it."}, *first.output, history[-1]]
+    same = client.responses.create(
+        model=MODEL, input=again, tools=TOOLS, max_output_tokens=4, temperature=0
+    )
+    assert same.usage.input_tokens == second.usage.input_tokens
+    assert same.output_text == second.output_text
+    dumped = [{"role": "user", "content": "Click it."}, call.model_dump(), history[-1]]
+    assert client.responses.create(
+        model=MODEL, input=dumped, tools=TOOLS, max_output_tokens=4, temperature=0
+    ).output_text == second.output_text
 
 
 def test_structured_text_format_and_refusals(server):

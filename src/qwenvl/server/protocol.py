@@ -143,9 +143,11 @@ class Message(_Strict):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     # What clients send that says nothing to the model, accepted and ignored: a message `id`
-    # (qwen-agent on tool results, the Responses API), and the fields of a response message a
-    # client appends as it is (refusal, annotations, audio, reasoning, a legacy function_call).
+    # (qwen-agent on tool results, the Responses API), qwen-agent's own `extra` (its function
+    # ids), and the fields of a response message a client appends as it is (refusal,
+    # annotations, audio, reasoning, a legacy function_call).
     id: str | None = None
+    extra: dict[str, Any] | None = None
     refusal: str | None = None
     annotations: list[Any] | None = None
     audio: dict[str, Any] | None = None

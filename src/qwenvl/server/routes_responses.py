@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from pydantic import Field, PositiveInt, ValidationError
+from pydantic import AliasChoices, Field, PositiveInt, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -39,6 +39,7 @@ class InputText(_Strict):
     type: Literal["input_text", "output_text"]
     text: str
     annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None  # on an output_text part sent back: ignored
 
 
 class InputImage(_Strict):
@@ -56,11 +57,16 @@ class InputMessage(_Strict):
 
 
 class _CallItem(_Strict):
-    """What both function-call items carry (``id`` and ``status`` echoed back, ignored)."""
+    """What both function-call items carry; ``id``, ``status`` and what else the openai SDK
+    writes when a response's own output item is sent back (``async_``, ``caller``,
+    ``namespace``) are accepted and ignored."""
 
     call_id: str
     id: str | None = None
     status: str | None = None
+    async_: Any = Field(default=None, validation_alias=AliasChoices("async_", "async"))
+    caller: Any = None
+    namespace: Any = None
 
 
 class FunctionCallItem(_CallItem):
