@@ -220,7 +220,10 @@ def test_retraining_is_deterministic_and_resumable(tmp_path) -> None:
     import shutil
     from dataclasses import replace
 
-    short = tuple(replace(s, steps=2, batch=4, crops=8 if s.crops else 0) for s in STAGES)
+    short = tuple(
+        replace(s, steps=2, batch=4, crops=8 if s.crops else 0, clicks=min(s.clicks, 1))
+        for s in STAGES
+    )
     first = Recipe(tmp_path / "a", seed=1)
     first.run(short, progress=False)
     shutil.copytree(tmp_path / "a" / "files", tmp_path / "b" / "files")
@@ -234,3 +237,30 @@ def test_retraining_is_deterministic_and_resumable(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     fresh = Recipe(tmp_path / "c", seed=1).model.state_dict()
     assert not all(torch.equal(a[k], fresh[k]) for k in a)  # and training did change them
+
+
+def test_a_stage_from_export_continues_as_init_does(tmp_path) -> None:
+    """The tool stages were first run one at a time, each from the model the previous one
+    exported (``--init``); with ``from_export`` one command gives the same weights, bit for bit.
+    Also: ``stop`` ends a stage early on its full schedule."""
+    from dataclasses import replace
+
+    from qwenvl.demo import checkpoint as demo_ckpt
+
+    read = replace(STAGES[1], steps=2, batch=2)
+    tools = replace(STAGES[4], steps=8, stop=2, batch=2, clicks=1, from_export=True)
+    one = Recipe(tmp_path / "one", seed=1)
+    one.run((read, tools), progress=False)
+    assert [m["step"] for m in one.metrics] == [1, 2, 1, 2]
+    # step 2 of an 8-step cosine (2 % warm-up), not the end of a 2-step one
+    want = tools.lr * 0.02 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 8)))
+    assert one.metrics[-1]["lr"] == pytest.approx(want, rel=1e-12)
+    exported = Recipe(tmp_path / "x", seed=1).run((read,), progress=False)
+    chained = Recipe(tmp_path / "y", seed=1, init=exported)
+    chained.run((replace(read, steps=0), tools), progress=False)
+    model = demo_ckpt.new_model(exported)
+    demo_ckpt.load_weights(model, exported)
+    a, b = one.model.state_dict(), chained.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = model.state_dict()
+    assert not all(torch.equal(a[k], start[k]) for k in a)  # the tools stage did train
