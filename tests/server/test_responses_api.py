@@ -117,9 +117,12 @@ def test_a_function_tool_round_trip(server, stream):
     assert same.usage.input_tokens == second.usage.input_tokens
     assert same.output_text == second.output_text
     dumped = [{"role": "user", "content": "Click it."}, call.model_dump(), history[-1]]
-    assert client.responses.create(
-        model=MODEL, input=dumped, tools=TOOLS, max_output_tokens=4, temperature=0
-    ).output_text == second.output_text
+    assert (
+        client.responses.create(
+            model=MODEL, input=dumped, tools=TOOLS, max_output_tokens=4, temperature=0
+        ).output_text
+        == second.output_text
+    )
 
 
 def test_structured_text_format_and_refusals(server):
