@@ -33,8 +33,12 @@ from pathlib import Path
 import qwenvl
 from qwenvl.train import TrainConfig, Trainer
 
-def rss_mib(pid):
-    total, todo = 0, [pid]
+TICK = os.sysconf("SC_CLK_TCK")
+
+def usage(pid):
+    # RSS MiB and CPU seconds (user + system) of pid and its live descendants, plus the CPU of
+    # the children it has reaped (the index pass's workers)
+    total, cpu, todo = 0, 0.0, [pid]
     kids = {}
     for e in os.listdir("/proc"):
         if e.isdigit():
@@ -50,9 +54,11 @@ def rss_mib(pid):
             for line in open(f"/proc/{p}/status"):
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-        except OSError:
+            stat = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            cpu += sum(int(x) for x in stat[11:15 if p == pid else 13]) / TICK
+        except (OSError, IndexError, ValueError):
             pass
-    return total / 1024
+    return total / 1024, cpu
 
 args = json.loads(sys.argv[1])
 extra = {"data_workers": 2, "prefetch": 2} if args["stream"] else {}
@@ -62,7 +68,24 @@ cfg = TrainConfig(model=str(demo), data=args["data"], output=args["out"],
                   plot=False, seed=0, **extra)
 log = []
 def hook(step, m):
-    log.append((step, time.perf_counter() - t_start, m.get("samples", 4), rss_mib(os.getpid())))
+    log.append((step, time.perf_counter() - t_start, m.get("samples", 4), *usage(os.getpid())))
+index_s = []
+if hasattr(Trainer, "_index"):  # the streaming trainer: time its index pass
+    _index = Trainer._index
+    def timed(self, path):
+        t = time.perf_counter()
+        out = _index(self, path)
+        index_s.append(time.perf_counter() - t)
+        return out
+    Trainer._index = timed
+batch_at = []
+if hasattr(Trainer, "_train_step"):  # when the first step's data reached the model
+    _train_step = Trainer._train_step
+    def first(self, *a, **k):
+        batch_at.append(batch_at[0] if batch_at else time.perf_counter() - t_start)
+        return _train_step(self, *a, **k)
+    Trainer._train_step = first
+load = [open("/proc/loadavg").read().split()[0]]
 t0 = time.perf_counter()
 trainer = Trainer(cfg, on_step_end=hook)
 t_init = time.perf_counter() - t0
@@ -73,7 +96,9 @@ if args["data_only"]:  # the data path alone over a whole epoch: what streaming 
             hook(share.step + 1, {"samples": share.samples})
 else:
     trainer.run()
-print(json.dumps({"init_s": t_init, "import_s": t0 - t_start, "log": log}))
+load.append(open("/proc/loadavg").read().split()[0])
+print(json.dumps({"init_s": t_init, "import_s": t0 - t_start, "index_s": sum(index_s) or None,
+                  "batch_at": batch_at[0] if batch_at else None, "load": load, "log": log}))
 """
 
 
@@ -90,15 +115,23 @@ def child(data: Path, steps: int, stream: bool, src: Path, data_only: bool = Fal
 
 
 def summary(name: str, r: dict, skip: int = 3) -> None:
-    """One table row: init, first step, samples/s after ``skip`` samples of the log, RSS."""
+    """One table row: index, init, first step, samples/s and CPU seconds per sample after
+    ``skip`` steps of the log, RSS, and the load average (1 min) when the run started and
+    ended."""
     log = r["log"]
     steady = log[skip:] if len(log) > skip + 1 else log
-    rate = (steady[-1][0] - steady[0][0]) * 4 / max(steady[-1][1] - steady[0][1], 1e-9)
-    rss = [m for *_, m in log]
+    samples = (steady[-1][0] - steady[0][0]) * 4
+    rate = samples / max(steady[-1][1] - steady[0][1], 1e-9)
+    cpu = (steady[-1][4] - steady[0][4]) / max(samples, 1)
+    rss = [e[3] for e in log]
     quart = [rss[int(q * (len(rss) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
+    index = f"{r['index_s']:.1f}" if r.get("index_s") else "-"
+    batch = f"{r['batch_at']:.1f}" if r.get("batch_at") else "-"
     print(
-        f"| {name} | {r['init_s']:.1f} | {log[0][1]:.1f} | {rate:.2f} | "
-        f"{' / '.join(f'{m:.0f}' for m in quart)} | {max(rss) - min(rss):.0f} |",
+        f"| {name} | {index} | {r['init_s']:.1f} | {batch} | {log[0][1]:.1f} | {rate:.2f} | "
+        f"{cpu:.2f} | "
+        f"{' / '.join(f'{m:.0f}' for m in quart)} | {max(rss) - min(rss):.0f} | "
+        f"{' -> '.join(r['load'])} |",
         flush=True,
     )
 
@@ -120,6 +153,8 @@ def main() -> None:
     ap.add_argument("--subset-steps", type=int, default=20)
     ap.add_argument("--old", default="e1eec09", help="commit of the in-memory trainer")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bench-demo20k")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating side-by-side rounds")
+    ap.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch RSS run")
     args = ap.parse_args()
     data = args.data / "data.jsonl"
     if not data.exists():
@@ -132,17 +167,19 @@ def main() -> None:
     with open(data) as f, open(subset, "w") as g:
         g.writelines(line for _, line in zip(range(args.subset), f))
     print(
-        "| run | init s (index, or encode all; + load) | first step at s | samples/s "
-        "| RSS MiB at 0/25/50/75/100 % of the log | spread MiB |"
+        "| run | index s | init s (index, or encode all; + load) | first batch at s "
+        "| first step done at s | samples/s | CPU s/sample "
+        "| RSS MiB at 0/25/50/75/100 % of the log | spread MiB | load avg, start -> end |"
     )
-    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     n = sum(1 for _ in open(data))
-    summary(f"streaming, {n} lines, data path only, one epoch (RSS every 50 steps)",
-            child(data, 0, True, ROOT / "src", data_only=True))  # fmt: skip
+    if not args.no_epoch:
+        summary(f"streaming, {n} lines, data path only, one epoch (RSS every 50 steps)",
+                child(data, 0, True, ROOT / "src", data_only=True))  # fmt: skip
     summary(f"streaming, {n} lines, {args.steps} training steps",
             child(data, args.steps, True, ROOT / "src"))  # fmt: skip
     tree = old_tree(args.old)
-    for _ in range(2):  # alternating, as the machine's load varies
+    for _ in range(args.rounds):  # alternating, as the machine's load varies
         summary(f"in-memory ({args.old}), {args.subset} lines, {args.subset_steps} steps",
                 child(subset, args.subset_steps, False, tree / "src"))  # fmt: skip
         summary(f"streaming, {args.subset} lines, {args.subset_steps} steps",

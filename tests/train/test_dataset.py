@@ -13,7 +13,15 @@ from conftest import sft_lines, write_images, write_jsonl
 from qwenvl.checkpoint import load_config
 from qwenvl.processing.prompt import Processor
 from qwenvl.train import TrainConfig, Trainer
-from qwenvl.train.data import DataError, encode_conversation, encode_record, read_jsonl
+from qwenvl.train.data import (
+    DataError,
+    Lengths,
+    MediaPaths,
+    TokenCounter,
+    encode_conversation,
+    encode_record,
+    read_jsonl,
+)
 from qwenvl.train.dataset import Units, index_file
 from video_clips import make_video
 
@@ -60,6 +68,27 @@ def _varied(root: Path) -> list[dict]:
         {"role": "user", "content": [{"type": "video", "fps": 2, "video":
                                       [f"images/f{k}.png" for k in range(5)]}]},
         {"role": "assistant", "content": "Frames."}]})  # fmt: skip
+    return lines + _repeats()
+
+
+def _repeats() -> list[dict]:
+    """Lines the index pass's caches answer: the same text about other pictures (its render and
+    pieces remembered, its media not), the same picture again (its size remembered), system
+    prompts and rounds that recur, special-token strings typed in text, spaces and newlines at
+    piece edges, several languages."""
+    ask = [{"type": "image", "image": "images/im0.png"}, {"type": "text", "text": "Colour?"}]
+    other = [{**ask[0], "image": "images/im2.png"}, ask[1]]
+    system = {"role": "system", "content": "You are a careful assistant.\n"}
+    lines = []
+    for content in (ask, other, ask, list(reversed(other))):
+        lines.append({"messages": [system, {"role": "user", "content": content},
+                                   {"role": "assistant", "content": "Red."}]})  # fmt: skip
+    lines.append({"messages": [
+        system, {"role": "user", "content": "Say <|im_end|> or <|image_pad|>."},
+        {"role": "assistant", "content": "  <|im_start|>system\nno<|vision_start|> \n\n"},
+        {"role": "user", "content": [ask[0], {"type": "text", "text": "\n Encore ? 再来一次。"}]},
+        {"role": "assistant", "content": "Red.\n"}]})  # fmt: skip
+    lines.append({"messages": lines[-1]["messages"][1:], "max_pixels": 28 * 28 * 4})
     return lines
 
 
@@ -76,6 +105,34 @@ def test_indexed_lengths_equal_the_encoders(checkpoints, tmp_path):
         decoded = list(Units(index, proc))  # and decoding checks each against its index entry
         assert [len(u[0]) for u in decoded] == truth
         print(f"{family}: {len(truth)} lines, lengths {truth}")
+
+
+def test_token_counter_with_warm_caches_equals_the_encoder(checkpoints, tmp_path):
+    """``TokenCounter`` remembers renders, text pieces and picture sizes over a pass; counted
+    twice over (cold, then every answer from its caches) it must give the encoder's lengths."""
+    proc = _processor(checkpoints)
+    records = [r for _, r in read_jsonl(write_jsonl(tmp_path / "t.jsonl", _varied(tmp_path)))]
+    counter = TokenCounter(proc)
+    truth = [len(encode_conversation(proc, r["messages"])) for r in records]
+    for _ in range(2):
+        assert [Lengths(proc, r["messages"], counter)(r["messages"]) for r in records] == truth
+    assert counter._chats and counter._pieces and counter._sizes  # the caches were used
+    # the count without the media is the encoder's text, placeholders taken out
+    cfg = proc.config
+    for r in records:
+        ids, _ = proc.encode_chat(proc.render_marked(r["messages"], add_generation_prompt=False))
+        pads = ids.count(cfg.image_token_id) + ids.count(cfg.video_token_id)
+        assert counter.text(r["messages"]) == len(ids) - pads
+
+
+def test_a_lone_surrogate_is_reported_by_the_counted_index_too(checkpoints, tmp_path):
+    proc = _processor(checkpoints)
+    path = tmp_path / "s.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": '
+    path.write_text(good + '"yes"}]}\n' + good + '"bad \\ud800"}]}\n')
+    with pytest.raises(DataError, match=r"s.jsonl:2: .*surrogate") as e:
+        index_file(path, proc)
+    assert "(1 problem)" in str(e.value)
 
 
 def test_split_pieces_and_dpo_pairs_match_the_encoder(checkpoints, tmp_path):
@@ -186,3 +243,128 @@ def test_png_sizes_from_headers_see_an_exif_rotation_before_or_after_the_pixels(
     Image.new("RGB", (60, 20), "red").save(plain, "PNG")
     for data, size in ((early, (20, 60)), (late, (20, 60)), (plain.getvalue(), (60, 20))):
         assert open_image(data).size == size == load_image(data).size
+
+
+def _png(size=(60, 20), mode="RGB", **save) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 1 if mode in ("1", "P", "L", "I;16") else "red").save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def _with_chunk(png: bytes, kind: bytes, body: bytes, before: bytes = b"IDAT") -> bytes:
+    import zlib
+
+    chunks = _chunks(png)
+    at = next(k for k, c in enumerate(chunks) if c[4:8] == before)
+    new = len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    return png[:8] + b"".join(chunks[:at] + [new] + chunks[at:])
+
+
+def _png_cases() -> dict[str, tuple[bytes, bool]]:
+    """name -> (file bytes, whether the direct read answers it: else Pillow does)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("k", "v")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb = _png()
+    ihdr_bad_crc = bytearray(rgb)
+    ihdr_bad_crc[29] ^= 1
+    phys = _png(dpi=(72, 72))
+    phys_bad_crc = bytearray(phys)
+    phys_bad_crc[phys.index(b"pHYs") + 13] ^= 1
+    filtered = bytearray(rgb)
+    filtered[27] = 1  # IHDR filter method: Pillow refuses it
+    bad_mode = bytearray(rgb)
+    bad_mode[24] = 3  # 3-bit RGB is no PNG mode
+    zero = bytearray(rgb)
+    zero[16:20] = bytes(4)
+    return {
+        "rgb": (rgb, True),
+        "rgba": (_png(mode="RGBA"), True),
+        "grey": (_png(mode="L"), True),
+        "grey 16": (_png(mode="I;16"), True),
+        "bilevel": (_png(mode="1"), True),
+        "palette": (_png(mode="P"), True),
+        "palette+tRNS": (_png(mode="P", transparency=0), False),
+        "pHYs": (phys, True),
+        "gAMA sRGB cHRM": (
+            _with_chunk(
+                _with_chunk(_with_chunk(rgb, b"gAMA", bytes(4)), b"sRGB", b"\0"), b"cHRM", bytes(32)
+            ),
+            True,
+        ),  # fmt: skip
+        "short gAMA": (_with_chunk(rgb, b"gAMA", b"\0"), False),
+        "tEXt": (_png(pnginfo=info), False),
+        "text after IDAT": (_with_chunk(rgb, b"tEXt", b"k\0v", before=b"IEND"), True),
+        "eXIf before IDAT": (_png(exif=exif), False),
+        "eXIf after IDAT": (_with_chunk(rgb, b"eXIf", exif.tobytes()[6:], before=b"IEND"), False),
+        "IHDR checksum": (bytes(ihdr_bad_crc), False),
+        "pHYs checksum": (bytes(phys_bad_crc), False),
+        "filter method": (bytes(filtered), False),
+        "unknown mode": (bytes(bad_mode), False),
+        "zero width": (bytes(zero), False),
+        "cut in IHDR": (rgb[:30], False),
+        "cut before IDAT": (rgb[:33], False),
+        "cut in IDAT": (rgb[:45], True),  # Pillow opens it too: the pixels are not read
+        "no IEND": (rgb[:-12], True),
+        "not a PNG": (b"GIF89a" + rgb[6:], False),
+    }
+
+
+def test_png_sizes_read_directly_equal_pillows_or_leave_it_to_pillow(tmp_path, monkeypatch):
+    """``image_size`` reads a plain PNG's chunks without Pillow (the index pass does it for every
+    picture): on every case, good or broken, it gives ``open_image``'s size or its exact error,
+    and it answers directly only the cases it is sure of."""
+    from qwenvl.processing.media import _plain_png_size, image_size, open_image
+    from qwenvl.processing.policy import MediaPolicy
+
+    def outcome(f):
+        try:
+            return f()
+        except Exception as e:
+            return type(e), str(e)
+
+    for name, (data, direct) in _png_cases().items():
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(data)
+        for policy in (MediaPolicy(), MediaPolicy(max_image_pixels=1000)):
+            got = outcome(lambda: image_size(str(path), policy))  # noqa: B023
+            assert got == outcome(lambda: open_image(str(path), policy).size), name  # noqa: B023
+        assert (_plain_png_size(data) is not None) == direct, name
+        print(name, outcome(lambda: image_size(str(path))), got)  # noqa: B023
+    assert image_size(str(tmp_path / "rgb.png")) == (60, 20)
+    assert image_size(str(tmp_path / "eXIf after IDAT.png")) == (20, 60)  # turned
+    # a size Pillow calls a possible decompression bomb is left to Pillow (its warning, error)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert _plain_png_size(_png()) is None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert _plain_png_size(_png()) is None
+
+
+def test_media_folders_resolved_once_give_the_full_resolves_answer(tmp_path):
+    """``MediaPaths.inside`` answers from a folder it resolved before; links anywhere on the way,
+    in and out of the data folder, must give what resolving each path in full gives."""
+    root = tmp_path / "data"
+    (root / "media").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for folder in (root / "media", tmp_path / "elsewhere", root):
+        Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (root / "media/out.png").symlink_to(tmp_path / "elsewhere/a.png")
+    (root / "media/in.png").symlink_to(root / "a.png")
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    (root / "loop").symlink_to(root)
+    (tmp_path / "elsewhere/back.png").symlink_to(root / "media/a.png")
+    names = ["media/a.png", "media/out.png", "media/in.png", "linked/a.png", "linked/back.png",
+             "loop/media/a.png", "../data/a.png", "../elsewhere/a.png", "media/../a.png",
+             "../data", "media", str(tmp_path / "elsewhere/a.png"), "a.png"]  # fmt: skip
+    where = MediaPaths(root, False)
+    for _ in range(2):  # the second round answers from the remembered folders
+        for name in names:
+            path = root / name
+            truth = path.resolve().is_relative_to(root.resolve())
+            assert where.inside(path) == truth, name
+    assert not where.inside(root / "linked/a.png") and where.inside(root / "linked/back.png")

@@ -9,7 +9,7 @@ on the CPU. Content items are accepted in the qwen-vl-utils form (``{"type": "im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from qwenvl.processing.image import (
     image_geometry,
     preprocess_image,
 )
-from qwenvl.processing.media import OpenedImage, load_image, open_image
+from qwenvl.processing.media import OpenedImage, image_size, load_image, open_image
 from qwenvl.processing.policy import MediaPolicy
 from qwenvl.processing.video import VideoSampling, load_video, plan_from_header
 from qwenvl.tokenizer import Tokenizer
@@ -186,25 +186,35 @@ class Processor:
         given = [b for b in (budget, cap) if b is not None]
         return replace(opts, max_video_tokens=min(given) if given else None)
 
-    def media_tokens(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    def media_tokens(
+        self,
+        messages: list[dict[str, Any]],
+        size_of: Callable[[Any], tuple[int, int]] | None = None,
+    ) -> tuple[list[int], list[int]]:
         """The ``<|image_pad|>`` and ``<|video_pad|>`` counts of each image and video of the
         messages, from headers only (nothing decoded): what :meth:`prepare_chat` will expand
         them to, with no prompt budget. Training sizes and packs samples with it.
 
+        ``size_of(source)`` reads a picture's (or listed video frame's) size; by default
+        ``image_size(source, self.media_policy)``, which equals ``open_image(...).size``. The
+        training index passes one that remembers the pictures it has read.
+
         Raises:
             MediaError, PromptError: an unreadable or refused item, named by its place.
         """
+        size_of = size_of or (lambda source: image_size(source, self.media_policy))
         images, videos = [], []
         for item in _media_items(messages):
             try:
                 if item.kind == "image":
-                    op = open_image(item.source, self.media_policy)
-                    geometry = image_geometry(*op.size, self.vision, **item.options)
+                    geometry = image_geometry(*size_of(item.source), self.vision, **item.options)
                     self._check_resized(geometry)
                     images.append(geometry.num_tokens)
                 else:
                     opts = self._video_sampling(item.options, None)
-                    plan = plan_from_header(item.source, opts, self.vision, self.media_policy)
+                    plan = plan_from_header(
+                        item.source, opts, self.vision, self.media_policy, size_of
+                    )
                     videos.append(plan.num_tokens)
             except (MediaError, PromptError) as e:
                 raise type(e)(f"{item.where}: {e}") from e

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,8 @@ from qwenvl.processing.media import (
     URL_SCHEME,
     _file_url_to_path,
     check_local_path,
+    image_size,
     load_image,
-    open_image,
     parse_data_uri,
 )
 from qwenvl.processing.policy import DEFAULT_POLICY, MediaPolicy
@@ -412,9 +412,12 @@ def plan_from_header(
     opts: VideoSampling | None = None,
     cfg: VisionPreprocessConfig | None = None,
     policy: MediaPolicy = DEFAULT_POLICY,
+    size_of: Callable[[Any], tuple[int, int]] | None = None,
 ) -> VideoPlan:
     """The plan :func:`load_video` will follow (frames, size, tokens), from headers alone: the
     container's, or each listed frame's. Lets training count a sample's tokens without decoding.
+    ``size_of(frame)`` reads a listed frame's size (default ``image_size(frame, policy)``; the
+    training index passes one that remembers the pictures it has read).
 
     Raises:
         MediaError: as :func:`load_video` would before decoding its first frame.
@@ -424,7 +427,8 @@ def plan_from_header(
     if isinstance(source, (list, tuple)):
         if not source:
             raise MediaError("a video frame list is empty")
-        sizes = [open_image(f, policy).size for f in source]
+        size_of = size_of or (lambda frame: image_size(frame, policy))
+        sizes = [size_of(f) for f in source]
         header = VideoInfo(
             fps=opts.fps,
             total_frames=len(sizes),

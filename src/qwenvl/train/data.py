@@ -29,7 +29,8 @@ import torch
 
 from qwenvl.errors import MediaError, PromptError, QwenVLError
 from qwenvl.processing.image import ProcessedImage, ProcessedVideo
-from qwenvl.processing.prompt import IMAGE_OPTIONS, Processor, _expand
+from qwenvl.processing.media import image_size
+from qwenvl.processing.prompt import IMAGE_OPTIONS, Processor, _expand, _strip_payloads
 
 ROLES = ("system", "user", "assistant", "tool")
 LINE_OPTIONS = ("min_pixels", "max_pixels")
@@ -94,9 +95,18 @@ def iter_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
             offset += len(raw)
 
 
-def parse_line(raw: bytes, root: Path, kind: str, allow_outside: bool = False) -> dict[str, Any]:
+def parse_line(
+    raw: bytes,
+    root: Path,
+    kind: str,
+    allow_outside: bool = False,
+    *,
+    where: MediaPaths | None = None,
+) -> dict[str, Any]:
     """One JSON line -> its checked record (media paths absolute, under ``root`` unless
-    ``allow_outside``). A line that is not UTF-8 is named by its byte position, never quoted."""
+    ``allow_outside``). A line that is not UTF-8 is named by its byte position, never quoted.
+    ``where``: a :class:`MediaPaths` for ``root`` kept over many lines (an index pass), so each
+    media folder is resolved once."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -107,7 +117,7 @@ def parse_line(raw: bytes, root: Path, kind: str, allow_outside: bool = False) -
         raise DataError(f"not valid JSON ({e})") from None
     if not isinstance(record, dict):
         raise DataError("expected a JSON object")
-    return _check_record(record, _Where(root, allow_outside), kind)
+    return _check_record(record, where or MediaPaths(root, allow_outside), kind)
 
 
 def raise_errors(errors: list[str]) -> None:
@@ -117,13 +127,38 @@ def raise_errors(errors: list[str]) -> None:
         raise DataError(f"invalid training data ({n}):\n" + "\n".join(errors))
 
 
-@dataclass(frozen=True)
-class _Where:
-    root: Path  # the data file's folder: relative media paths start here
-    allow_outside: bool  # may media paths leave it
+class MediaPaths:
+    """Where relative media paths start (the data file's folder), whether they may leave it, and
+    the folders already resolved: following every link of every picture's path took most of the
+    index pass's path checks, though a data set's pictures share a few folders."""
+
+    def __init__(self, root: Path, allow_outside: bool) -> None:
+        self.root, self.allow_outside = root, allow_outside
+        self._real_root: Path | None = None
+        self._inside: dict[Path, bool] = {}  # folder -> its real path is under the real root
+
+    @property
+    def real_root(self) -> Path:
+        if self._real_root is None:
+            self._real_root = self.root.resolve()
+        return self._real_root
+
+    def inside(self, path: Path) -> bool:
+        """``path.resolve().is_relative_to(self.real_root)`` for an existing ``path``. A name
+        that is not a link resolves to its folder's real path plus the name, so a folder found
+        under the root answers for each file in it (an lstat instead of one per component)."""
+        folder = path.parent
+        if path.name in ("", ".", "..") or folder == path or path.is_symlink():
+            return path.resolve().is_relative_to(self.real_root)
+        known = self._inside.get(folder)
+        if known is None:
+            if len(self._inside) > 10_000:
+                self._inside.clear()
+            known = self._inside[folder] = folder.resolve().is_relative_to(self.real_root)
+        return known or path.resolve().is_relative_to(self.real_root)
 
 
-def _check_record(record: dict[str, Any], root: _Where, kind: str) -> dict[str, Any]:
+def _check_record(record: dict[str, Any], root: MediaPaths, kind: str) -> dict[str, Any]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError("'messages' must be a non-empty list")
@@ -160,7 +195,7 @@ def _has_content(message: dict[str, Any]) -> bool:
 
 
 def _check_messages(
-    messages: list[Any], root: _Where, defaults: dict[str, Any], where: str
+    messages: list[Any], root: MediaPaths, defaults: dict[str, Any], where: str
 ) -> list[dict[str, Any]]:
     out = []
     seen_user = False
@@ -200,7 +235,7 @@ def _media_kind(item: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_item(item: dict[str, Any], root: _Where, defaults: dict[str, Any], at: str) -> dict:
+def _check_item(item: dict[str, Any], root: MediaPaths, defaults: dict[str, Any], at: str) -> dict:
     kind = _media_kind(item)
     if kind is None:
         if item.get("type", "text") == "text" and not isinstance(item.get("text"), str):
@@ -227,7 +262,7 @@ def _check_item(item: dict[str, Any], root: _Where, defaults: dict[str, Any], at
     return item
 
 
-def _resolve(source: Any, where: _Where, at: str) -> Any:
+def _resolve(source: Any, where: MediaPaths, at: str) -> Any:
     """A path relative to the data file becomes absolute; URLs and base64 pass through. A local
     file outside the data folder (symlinks followed) is refused unless ``where.allow_outside``:
     a data file from elsewhere must not make training read, and later echo, arbitrary files."""
@@ -246,12 +281,11 @@ def _resolve(source: Any, where: _Where, at: str) -> Any:
         if "." in Path(source).name or "/" in source or "\\" in source:
             raise DataError(f"{at}: file not found: {path}")
         return source  # a short base64 payload
-    if not where.allow_outside:
-        root = where.root.resolve()
-        if not path.resolve().is_relative_to(root):
-            raise DataError(
-                f"{at}: {path} is outside the data folder {root} (--allow-outside-paths allows it)"
-            )
+    if not where.allow_outside and not where.inside(path):
+        raise DataError(
+            f"{at}: {path} is outside the data folder {where.real_root} "
+            "(--allow-outside-paths allows it)"
+        )
     return str(path)
 
 
@@ -322,13 +356,97 @@ def split_rounds(messages: list[dict[str, Any]]) -> tuple[list[dict], list[list[
 Piece = tuple[int, int] | None  # rounds [a, b) of ``split_rounds``; None: the whole conversation
 
 
+class TokenCounter:
+    """Token counts from the text and the media headers for one index pass, remembering what
+    repeats across lines so each is worked out once.
+
+    ``encode_marked`` encodes the text between the template's markers piece by piece (the
+    backend splits at special tokens first), so a chat's ids are its pieces' ids and one id per
+    marker, and its count is the sum of theirs: each distinct piece (role headers, a system
+    prompt, recurring questions and answers) is tokenized once. Picture sizes are remembered per
+    path, as a data set often asks several questions about one picture. Failures are not
+    remembered: each line that meets them reports them.
+    """
+
+    _MAX_PIECE_CHARS = 512  # longer pieces rarely repeat: not worth their memory
+    _MAX_ENTRIES = 50_000
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+        cfg = processor.config
+        self._pads = (cfg.image_token_id, cfg.video_token_id)
+        self._pieces: dict[str, tuple[int, int]] = {}  # text -> (tokens, media placeholders)
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._chats: dict[str, int] = {}  # messages (JSON, media stripped) -> text tokens
+
+    def image_size(self, source: Any) -> tuple[int, int]:
+        """``image_size(source, policy)``, remembered for a path."""
+        if not isinstance(source, str) or len(source) > 1024:  # bytes, frames, base64
+            return image_size(source, self.processor.media_policy)
+        size = self._sizes.get(source)
+        if size is None:
+            size = image_size(source, self.processor.media_policy)
+            self._remember(self._sizes, source, size)
+        return size
+
+    def media(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        return self.processor.media_tokens(messages, self.image_size)
+
+    def text(self, messages: list[dict[str, Any]]) -> int:
+        """The ids ``encode_chat(render_marked(messages))`` gives, less its media placeholders:
+        the same count, without rendering a conversation seen before (the template sees no
+        media path: ``render_marked`` strips them) nor encoding a piece seen before. Messages
+        are JSON values, as :func:`parse_line` makes them: their JSON text is the key."""
+        try:
+            key = json.dumps(_strip_payloads(messages), allow_nan=True)
+        except (TypeError, ValueError):
+            key = None
+        count = self._chats.get(key) if key is not None else None
+        if count is None:
+            count = self._text(messages)
+            if key is not None and len(key) <= 8 * self._MAX_PIECE_CHARS:
+                self._remember(self._chats, key, count)
+        return count
+
+    def _text(self, messages: list[dict[str, Any]]) -> int:
+        proc = self.processor
+        chat = proc.render_marked(messages, add_generation_prompt=False)
+        text, tokens, pads, pos = chat.text, 0, 0, 0
+        for a, b in sorted(chat.control) + [(len(text), len(text))]:
+            n, p = self._piece(text[pos:a])
+            tokens, pads, pos = tokens + n, pads + p, b
+            if a < b:
+                tokens += 1
+                pads += self._pads.count(proc.tokenizer.require_special(text[a:b]))
+        return tokens - pads
+
+    def _piece(self, piece: str) -> tuple[int, int]:
+        counts = self._pieces.get(piece)
+        if counts is None:
+            ids = self.processor.tokenizer.encode(piece, special=False)
+            counts = (len(ids), sum(ids.count(t) for t in self._pads))
+            if len(piece) <= self._MAX_PIECE_CHARS:
+                self._remember(self._pieces, piece, counts)
+        return counts
+
+    def _remember(self, cache: dict, key: str, value: Any) -> None:
+        if len(cache) >= self._MAX_ENTRIES:
+            cache.clear()
+        cache[key] = value
+
+
 class Lengths:
     """Token counts of a conversation and of its parts, from the text and the media headers
     alone: the lengths ``encode_conversation`` will give, without decoding a pixel."""
 
-    def __init__(self, processor: Processor, messages: list[dict[str, Any]]) -> None:
-        self.processor = processor
-        images, videos = processor.media_tokens(messages)
+    def __init__(
+        self,
+        processor: Processor,
+        messages: list[dict[str, Any]],
+        counter: TokenCounter | None = None,
+    ) -> None:
+        self.counter = counter or TokenCounter(processor)
+        images, videos = self.counter.media(messages)
         counts = {"image": iter(images), "video": iter(videos)}
         self.media = {}
         for m in messages:
@@ -337,10 +455,7 @@ class Lengths:
             self.media[id(m)] = sum(next(counts[k]) for k in map(_media_kind, items) if k)
 
     def __call__(self, messages: list[dict[str, Any]]) -> int:
-        proc = self.processor
-        ids, _ = proc.encode_chat(proc.render_marked(messages, add_generation_prompt=False))
-        pads = ids.count(proc.config.image_token_id) + ids.count(proc.config.video_token_id)
-        return len(ids) - pads + sum(self.media[id(m)] for m in messages)
+        return self.counter.text(messages) + sum(self.media[id(m)] for m in messages)
 
 
 def record_pieces(
@@ -348,11 +463,13 @@ def record_pieces(
     record: dict[str, Any],
     max_len: int | None = None,
     overlong: str = "reject",
+    counter: TokenCounter | None = None,
 ) -> list[tuple[Piece, int]]:
     """The samples one SFT line gives and their lengths: the whole conversation, or
-    (``overlong="split"``) pieces cut at turn boundaries, each within ``max_len``."""
+    (``overlong="split"``) pieces cut at turn boundaries, each within ``max_len``. ``counter``:
+    an index pass's :class:`TokenCounter`, shared over its lines."""
     messages = record["messages"]
-    length = Lengths(processor, messages)
+    length = Lengths(processor, messages, counter)
     n = length(messages)
     if max_len is None or n <= max_len:
         return [(None, n)]
@@ -389,10 +506,12 @@ def encode_piece(processor: Processor, record: dict[str, Any], piece: Piece) -> 
     return encode_conversation(processor, messages)
 
 
-def pair_lengths(processor: Processor, record: dict[str, Any]) -> tuple[int, int]:
+def pair_lengths(
+    processor: Processor, record: dict[str, Any], counter: TokenCounter | None = None
+) -> tuple[int, int]:
     """Lengths of a DPO line's chosen and rejected conversations (headers only)."""
     prompt = record["messages"]
-    length = Lengths(processor, prompt + [record["chosen"], record["rejected"]])
+    length = Lengths(processor, prompt + [record["chosen"], record["rejected"]], counter)
     return length(prompt + [record["chosen"]]), length(prompt + [record["rejected"]])
 
 

@@ -1,11 +1,16 @@
 """Streaming training data: an index of the JSON-lines file, and samples decoded on demand.
 
 The index pass reads every line once: it checks it (``data.parse_line``), and counts its tokens
-from the text and the media headers (``Processor.media_tokens``: PIL's lazy open, PyAV's container
-header; no pixel is decoded). It keeps a byte offset and the lengths per sample, which is all
-packing and the step plan need. Pixels exist only while a ``DataLoader`` worker prepares the
-step that trains on them, so memory is bounded by the prefetch depth, not by the dataset. Every
-problem of the file (bad lines, unreadable or refused media) is reported at once, before training.
+from the text and the media headers (``Processor.media_tokens``: a PNG's chunks read directly,
+other pictures through PIL's lazy open, PyAV's container header; no pixel is decoded). It keeps a
+byte offset and the lengths per sample, which is all packing and the step plan need. The pass
+must start training within seconds on tens of thousands of lines, so what repeats is worked out
+once per pass (``data.TokenCounter``: renders, text pieces, picture sizes; ``data.MediaPaths``:
+resolved folders), and the data workers share the lines, a chunk each.
+
+Pixels exist only while a ``DataLoader`` worker prepares the step that trains on them, so memory
+is bounded by the prefetch depth, not by the dataset. Every problem of the file (bad lines,
+unreadable or refused media) is reported at once, before training.
 
 A decoded sample must have the length the index gave it (otherwise packing would differ from
 what was planned): a mismatch is an error naming the line, never a silent difference.
@@ -27,8 +32,10 @@ from qwenvl.errors import MediaError, PromptError
 from qwenvl.processing.prompt import Processor
 from qwenvl.train.data import (
     DataError,
+    MediaPaths,
     Piece,
     Sample,
+    TokenCounter,
     encode_pair,
     encode_piece,
     iter_lines,
@@ -79,19 +86,23 @@ def index_line(
     max_len: int | None,
     overlong: str,
     allow_outside: bool,
+    counter: TokenCounter | None = None,
+    where: MediaPaths | None = None,
 ) -> list[tuple[Piece, tuple[int, ...]]]:
-    """Check one line and count its samples' tokens (headers only)."""
-    record = parse_line(raw, root, kind, allow_outside)
+    """Check one line and count its samples' tokens (headers only). ``counter`` and ``where``
+    (for ``root``) carry what a pass has already worked out from line to line."""
+    record = parse_line(raw, root, kind, allow_outside, where=where)
     try:
         if kind == "dpo":
-            chosen, rejected = pair_lengths(processor, record)
+            chosen, rejected = pair_lengths(processor, record, counter)
             if max_len is not None and chosen + rejected > max_len:
                 raise DataError(
                     f"chosen + rejected take {chosen + rejected} tokens, more than the budget "
                     f"of {max_len}"
                 )
             return [(None, (chosen, rejected))]
-        return [(p, (n,)) for p, n in record_pieces(processor, record, max_len, overlong)]
+        pieces = record_pieces(processor, record, max_len, overlong, counter)
+        return [(p, (n,)) for p, n in pieces]
     except (PromptError, MediaError) as e:
         raise DataError(str(e)) from None
 
@@ -134,8 +145,11 @@ def index_entries(
     lines = [(n, off) for n, off, _ in iter_lines(path)]
     mine = lines[share[0] :: share[1]]
 
-    def one(raw: bytes) -> Any:
-        return index_line(processor, raw, path.parent, kind, max_len, overlong, allow_outside)
+    counter, where = TokenCounter(processor), MediaPaths(path.parent, allow_outside)
+
+    def one(raw: bytes) -> Any:  # each worker process has its own copy of the two caches
+        return index_line(processor, raw, path.parent, kind, max_len, overlong, allow_outside,
+                          counter, where)  # fmt: skip
 
     loader = DataLoader(
         _IndexTasks(mine, one, path), batch_size=None, num_workers=workers, collate_fn=_same
