@@ -44,11 +44,14 @@ def varlen_attention(
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if end > start:
             by_len.setdefault(end - start, []).append(start)
-    out = torch.empty_like(q)
+    out = None
     for length, starts in by_len.items():
         idx = torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
-        out[idx.flatten()] = _sdpa_segments(q, k, v, idx).flatten(0, 1)
-    return out
+        part = _sdpa_segments(q, k, v, idx).flatten(0, 1)
+        if out is None:  # under autocast the attention's dtype is not q's (bf16 for float32)
+            out = q.new_empty(q.shape, dtype=part.dtype)
+        out[idx.flatten()] = part
+    return out if out is not None else torch.empty_like(q)
 
 
 def _sdpa_segments(
