@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = 0  # the trainer's threads (--trainer-threads; 0: PyTorch's default, one per core)
 
 CHILD = r"""
 import json, os, sys, time
@@ -61,6 +62,9 @@ def usage(pid):
     return total / 1024, cpu
 
 args = json.loads(sys.argv[1])
+if args.get("threads"):  # the trainer's intra-op threads (the data workers use one each)
+    import torch
+    torch.set_num_threads(args["threads"])
 extra = {"data_workers": 2, "prefetch": 2} if args["stream"] else {}
 demo = Path(qwenvl.__file__).parent / "data" / "demo-model"
 cfg = TrainConfig(model=str(demo), data=args["data"], output=args["out"],
@@ -105,7 +109,8 @@ print(json.dumps({"init_s": t_init, "import_s": t0 - t_start, "index_s": sum(ind
 def child(data: Path, steps: int, stream: bool, src: Path, data_only: bool = False) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))
     spec = json.dumps({"data": str(data), "out": str(out / "run"), "steps": steps,
-                       "stream": stream, "data_only": data_only})  # fmt: skip
+                       "stream": stream, "data_only": data_only,
+                       "threads": THREADS})  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(src)}
     done = subprocess.run([sys.executable, "-c", CHILD, spec], env=env, capture_output=True,
                           text=True, check=False)  # fmt: skip
@@ -155,7 +160,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "bench-demo20k")
     ap.add_argument("--rounds", type=int, default=2, help="alternating side-by-side rounds")
     ap.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch RSS run")
+    ap.add_argument("--side-by-side-only", action="store_true", help="only the subset rounds")
+    ap.add_argument("--trainer-threads", type=int, default=0,
+                    help="the trainer's torch threads (0: one per core)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.trainer_threads
     data = args.data / "data.jsonl"
     if not data.exists():
         from qwenvl.demo.tasks import write_jsonl
@@ -173,11 +183,12 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     n = sum(1 for _ in open(data))
-    if not args.no_epoch:
+    if not (args.no_epoch or args.side_by_side_only):
         summary(f"streaming, {n} lines, data path only, one epoch (RSS every 50 steps)",
                 child(data, 0, True, ROOT / "src", data_only=True))  # fmt: skip
-    summary(f"streaming, {n} lines, {args.steps} training steps",
-            child(data, args.steps, True, ROOT / "src"))  # fmt: skip
+    if not args.side_by_side_only:
+        summary(f"streaming, {n} lines, {args.steps} training steps",
+                child(data, args.steps, True, ROOT / "src"))  # fmt: skip
     tree = old_tree(args.old)
     for _ in range(args.rounds):  # alternating, as the machine's load varies
         summary(f"in-memory ({args.old}), {args.subset} lines, {args.subset_steps} steps",
