@@ -115,3 +115,23 @@ def test_guided_loss_is_the_whole_conversations_attention(processor) -> None:
             p = ((q[j] @ k[: j + 1].T) / hd**0.5).softmax(-1)
             want.append(-p[keys].sum().log())
     assert abs(float(look) - float(torch.stack(want).mean())) < 1e-4
+
+
+def test_confirmation_eval_asks_what_training_shows(processor) -> None:
+    """``eval-demo``'s confirmation turn is a training conversation cut before the reply: the
+    same tokens, whichever tool result it picks."""
+    from qwenvl.demo.evaluate import confirmation_chat
+    from qwenvl.demo.tasks import TOOL_RESULTS, click_confirmation
+
+    rng = random.Random(7)
+    samples = [s for s in (click_sample(rng) for _ in range(40)) if s.follow_up][:5]
+    for s in samples:
+        x, y = s.call["arguments"]["coordinate"]
+        index = TOOL_RESULTS.index(
+            next(t for t in TOOL_RESULTS if t.format(x=x, y=y) == s.follow_up[0]["content"])
+        )
+        asked = processor.prepare_chat(confirmation_chat(s, index)).token_ids
+        whole = encode_conversation(processor, s.messages())
+        reply = processor.tokenizer.backend.encode(click_confirmation(s.info["number"])).ids
+        assert whole.token_ids[: len(asked)] == asked
+        assert whole.token_ids[len(asked) : len(asked) + len(reply)] == reply

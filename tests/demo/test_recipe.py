@@ -264,3 +264,35 @@ def test_a_stage_from_export_continues_as_init_does(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     start = model.state_dict()
     assert not all(torch.equal(a[k], start[k]) for k in a)  # the tools stage did train
+
+
+def test_a_clicks_confirmation_is_guided_to_the_named_block(recipe: Recipe) -> None:
+    """After the tool's result, the confirmation's number tokens are supervised like the call's
+    coordinates: the guided heads look at that block, the cue head at the question's number."""
+    from qwenvl.demo.tasks import click_confirmation, click_sample
+
+    r = recipe
+    rng = random.Random(11)
+    samples = [s for s in (click_sample(rng) for _ in range(40)) if s.follow_up][:6]
+    assert len(samples) == 6
+    tok = r.processor.tokenizer.backend
+    for s in samples:
+        e = encode_conversation(r.processor, s.messages())
+        (guide,) = _guides(r, [s], [e])
+        queries = [q for q, _ in guide[GUIDED_LAYERS[0]]]
+        tool_at = max(i for i, t in enumerate(e.token_ids) if t == tok.token_to_id("<|im_start|>"))
+        tail = [q for q in queries if q + 1 > tool_at]  # the last assistant turn's tokens
+        written = tok.decode([e.token_ids[q + 1] for q in tail])
+        assert written == str(s.info["number"]), (written, click_confirmation(s.info["number"]))
+        block = s.info["scene"].by_number(s.info["number"])
+        labels = item_labels([s.info["scene"]], e.images[0].grid_thw)
+        want = set(torch.nonzero(labels[:, 4] == s.info["number"]).flatten().tolist())
+        for q, keys in guide[GUIDED_LAYERS[0]]:
+            if q in tail:  # the block's vision tokens, by their order among the image's
+                slots = [i for i, t in enumerate(e.token_ids) if t == r.config.image_token_id]
+                assert {slots.index(k) for k in keys.tolist()} == want, block
+        cue = {q: k for q, k in guide[CUE_LAYER]}
+        for q in tail:
+            assert tok.decode([e.token_ids[k] for k in cue[q].tolist()]).strip() == str(
+                s.info["number"]
+            )

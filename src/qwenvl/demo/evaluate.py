@@ -5,7 +5,8 @@ step). Per task: (a) per-block accuracy (colour and number right at the same rea
 and whole-answer exact match; (b), (c), (e) accuracy; (d) the share of answers whose box, mapped
 back to the original image by the grounding API, has IoU >= 0.5 with the truth; (f) the share
 within one second; (g) the share of tool calls whose click, mapped back to the original image by
-``qwenvl.agents``, lands inside the named block.
+``qwenvl.agents``, lands inside the named block, and, given the right call and a tool's result,
+the share of replies that are the exact confirmation naming that block.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from qwenvl.agents import Click, parse_actions
-from qwenvl.demo.tasks import TASKS, DemoSample, demo_screen, parse_int, parse_list, sample_at
+from qwenvl.demo.tasks import (
+    TASKS,
+    TOOL_RESULTS,
+    DemoSample,
+    click_confirmation,
+    demo_screen,
+    parse_int,
+    parse_list,
+    sample_at,
+)
 from qwenvl.errors import ActionError
 from qwenvl.sampling import SamplingParams
 
@@ -85,7 +95,26 @@ def evaluate(
             for k, v in score(s, o.outputs[0].text, o).items():
                 sums[s.task][k] += v
             counts[s.task] += 1
+    clicks = [(i, s) for i, s in enumerate(samples) if s.task == "click"]
+    for start in range(0, len(clicks), batch):
+        part = clicks[start : start + batch]
+        outs = llm.chat([confirmation_chat(s, i) for i, s in part], params)
+        for (_, s), o in zip(part, outs):
+            right = o.outputs[0].text.strip() == click_confirmation(s.info["number"])
+            sums["click"]["confirm"] += float(right)
     return {t: {k: v / counts[t] for k, v in m.items()} for t, m in sums.items()}
+
+
+def confirmation_chat(sample: DemoSample, index: int) -> list[dict[str, Any]]:
+    """A click sample's second turn: its right tool call, then one of the tool results (by
+    ``index``), for the model to confirm."""
+    x, y = sample.call["arguments"]["coordinate"]
+    result = TOOL_RESULTS[index % len(TOOL_RESULTS)].format(x=x, y=y)
+    call = {"type": "function", "function": sample.call}
+    return sample.messages(with_answer=False) + [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": result},
+    ]
 
 
 METRIC_NAMES = {
@@ -95,6 +124,7 @@ METRIC_NAMES = {
     "iou50": "IoU >= 0.5",
     "within_1s": "within 1 s",
     "inside": "click inside the block",
+    "confirm": "confirmation names the block",
 }
 
 

@@ -431,6 +431,11 @@ class Recipe:
                     hit = (labels[:, 4] == number) & ((group == g) if g >= 0 else True)
                     if bool(hit.any()):
                         blocks.append((j - 1, slots[hit]))
+        number = sample.info.get("number")
+        for j in self._confirmation_digits(sample, encoded):  # a click's reply names the block
+            hit = labels[:, 4] == number
+            if bool(hit.any()):
+                blocks.append((j - 1, slots[hit]))
         out = {layer: blocks for layer in GUIDED_LAYERS}
         cue = question_cue(sample)
         if cue is not None and blocks:
@@ -445,6 +450,27 @@ class Recipe:
             if at >= 0 and words:
                 out[CUE_LAYER] = [(q, torch.tensor(words)) for q, _ in blocks]
         return out
+
+    def _confirmation_digits(self, sample: DemoSample, encoded: Sample) -> list[int]:
+        """Positions of the number a click's confirmation names (``I clicked the box with the
+        number 7.``), after the tool's result: guided like the call's coordinates (that block,
+        the question's number) and in the span loss, as the reply must copy the question's number
+        across a tool turn (unguided, 12.5 % of replies named the right one)."""
+        if sample.task != "click" or not sample.follow_up:
+            return []
+        text, number = sample.follow_up[-1]["content"], str(sample.info["number"])
+        enc = self.processor.tokenizer.backend.encode(text, add_special_tokens=False)
+        ids, at, n = encoded.token_ids, encoded.targets.nonzero().flatten().tolist(), len(enc.ids)
+        start = text.rindex(number)
+        for k in range(len(at) - n, -1, -1):
+            if [ids[j] for j in at[k : k + n]] == enc.ids:
+                over = [
+                    i
+                    for i, (a, b) in enumerate(enc.offsets)
+                    if a < start + len(number) and b > start
+                ]
+                return [at[k + i] for i in over]
+        return []
 
     def places(self, encoded: Sample) -> tuple[torch.Tensor, torch.Tensor]:
         """Every vision token's position in the sequence and its ``(frame, row, column)`` within
@@ -796,10 +822,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     for stage in STAGES:
         p.add_argument(f"--{stage.name}-steps", type=int, default=stage.steps)
+        p.add_argument(f"--{stage.name}-stop", type=int, default=stage.stop, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = tuple(replace(s, steps=getattr(a, f"{s.name}_steps")) for s in STAGES)
+    stages = tuple(
+        replace(s, steps=getattr(a, f"{s.name}_steps"), stop=getattr(a, f"{s.name}_stop"))
+        for s in STAGES
+    )
     if a.workers > 1:
         torch.multiprocessing.spawn(
             _worker, (a.workers, _free_port(), out, a.seed, stages, a.init), nprocs=a.workers
