@@ -52,6 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import cold_start
 from cpu_speed import (
     IMAGE_PROMPT,
     build_inputs,
@@ -114,15 +115,6 @@ def get_vocab_base_pre(self, tokenizer):
 
 TextModel.get_vocab_base_pre = get_vocab_base_pre
 runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-# Cold start of qwenvl: the marker is printed as soon as the first token is out.
-COLD_QWENVL = """
-import sys
-from qwenvl import LLM, SamplingParams
-llm = LLM(sys.argv[1])
-out = llm.generate([sys.argv[2]], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-print("FIRST_TOKEN", list(out[0].outputs[0].token_ids), flush=True)
 """
 
 
@@ -344,18 +336,11 @@ class Qwenvl:
 
 
 def qwenvl_cold(paths: Paths) -> dict[str, Any]:
+    """``bench/cold_start.py``'s start: a fresh process to its first token (the weight cache in
+    the work folder, warm after the first round)."""
     env = {**os.environ, "QWENVL_CACHE_DIR": str(paths.weight_cache)}
-    argv = [sys.executable, "-c", COLD_QWENVL, str(paths.ckpt), SHORT_PROMPT]
-    t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    first = None
-    for line in p.stdout:
-        if first is None and line.startswith("FIRST_TOKEN"):
-            first = time.perf_counter() - t0
-    err = p.stderr.read()
-    if p.wait() or first is None:
-        raise RuntimeError(f"qwenvl cold start failed ({p.returncode}): {err[-2000:]}")
-    return {"value": first, "exit_s": time.perf_counter() - t0}
+    row = cold_start.run(paths.ckpt, env, decode=1)
+    return {"value": row["to_first_token"], "load_s": row["load"]}
 
 
 # --- rounds -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from qwenvl.agents import Click, parse_actions
@@ -110,11 +111,7 @@ def confirmation_chat(sample: DemoSample, index: int) -> list[dict[str, Any]]:
     ``index``), for the model to confirm."""
     x, y = sample.call["arguments"]["coordinate"]
     result = TOOL_RESULTS[index % len(TOOL_RESULTS)].format(x=x, y=y)
-    call = {"type": "function", "function": sample.call}
-    return sample.messages(with_answer=False) + [
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": result},
-    ]
+    return replace(sample, follow_up=[{"role": "tool", "content": result}]).messages()
 
 
 METRIC_NAMES = {
