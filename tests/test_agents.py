@@ -420,3 +420,23 @@ def test_example_loop_with_an_llm_policy(family, checkpoints, hf_models, monkeyp
         assert step.text == hf_greedy_text(hf_models(family), llm, result, screenshot, 4)
         assert step.error is not None and step.actions == [] and app.clicks == []
     assert "Step1: invalid action (" in chats[1][0][1]["content"][0]["text"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_block_world_episode_with_the_demo_model(seed):
+    """The bundled demo model as the policy of ``--blocks``: the scene (not the model) says which
+    block each click hit, and the episode must hit every block in order of their numbers, each
+    click confirmed in the demo's words."""
+    import random
+
+    from qwenvl import LLM
+    from qwenvl.demo.scenes import random_scene
+    from qwenvl.demo.tasks import click_confirmation
+
+    ex = load_example()
+    world = ex.BlockScreen(random_scene(random.Random(seed), 6))
+    lines = ex.run_blocks(LLM(), world)
+    want = sorted(b.number for b in world.scene.blocks)
+    assert world.hits == want, lines
+    for n, line in zip(want, lines[1:]):
+        assert line.endswith(f"the model: {click_confirmation(n)!r}"), line

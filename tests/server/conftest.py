@@ -2,8 +2,8 @@
 and test media (PNG/JPEG/MP4, broken ones too).
 
 ``server`` serves a tiny Qwen2-VL checkpoint with an API key, the media server's host trusted and
-a local media folder allowed; ``tight`` serves its own copy with small limits (queue of 1, small
-bodies and media) for the 413/429 tests.
+a local media folder allowed; ``demo_server`` serves the bundled demo model; ``tight`` serves its
+own copy with small limits (queue of 1, small bodies and media) for the 413/429 tests.
 """
 
 from __future__ import annotations
@@ -122,6 +122,16 @@ def server(checkpoints: Any, media_dir: Path) -> Iterator[Running]:
         max_redirects=2,
     )
     yield from start_server(llm, settings)
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[Running]:
+    """The bundled demo model, which calls the click tool; its own image budget (140 x 140
+    pixels' area) is below OpenAI's 512 x 512 for ``detail: "low"``."""
+    from qwenvl import LLM
+    from qwenvl.server import ServerSettings
+
+    yield from start_server(LLM(), ServerSettings(served_model_name=MODEL, api_key=API_KEY))
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_helpers import API_KEY, MODEL, data_uri, png_bytes, start_server
-
-from qwenvl.server import ServerSettings
+from server_helpers import API_KEY, MODEL, data_uri, png_bytes
 
 
 def post(base_url: str, body: dict[str, Any]) -> httpx.Response:
@@ -58,15 +56,6 @@ def test_fields_clients_send_are_accepted_and_ignored(server):
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "mirostat": 2},
     )
     assert r.status_code == 400 and "mirostat" in r.text
-
-
-@pytest.fixture(scope="module")
-def demo_server():
-    """The demo model, whose own image budget (140 x 140 pixels' area) is below OpenAI's
-    512 x 512 for ``detail: "low"``."""
-    from qwenvl import LLM
-
-    yield from start_server(LLM(), ServerSettings(served_model_name=MODEL, api_key=API_KEY))
 
 
 @pytest.mark.parametrize("size", [(56, 56), (140, 140), (700, 500)])

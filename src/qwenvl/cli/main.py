@@ -35,7 +35,7 @@ from qwenvl.cli.quantize import add_quantize
 from qwenvl.cli.serve import add_serve
 from qwenvl.cli.train import add_merge_lora, add_train
 from qwenvl.demo import DEMO_MODEL_NAME, default_model_path
-from qwenvl.demo.tasks import EVAL_TASKS, TASKS
+from qwenvl.demo.tasks import EVAL_TASKS
 from qwenvl.errors import QwenVLError
 from qwenvl.llm import LLM, Messages
 from qwenvl.models import family_of
@@ -278,7 +278,7 @@ def add_eval_demo(sub: Subparsers) -> None:
 def cmd_eval_demo(args: argparse.Namespace) -> int:
     from qwenvl.demo.evaluate import EVAL_SEED, evaluate, format_table
 
-    tasks = TASKS if args.tasks is None else tuple(t.strip() for t in args.tasks.split(","))
+    tasks = EVAL_TASKS if args.tasks is None else tuple(t.strip() for t in args.tasks.split(","))
     unknown = [t for t in tasks if t not in EVAL_TASKS]
     if unknown:
         raise QwenVLError(f"unknown task(s) {unknown}; expected some of {list(EVAL_TASKS)}")
