@@ -210,7 +210,9 @@ def remeasure_bandwidth(machine: dict[str, Any], reps: int = 5) -> None:
 
 
 # --- qwenvl -------------------------------------------------------------------------------------
-def load_qwenvl(path: Path, dtype: str, quantization: str | None, max_pixels: int | None):
+def load_qwenvl(
+    path: Path, dtype: str, quantization: str | None, max_pixels: int | None, **more: Any
+):
     from qwenvl import LLM
     from qwenvl.engine.config import EngineConfig
 
@@ -221,7 +223,7 @@ def load_qwenvl(path: Path, dtype: str, quantization: str | None, max_pixels: in
         kv_cache_memory=1 << 30,
         max_num_seqs=16,
     )
-    kwargs: dict[str, Any] = dict(dtype=dtype, engine_config=engine, max_pixels=max_pixels)
+    kwargs: dict[str, Any] = dict(dtype=dtype, engine_config=engine, max_pixels=max_pixels, **more)
     if quantization is not None:
         if "quantization" not in inspect.signature(LLM.__init__).parameters:
             raise SystemExit(

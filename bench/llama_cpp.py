@@ -304,9 +304,9 @@ def llama_cold(paths: Paths) -> dict[str, Any]:
 class Qwenvl:
     """The model under test, loaded once in this process, and its inputs (cpu_speed's)."""
 
-    def __init__(self, paths: Paths, dtype: str):
+    def __init__(self, paths: Paths, dtype: str, prefill_dtype: str):
         t0 = time.perf_counter()
-        self.llm = load_qwenvl(paths.ckpt, dtype, None, 12845056)
+        self.llm = load_qwenvl(paths.ckpt, dtype, None, 12845056, prefill_dtype=prefill_dtype)
         self.inputs = build_inputs(self.llm)
         small = self.llm.processor.prepare_media(
             IMAGE_PROMPT, [MediaItem("image", make_image().resize((224, 224)), {}, "image")]
@@ -445,7 +445,7 @@ def run(args: argparse.Namespace, paths: Paths) -> list[dict[str, Any]]:
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {','.join(ROWS)}")
     log(f"rows {rows}, {args.rounds} rounds; load average {os.getloadavg()}")
-    qw = Qwenvl(paths, args.dtype) if set(rows) - {"cold"} else None
+    qw = Qwenvl(paths, args.dtype, args.prefill_dtype) if set(rows) - {"cold"} else None
     if "cold" in rows:  # files into the page cache, qwenvl's built-weights cache written
         log("cold start: one untimed start of each")
         qwenvl_cold(paths)
@@ -476,6 +476,12 @@ def main() -> None:
         default="auto",
         help="qwenvl's dtype (auto, LLM()'s default: bf16 LM weights through the decode kernels, "
         "float32 activations; bfloat16: everything in bf16)",
+    )
+    ap.add_argument(
+        "--prefill-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="qwenvl's prefill GEMMs (decoder and ViT linears): float32 (exact) or bfloat16",
     )
     ap.add_argument("--out", type=Path, help="write the records as JSON here")
     args = ap.parse_args()

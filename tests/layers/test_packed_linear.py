@@ -109,3 +109,31 @@ def test_prefill_path_works_inside_and_then_outside_inference_mode() -> None:
     with torch.no_grad():
         b = packed(x)
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_prefill_gemm_is_the_bf16_rounded_product(bias: bool) -> None:
+    """``gemm_dtype = bfloat16`` (``LLM(prefill_dtype="bfloat16")``): the prefill rows multiply
+    the activations rounded to bf16 by the stored weight, the product rounded to bf16 (within one
+    bf16 step of float64's, the float32 accumulation deciding near a tie), the bias added in
+    float32; decode rows (the GEMV kernels) stay exact."""
+    from qwenvl.layers.packed_linear import set_gemm_dtype
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=bias)
+    packed = PackedLinear.from_dense(lin.weight, lin.bias, "bf16")
+    assert set_gemm_dtype(nn.Sequential(packed), torch.bfloat16) == 1
+    w = lin.weight.detach().to(torch.bfloat16).double()
+    b = lin.bias.detach().double() if bias else 0
+    x = torch.randn(40, 256)
+    product = x.to(torch.bfloat16).double() @ w.T
+    out = packed(x).double()
+    rounded = product.to(torch.bfloat16).double()
+    step = 2.0 ** (torch.floor(torch.log2(product.abs())) - 7)  # one bf16 step at each value
+    assert ((out - b - rounded).abs() <= step + 1e-12).all()
+    exact = x.double() @ w.T + b
+    assert (out - exact).abs().max() > 1e-3  # the rounding is there (float32 GEMM: < 1e-5)
+    if kernels.available():  # decode rows: GEMV kernels, float32
+        torch.testing.assert_close(packed(x[:3]).double(), exact[:3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        set_gemm_dtype(packed, torch.float16)

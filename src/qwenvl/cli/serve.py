@@ -262,6 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         head_quantization=args.head_quantization,
         engine_config=engine_config(args),
         tensor_parallel_size=args.tensor_parallel_size,
+        prefill_dtype=args.prefill_dtype,
     )
     try:
         serve(llm, settings, host=args.host, port=args.port)
