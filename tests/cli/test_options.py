@@ -49,6 +49,7 @@ SERVE_OTHERS = {
     "--head-quantization",
     "--pack-weights",
     "--no-pack-weights",
+    "--prefill-dtype",
     "--device",
     "--tensor-parallel-size",
     "--min-pixels",
