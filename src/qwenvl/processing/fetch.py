@@ -110,12 +110,24 @@ class _Deadline:
                     pass
 
 
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def _resolve(host: str, port: int, deadline: _Deadline, url: str) -> list[Any]:
     """``getaddrinfo`` within the deadline.
 
     A lookup cannot be interrupted, so it runs in a helper thread that the fetch stops waiting
     for when the time is up (the resolver's own timeouts end that thread later).
     """
+    literal = _ip_literal(host)
+    if literal is not None:  # no resolver involved: the address is the host
+        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+        sockaddr = (host, port, 0, 0) if literal.version == 6 else (host, port)
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]
     found: list[Any] = []
 
     def lookup() -> None:
