@@ -33,40 +33,38 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # scoring.py
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cpu_speed import build_inputs, load_qwenvl, qwenvl_run, qwenvl_vit
 from released_shapes import build_checkpoint
 
 from qwenvl.layers.packed_linear import native_bf16, pack_linears, set_gemm_dtype
+from scoring import prompt_logits  # tests/scoring.py: whole-prompt logits, no cache
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prompt_logits(llm, prompt) -> torch.Tensor:
-    """Logits at every position of a text prompt, no cache (float32 out)."""
-    model = llm.model
-    n = len(prompt.token_ids)
-    ids = torch.tensor(prompt.token_ids)[None]
-    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-    with torch.inference_mode():
-        embeds = model.embed(ids, None, None)
-        return model(ids, prompt.positions[:, None], mask, inputs_embeds=embeds)[0].float()
+def logits(llm, prompt) -> torch.Tensor:
+    """Logits at every position of a text prompt, no cache (the parity tests' helper)."""
+    return prompt_logits(llm.model, [prompt])[0][0].float()
+
+
+def use(llm, mode: str, vit32, vit16) -> None:
+    """Switch the decoder's prefill GEMMs and the vision tower to ``mode``."""
+    bf16 = mode == "bfloat16"
+    set_gemm_dtype(llm.model, torch.bfloat16 if bf16 else torch.float32)
+    llm.model.visual = vit16 if bf16 else vit32
 
 
 def accuracy(llm, inputs, vit32, vit16) -> dict[str, Any]:
-    model = llm.model
-    set_gemm_dtype(model, torch.float32)
-    ref = prompt_logits(llm, inputs.long)
-    set_gemm_dtype(model, torch.bfloat16)
-    got = prompt_logits(llm, inputs.long)
     image = inputs.image.images[0]
-    model.visual = vit32
-    f32 = qwenvl_vit(llm, image).float()
-    model.visual = vit16
-    f16 = qwenvl_vit(llm, image).float()
+    use(llm, "float32", vit32, vit16)
+    ref, f32 = logits(llm, inputs.long), qwenvl_vit(llm, image).float()
+    use(llm, "bfloat16", vit32, vit16)
+    got, f16 = logits(llm, inputs.long), qwenvl_vit(llm, image).float()
     cos = F.cosine_similarity(f16, f32, dim=-1)
     return {
         "logits_max_abs_err_rel": float((got - ref).abs().max() / ref.abs().max()),
@@ -81,9 +79,7 @@ def accuracy(llm, inputs, vit32, vit16) -> dict[str, Any]:
 
 
 def timed(llm, inputs, mode: str, vit32, vit16) -> dict[str, float]:
-    bf16 = mode == "bfloat16"
-    set_gemm_dtype(llm.model, torch.bfloat16 if bf16 else torch.float32)
-    llm.model.visual = vit16 if bf16 else vit32
+    use(llm, mode, vit32, vit16)
     load = os.getloadavg()[0]
     ttft = qwenvl_run(llm, [inputs.long], 1)["ttft"]
     t0 = time.perf_counter()

@@ -27,13 +27,9 @@ def _scene_png(seed: int) -> tuple[Any, bytes]:
 
 def _inside(scene: Any, number: int, coordinate: list[int]) -> bool:
     """The model's coordinate (pixels of the image it sees) mapped back to the scene's."""
-    from qwenvl.agents import parse_actions
-
-    call = {"name": "computer_use", "arguments": {"action": "left_click", "coordinate": coordinate}}
-    text = f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
-    (click,) = parse_actions(text, demo_screen(scene.width, scene.height))
+    x, y = demo_screen(scene.width, scene.height).to_screen(*coordinate)
     x1, y1, x2, y2 = scene.by_number(number).box
-    return x1 <= click.x < x2 and y1 <= click.y < y2
+    return x1 <= x < x2 and y1 <= y < y2
 
 
 @pytest.mark.parametrize("seed", [1, 2])
