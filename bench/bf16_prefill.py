@@ -4,7 +4,7 @@
     python bench/bf16_prefill.py [--rounds 2] [--out results.json]
 
 Accuracy (one model, its decoder GEMMs switched between the two dtypes; the vision tower as
-loaded, float32, against its bf16 ``PackedLinear`` copy):
+loaded, float32, against its copy with bf16 ``PackedLinear`` linears and bf16 attention):
 
 * the 512-token prompt's logits at every position: max abs error over the largest logit, and how
   often the top token agrees;
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cpu_speed import build_inputs, load_qwenvl, qwenvl_run, qwenvl_vit
 from released_shapes import build_checkpoint
 
+from qwenvl.layers.attention import set_attention_dtype
 from qwenvl.layers.packed_linear import native_bf16, pack_linears, set_gemm_dtype
 from scoring import prompt_logits  # tests/scoring.py: whole-prompt logits, no cache
 
@@ -100,6 +101,7 @@ def main() -> None:
     vit32 = llm.model.visual
     vit16 = copy.deepcopy(vit32)
     pack_linears(vit16, torch.bfloat16)
+    set_attention_dtype(vit16, torch.bfloat16)
     log(f"native bf16 dot products: {native_bf16()}; load average {os.getloadavg()}")
     result: dict[str, Any] = {
         "native_bf16": native_bf16(),

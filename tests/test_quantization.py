@@ -138,13 +138,15 @@ def test_bf16_prefill_quality_against_float32_prefill(variants) -> None:
 
 
 def test_bf16_prefill_vision_features_against_float32(variants) -> None:
-    """The vision tower's linears as bf16 ``PackedLinear`` GEMMs, against its float32 linears on
-    the same (bf16 checkpoint) weights."""
+    """The vision tower's linears as bf16 ``PackedLinear`` GEMMs and its attention in bf16 dot
+    products, against its float32 linears and attention on the same (bf16 checkpoint) weights."""
     llm, ref_llm = variants["bf16_prefill"], variants["auto"]
     blocks = llm.model.visual.blocks
     assert isinstance(blocks[0].mlp.down_proj, PackedLinear)
     assert blocks[0].mlp.down_proj.gemm_dtype == torch.bfloat16
     assert isinstance(ref_llm.model.visual.blocks[0].mlp.down_proj, nn.Linear)
+    assert blocks[0].attn.attention_dtype == torch.bfloat16  # kernels.bf16_attention, head_dim 16
+    assert ref_llm.model.visual.blocks[0].attn.attention_dtype == torch.float32
     grids = [(1, 16, 20), (2, 8, 8)]
     pixels = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14)
     with torch.no_grad():

@@ -134,8 +134,9 @@ class LLM:
         prefill_dtype: ``"bfloat16"`` runs the prefill GEMMs of bf16-packed decoder weights and
             the vision tower's linears (its weights stored in bf16) in bf16: activations and GEMM
             outputs rounded to bf16, about 3x float32's speed on CPUs with AVX512-BF16 or AMX,
-            slower elsewhere. ``"float32"`` (default) keeps them exact. Decoding, norms,
-            attention and the residual stream stay float32.
+            slower elsewhere; on CPUs with AVX512-BF16 the vision tower's attention runs in bf16
+            dot products too (``kernels.bf16_attention``). ``"float32"`` (default) keeps them
+            exact. Decoding, norms, the decoder's attention and the residual stream stay float32.
 
     CPU defaults (``dtype="auto"``, a 16-bit checkpoint of at least
     ``qwenvl.models.formats.PACK_MIN_BYTES``, a C++ compiler for our kernels):
@@ -201,10 +202,12 @@ class LLM:
             )
         self.weight_format = fmt  # "bf16", "int8", a checkpoint's "awq:w4g128"... or None
         if prefill_dtype == "bfloat16":
+            from qwenvl.layers.attention import set_attention_dtype
             from qwenvl.layers.packed_linear import pack_linears, set_gemm_dtype
 
             set_gemm_dtype(self.model, torch.bfloat16)
             pack_linears(self.model.visual, torch.bfloat16)
+            set_attention_dtype(self.model.visual, torch.bfloat16)
         if lora is not None:  # a peft LoRA adapter folder, served unmerged
             from qwenvl.train.lora import load_adapter
 

@@ -231,7 +231,7 @@ def test_simd_path_passes_the_kernel_tests(isa: str, request) -> None:
         f"assert kernels.isa() == {isa!r}, kernels.describe(); "
         "sys.exit(pytest.main(['-q', '-o', 'addopts=', '-p', 'no:cacheprovider', "
         f"{str(TESTS / 'test_gemv.py')!r}, {str(TESTS / 'test_decode_ops.py')!r}, "
-        f"{str(TESTS / 'test_int4.py')!r}]))"
+        f"{str(TESTS / 'test_int4.py')!r}, {str(TESTS / 'test_attention.py')!r}]))"
     )
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -257,6 +257,6 @@ def test_every_simd_path_compiles(isa: str) -> None:
         "-fopenmp",
         *includes,
     ]
-    for source in ("gemv.cpp", "decode.cpp", "layers.cpp", "int4.cpp"):
+    for source in ("gemv.cpp", "decode.cpp", "layers.cpp", "int4.cpp", "attention.cpp"):
         r = subprocess.run([*cmd, str(SOURCES / source)], capture_output=True, text=True)
         assert r.returncode == 0, source + ":\n" + r.stderr[-3000:]

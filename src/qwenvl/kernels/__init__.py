@@ -1,14 +1,16 @@
-"""CPU decode kernels, built on first use: GEMV over bf16 and int8 weights, and the small ops.
+"""CPU kernels, built on first use: GEMV over bf16 and int8 weights, the small decode ops, and
+the vision tower's bf16 attention.
 
 A decode step multiplies a handful of rows by every weight matrix, so it is bound by how fast the
 weights stream from memory; ``gemv.cpp`` reads each weight once for all (<= 16) rows and widens
 bf16/int8 in registers. ``decode.cpp`` does the rest of a decoder layer's float32 work (RMSNorm,
 the SwiGLU gate, rotary + paged-cache write + attention) in one call each, where eager torch
 spends more time dispatching ops than computing; ``layers.cpp`` runs a packed decoder's layers
-for a decode step in one call, threads forked once. The extension is compiled with
-``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first use; without a compiler (or
-with ``QWENVL_KERNELS=0``) ``available()`` is False and callers keep using torch, and
-``describe()`` says which of these holds.
+for a decode step in one call, threads forked once; ``attention.cpp`` is the ViT's attention
+under bf16 prefill, in bf16 dot products, never materialising the scores. The extension is
+compiled with ``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first use; without a
+compiler (or with ``QWENVL_KERNELS=0``) ``available()`` is False and callers keep using torch,
+and ``describe()`` says which of these holds.
 
 The build cache: ``~/.cache/qwenvl/kernels/<key>/``, where the key hashes everything the library
 depends on: the sources' bytes, the torch build, the Python ABI, the compiler, the flags and (for
@@ -46,6 +48,8 @@ __all__ = [
     "MAX_M",
     "applies",
     "available",
+    "bf16_attention",
+    "bf16_attention_applies",
     "decode_attention",
     "decode_layers",
     "dequantize_int4",
@@ -344,6 +348,24 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE or not available():
         return t
     return _require().huge_page_copy(t)
+
+
+def bf16_attention_applies(q: torch.Tensor) -> bool:
+    """True where ``bf16_attention`` pays: a float32 CPU inference tensor with a head_dim it takes,
+    on a build with AVX512-BF16 dot products (elsewhere its plain loops are slower than SDPA)."""
+    d = q.shape[-1]
+    if not (applies(q) and d % 16 == 0 and 16 <= d <= 128):
+        return False
+    return bool(_require().bf16_attention_native())
+
+
+def bf16_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]
+) -> torch.Tensor:
+    """Non-causal attention within each segment of ``cu_seqlens`` for float32 q, k, v ``[N, H,
+    D]``, with q/sqrt(D), k, v and the softmax weights rounded to bf16 and float32 sums
+    (attention.cpp); returns float32 ``[N, H, D]``."""
+    return _require().bf16_attention(q, k, v, list(cu_seqlens))
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

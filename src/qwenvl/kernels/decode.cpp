@@ -52,31 +52,6 @@ inline float sum(const float* a, int64_t n) {
   return lane_sum(n, [=](int64_t i) { return a[i]; });
 }
 
-// exp(x) to ~2 ulp, branch-free so that loops over it vectorise (std::exp is a scalar call, and
-// 9k of them, the SwiGLU gate of one token, took longer than torch's whole silu-and-mul):
-// x = n ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-7 polynomial, 2^n from the exponent
-// bits. Inputs are clamped to [-87.3, 88.7], so the result is a normal float; NaN stays NaN.
-// The selects vectorise only with -fno-trapping-math, which the build passes.
-inline float exp_f32(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
-  const float t = x * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(t + std::copysign(0.5f, t));
-  const float fn = static_cast<float>(n);
-  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = (p * r * r + r) + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return e * scale;
-}
-
 // Rotate-half rotary: out[j] = x[j] cos[j] - x[j + D/2] sin[j] (j < D/2), x[j] cos[j] +
 // x[j - D/2] sin[j] (j >= D/2).
 inline void rotary(const float* x, const float* c, const float* s, int64_t D, float* out) {

@@ -67,6 +67,7 @@ class VisionAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.attention_dtype = torch.float32  # layers.attention.set_attention_dtype
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
@@ -76,7 +77,7 @@ class VisionAttention(nn.Module):
         # rope in float32, as the reference does, then back to the activation dtype
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        out = varlen_attention(q, k, v, cu_seqlens)
+        out = varlen_attention(q, k, v, cu_seqlens, self.attention_dtype)
         return self.proj(out.reshape(n, -1))
 
 
