@@ -1,14 +1,18 @@
-"""qwenvl beside llama.cpp on the exact Qwen2-VL-2B shape (random weights), in alternating rounds.
+"""qwenvl beside llama.cpp on the exact Qwen2-VL-2B or Qwen2.5-VL-3B shape (random weights), in
+alternating rounds.
 
     python bench/llama_cpp.py setup                       # build llama.cpp, convert (idempotent)
     python bench/llama_cpp.py run                         # every row, 2 rounds (setup first)
     python bench/llama_cpp.py run --rows ttft,decode --rounds 1
+    python bench/llama_cpp.py run --family qwen2_5_vl     # the Qwen2.5-VL-3B shape
 
 ``setup`` (run by ``run`` too; each step is skipped when its output is there), into ``--work``
 (default ``$TMPDIR/qwenvl-peers``): the ``llama-cpp-python`` sdist from PyPI (its
 ``vendor/llama.cpp`` is the source), ``llama-bench`` and ``llama-mtmd-cli`` built with cmake
 (Release, ``GGML_NATIVE``), a venv for llama.cpp's converter (torch CPU, transformers, its
-``gguf-py``), the random checkpoint of ``released_shapes.py`` and its F16 GGUF and F16 mmproj.
+``gguf-py``), the random checkpoint of ``released_shapes.py`` for ``--family`` (``qwen2_vl``:
+Qwen2-VL-2B, the default; ``qwen2_5_vl``: Qwen2.5-VL-3B) and its F16 GGUF and F16 mmproj (named
+after the checkpoint folder, so the families never share a file).
 The converter does not know the random tokenizer's pre-tokenizer hash; a small runner replaces
 the method that maps the hash (``qwen2`` when it is unknown) and calls the converter's main, so
 no llama.cpp file is edited.
@@ -62,6 +66,7 @@ from cpu_speed import (
     qwenvl_vit,
     read_bandwidth,
 )
+from released_shapes import FAMILIES, RELEASED, build_checkpoint
 
 from qwenvl.processing.prompt import MediaItem
 
@@ -130,9 +135,11 @@ def load_avg() -> float:
 class Paths:
     """Everything the harness keeps in the work folder."""
 
-    def __init__(self, work: Path, ckpt: Path):
+    def __init__(self, work: Path, ckpt: Path, family: str):
         self.work = work
         self.ckpt = ckpt
+        self.family = family
+        self.shape = RELEASED[family]  # the released model whose exact shape is measured
         self.src = work / "llama.cpp"
         self.bin = self.src / "build" / "bin"
         self.venv = work / "convert-venv"
@@ -216,12 +223,10 @@ def convert(paths: Paths, python: Path, out: Path, extra: list[str]) -> None:
     part.rename(out)
 
 
-def setup(work: Path, jobs: int) -> Paths:
-    from released_shapes import build_checkpoint
-
+def setup(work: Path, jobs: int, family: str) -> Paths:
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = build_checkpoint(Path(tempfile.gettempdir()) / "qwenvl-bench", "qwen2_vl", "full")
-    paths = Paths(work, ckpt)
+    ckpt = build_checkpoint(Path(tempfile.gettempdir()) / "qwenvl-bench", family, "full")
+    paths = Paths(work, ckpt, family)
     fetch_source(paths)
     build(paths, jobs)
     python = converter_venv(paths)
@@ -264,7 +269,7 @@ def mtmd(paths: Paths, extra: list[str], stdin: str | None = None) -> tuple[floa
     text = r.stdout + r.stderr
     logs = paths.work / "logs"
     logs.mkdir(exist_ok=True)
-    (logs / f"mtmd-{time.strftime('%H%M%S')}.log").write_text(text)
+    (logs / f"mtmd-{paths.family}-{time.strftime('%H%M%S')}.log").write_text(text)
     if r.returncode:
         raise RuntimeError(f"llama-mtmd-cli failed ({r.returncode}): {text[-2000:]}")
     return wall, text
@@ -382,7 +387,7 @@ def ratio(name: str, q: float, ll: float) -> float:
     return q / ll if MEASURES[name][1] else ll / q
 
 
-def run_row(row: str, rnd: int, systems: dict[str, Callable]) -> list[dict[str, Any]]:
+def run_row(row: str, rnd: int, systems: dict[str, Callable], family: str) -> list[dict[str, Any]]:
     order = list(systems) if rnd % 2 else list(systems)[::-1]
     bw = [read_bandwidth(3) / 1e9]
     res = {}
@@ -394,8 +399,8 @@ def run_row(row: str, rnd: int, systems: dict[str, Callable]) -> list[dict[str, 
     for m in names:
         key = m if row == "image" else "value"
         q, ll = res["qwenvl"][key], res["llama.cpp"][key]
-        rec = {"round": rnd, "row": m, "qwenvl": q, "llama.cpp": ll, "ratio": ratio(m, q, ll),
-               "order": order, "bandwidth_GBps": bw,
+        rec = {"family": family, "round": rnd, "row": m, "qwenvl": q, "llama.cpp": ll,
+               "ratio": ratio(m, q, ll), "order": order, "bandwidth_GBps": bw,
                "load": {s: res[s]["load"] for s in order},
                "extra": {s: {k: v for k, v in res[s].items() if k not in (key, "load")}
                          for s in order}}  # fmt: skip
@@ -408,12 +413,14 @@ def print_record(rec: dict[str, Any]) -> None:
     unit = MEASURES[rec["row"]][0]
     loads = "  ".join(f"{s} {a:.2f}->{b:.2f}" for s, (a, b) in rec["load"].items())
     bw = "/".join(f"{x:.1f}" for x in rec["bandwidth_GBps"])
-    log(f"round {rec['round']} {LABELS[rec['row']]:27s} qwenvl {rec['qwenvl']:7.2f} {unit:5s} "
-        f"llama.cpp {rec['llama.cpp']:7.2f} {unit:5s} ratio {rec['ratio']:.2f}x | load {loads} | "
-        f"bandwidth {bw} GB/s | {json.dumps(rec['extra'])}")  # fmt: skip
+    log(f"{rec['family']} round {rec['round']} {LABELS[rec['row']]:27s} "
+        f"qwenvl {rec['qwenvl']:7.2f} {unit:5s} llama.cpp {rec['llama.cpp']:7.2f} {unit:5s} "
+        f"ratio {rec['ratio']:.2f}x | load {loads} | bandwidth {bw} GB/s | "
+        f"{json.dumps(rec['extra'])}")  # fmt: skip
 
 
-def summary(records: list[dict[str, Any]]) -> None:
+def summary(records: list[dict[str, Any]], shape: str) -> None:
+    print(f"\n{shape} shape (random weights)")
     print("\n| round | row | qwenvl | llama.cpp | ratio (>1: qwenvl faster) | load avg around "
           "(qwenvl; llama.cpp) | DRAM read GB/s (before/between/after) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
@@ -444,7 +451,10 @@ def run(args: argparse.Namespace, paths: Paths) -> list[dict[str, Any]]:
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {','.join(ROWS)}")
-    log(f"rows {rows}, {args.rounds} rounds; load average {os.getloadavg()}")
+    log(
+        f"{paths.shape} shape ({paths.family}): rows {rows}, {args.rounds} rounds; "
+        f"load average {os.getloadavg()}"
+    )
     qw = Qwenvl(paths, args.dtype, args.prefill_dtype) if set(rows) - {"cold"} else None
     if "cold" in rows:  # files into the page cache, qwenvl's built-weights cache written
         log("cold start: one untimed start of each")
@@ -453,8 +463,8 @@ def run(args: argparse.Namespace, paths: Paths) -> list[dict[str, Any]]:
     records = []
     for rnd in range(1, args.rounds + 1):
         for row in rows:
-            records += run_row(row, rnd, systems_for(row, qw, paths))
-    summary(records)
+            records += run_row(row, rnd, systems_for(row, qw, paths), paths.family)
+    summary(records, paths.shape)
     per_row(records)
     return records
 
@@ -467,6 +477,12 @@ def main() -> None:
         type=Path,
         default=Path(tempfile.gettempdir()) / "qwenvl-peers",
         help="scratch folder: llama.cpp, its build, the converter venv, the GGUFs",
+    )
+    ap.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="qwen2_vl",
+        help="qwen2_vl: the Qwen2-VL-2B shape; qwen2_5_vl: the Qwen2.5-VL-3B one",
     )
     ap.add_argument("--jobs", type=int, default=2, help="build jobs")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated of {','.join(ROWS)}")
@@ -485,8 +501,8 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, help="write the records as JSON here")
     args = ap.parse_args()
-    paths = setup(args.work, args.jobs)
-    log(f"checkpoint {paths.ckpt}\n  GGUF {paths.lm}\n  mmproj {paths.mmproj}")
+    paths = setup(args.work, args.jobs, args.family)
+    log(f"{paths.shape} shape: checkpoint {paths.ckpt}\n  GGUF {paths.lm}\n  mmproj {paths.mmproj}")
     if args.command == "run":
         records = run(args, paths)
         if args.out:
