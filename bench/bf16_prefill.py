@@ -15,7 +15,7 @@ Speed: the 512-token prompt's time to the first token (the engine, as ``llama_cp
 row) and the vision encoder on that picture, float32 and bf16 one after the other, the order
 swapped every round. Random weights make logits nearly flat, so agreement here is a harder test
 than on a trained model's peaked ones; the demo model's held-out accuracy is the other half of
-the statement (``qwenvl eval-demo --pack-weights --prefill-dtype bfloat16``).
+the statement (``qwenvl eval-demo --pack-weights --prefill-dtype {float32,bfloat16}``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     ckpt = build_checkpoint(Path(tempfile.gettempdir()) / "qwenvl-bench", "qwen2_vl", "full")
-    llm = load_qwenvl(ckpt, "auto", None, 12845056)
+    llm = load_qwenvl(ckpt, "auto", None, 12845056, prefill_dtype="float32")  # switched below
     if llm.weight_format != "bf16":
         raise SystemExit(f"expected bf16-packed decoder weights, got {llm.weight_format}")
     inputs = build_inputs(llm)

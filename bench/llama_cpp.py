@@ -495,9 +495,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--prefill-dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="qwenvl's prefill GEMMs (decoder and ViT linears): float32 (exact) or bfloat16",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="qwenvl's prefill GEMMs and ViT: float32 (exact), bfloat16, or auto (LLM()'s "
+        "default: bfloat16 on CPUs with bf16 dot products)",
     )
     ap.add_argument("--out", type=Path, help="write the records as JSON here")
     args = ap.parse_args()

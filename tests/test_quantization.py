@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from qwenvl import LLM, SamplingParams, kernels
 from qwenvl.checkpoint import load_model
 from qwenvl.errors import ConfigError
+from qwenvl.layers import packed_linear
 from qwenvl.layers.int4_linear import Int4Linear
-from qwenvl.layers.packed_linear import PackedLinear
+from qwenvl.layers.packed_linear import PackedLinear, native_bf16
 from qwenvl.models import formats
 from qwenvl.train.checkpoint import export_hf
 from scoring import prompt_logits
@@ -55,7 +57,7 @@ def variants(bf16_checkpoint):
         mp.setattr(formats, "PACK_MIN_BYTES", 0)
         return {
             "fp32": LLM(bf16_checkpoint, dtype="float32"),
-            "auto": LLM(bf16_checkpoint),
+            "packed": LLM(bf16_checkpoint, prefill_dtype="float32"),  # the exact prefill
             "int8": LLM(bf16_checkpoint, quantization="int8"),
             "int4": LLM(bf16_checkpoint, quantization="int4"),
             "bf16_prefill": LLM(bf16_checkpoint, prefill_dtype="bfloat16"),
@@ -79,7 +81,7 @@ def _greedy(llm: LLM, n: int = 12):
 
 
 def test_cpu_default_packs_bf16_and_runs_float32(variants) -> None:
-    auto = variants["auto"]
+    auto = variants["packed"]
     assert auto.weight_format == "bf16"
     assert auto.model.dtype == torch.float32
     assert variants["fp32"].weight_format is None
@@ -88,9 +90,9 @@ def test_cpu_default_packs_bf16_and_runs_float32(variants) -> None:
 def test_bf16_packing_equals_float32_on_the_same_weights(variants) -> None:
     # bf16 weights widened are exact, so only the summation order differs
     torch.testing.assert_close(
-        _logits(variants["auto"]), _logits(variants["fp32"]), rtol=0, atol=2e-5
+        _logits(variants["packed"]), _logits(variants["fp32"]), rtol=0, atol=2e-5
     )
-    a, b = _greedy(variants["auto"]), _greedy(variants["fp32"])  # decode runs the GEMV kernel
+    a, b = _greedy(variants["packed"]), _greedy(variants["fp32"])  # decode runs the GEMV kernel
     for x, y in zip(a, b):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         ids = x.outputs[0].token_ids
@@ -100,12 +102,12 @@ def test_bf16_packing_equals_float32_on_the_same_weights(variants) -> None:
 
 
 def test_int8_quality_against_bf16(variants) -> None:
-    ref, q = _logits(variants["auto"]), _logits(variants["int8"])
+    ref, q = _logits(variants["packed"]), _logits(variants["int8"])
     rel = float((q - ref).abs().max() / ref.abs().max())
     assert rel < 0.05, rel  # measured 0.0xx on this checkpoint
     agree = (q.argmax(-1) == ref.argmax(-1)).float().mean()
     assert agree >= 0.9, agree
-    a, b = _greedy(variants["auto"]), _greedy(variants["int8"])
+    a, b = _greedy(variants["packed"]), _greedy(variants["int8"])
     same = sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
     assert same >= len(PROMPTS) - 1
 
@@ -126,13 +128,13 @@ def test_bf16_prefill_quality_against_float32_prefill(variants) -> None:
     llm = variants["bf16_prefill"]
     layer = llm.model.model.layers[0]
     assert layer.mlp.gate_up_proj.gemm_dtype == torch.bfloat16
-    assert variants["auto"].model.model.layers[0].mlp.gate_up_proj.gemm_dtype == torch.float32
-    ref, q = _logits(variants["auto"]), _logits(llm)
+    assert variants["packed"].model.model.layers[0].mlp.gate_up_proj.gemm_dtype == torch.float32
+    ref, q = _logits(variants["packed"]), _logits(llm)
     rel = float((q - ref).abs().max() / ref.abs().max())
     assert 1e-4 < rel < BF16_PREFILL_MAX_REL_ERROR, rel
     agree = (q.argmax(-1) == ref.argmax(-1)).float().mean()
     assert agree >= BF16_PREFILL_MIN_AGREEMENT, agree
-    a, b = _greedy(variants["auto"]), _greedy(llm)
+    a, b = _greedy(variants["packed"]), _greedy(llm)
     same = sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
     assert same >= len(PROMPTS) - 1
 
@@ -140,18 +142,18 @@ def test_bf16_prefill_quality_against_float32_prefill(variants) -> None:
 def test_bf16_prefill_vision_features_against_float32(variants) -> None:
     """The vision tower's linears as bf16 ``PackedLinear`` GEMMs and its attention in bf16 dot
     products, against its float32 linears and attention on the same (bf16 checkpoint) weights."""
-    llm, ref_llm = variants["bf16_prefill"], variants["auto"]
+    llm, ref_llm = variants["bf16_prefill"], variants["packed"]
     blocks = llm.model.visual.blocks
+    grids = [(1, 16, 20), (2, 8, 8)]
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        ref = ref_llm.model.encode_vision(pixels, grids)
+        ours = llm.model.encode_vision(pixels, grids)  # packs the tower on its first call
     assert isinstance(blocks[0].mlp.down_proj, PackedLinear)
     assert blocks[0].mlp.down_proj.gemm_dtype == torch.bfloat16
     assert isinstance(ref_llm.model.visual.blocks[0].mlp.down_proj, nn.Linear)
     assert blocks[0].attn.attention_dtype == torch.bfloat16  # kernels.bf16_attention, head_dim 16
     assert ref_llm.model.visual.blocks[0].attn.attention_dtype == torch.float32
-    grids = [(1, 16, 20), (2, 8, 8)]
-    pixels = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14)
-    with torch.no_grad():
-        ref = ref_llm.model.encode_vision(pixels, grids)
-        ours = llm.model.encode_vision(pixels, grids)
     cos = F.cosine_similarity(ours, ref, dim=-1)
     rel = float((ours - ref).abs().max() / ref.abs().max())
     assert 1e-4 < rel < BF16_PREFILL_MAX_REL_ERROR and cos.min() > BF16_VISION_MIN_COSINE, (
@@ -160,11 +162,56 @@ def test_bf16_prefill_vision_features_against_float32(variants) -> None:
     )
 
 
+def test_prefill_dtype_auto_is_bf16_where_it_pays(variants, bf16_checkpoint, monkeypatch) -> None:
+    """The default: bf16 prefill for bf16-packed weights on a CPU with bf16 dot products (and then
+    the same model as an explicit ``prefill_dtype="bfloat16"``), float32 everywhere else."""
+    monkeypatch.setattr(formats, "PACK_MIN_BYTES", 0)
+    native = native_bf16()
+    packed = LLM(bf16_checkpoint)
+    assert packed.weight_format == "bf16"
+    assert packed.prefill_dtype == ("bfloat16" if native else "float32")
+    gemm = packed.model.model.layers[0].mlp.gate_up_proj.gemm_dtype
+    assert gemm == (torch.bfloat16 if native else torch.float32)
+    if native:
+        torch.testing.assert_close(
+            _logits(packed), _logits(variants["bf16_prefill"]), rtol=0, atol=0
+        )
+    monkeypatch.setattr(packed_linear, "native_bf16", lambda: not native)  # the other CPU kind
+    assert LLM(bf16_checkpoint).prefill_dtype == ("float32" if native else "bfloat16")
+    for dense in (LLM(bf16_checkpoint, dtype="float32"), LLM(bf16_checkpoint, pack_weights=False)):
+        assert dense.weight_format is None and dense.prefill_dtype == "float32"
+
+
+def test_bf16_prefill_packs_the_vision_tower_at_its_first_call(bf16_checkpoint) -> None:
+    """Not at load: a start that never sees a picture does not pay for it."""
+    llm = LLM(bf16_checkpoint, pack_weights=True, prefill_dtype="bfloat16")
+    blocks = llm.model.visual.blocks
+    assert (
+        isinstance(blocks[0].attn.qkv, nn.Linear)
+        and blocks[0].attn.attention_dtype == torch.float32
+    )
+    image = Image.new("RGB", (56, 56), "red")
+    conv = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}],
+        }
+    ]
+    llm.chat(conv, SamplingParams(max_tokens=1))
+    assert (
+        isinstance(blocks[0].attn.qkv, PackedLinear)
+        and blocks[0].attn.attention_dtype == torch.bfloat16
+    )
+    assert not llm.model.visual._forward_pre_hooks  # packed once
+
+
 def test_bf16_prefill_needs_bf16_packed_weights(bf16_checkpoint) -> None:
     with pytest.raises(ConfigError, match="bf16-packed"):
         LLM(bf16_checkpoint, dtype="float32", prefill_dtype="bfloat16")
     with pytest.raises(ConfigError, match="prefill_dtype must be"):
         LLM(bf16_checkpoint, prefill_dtype="float16")
+    with pytest.raises(ConfigError, match="tensor parallelism"):
+        LLM(bf16_checkpoint, pack_weights=True, prefill_dtype="bfloat16", tensor_parallel_size=2)
 
 
 def test_quantization_errors(bf16_checkpoint) -> None:
@@ -180,12 +227,12 @@ def test_int4_quality_against_bf16(variants) -> None:
     assert layer.mlp.down_proj.group_size == 128  # the intermediate size divides; hidden 64 not
     assert layer.self_attn.qkv_proj.group_size == 64
     assert llm.model.lm_head.mode == "bf16"  # the head stays 16-bit
-    ref, q = _logits(variants["auto"]), _logits(llm)
+    ref, q = _logits(variants["packed"]), _logits(llm)
     rel = float((q - ref).abs().max() / ref.abs().max())
     agree = float((q.argmax(-1) == ref.argmax(-1)).float().mean())
     assert rel < INT4_MAX_REL_ERROR, rel
     assert agree >= INT4_MIN_AGREEMENT, agree
-    a, b = _greedy(variants["auto"]), _greedy(llm)
+    a, b = _greedy(variants["packed"]), _greedy(llm)
     same = sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
     assert same >= INT4_MIN_SAME_GREEDY, same
 
@@ -205,7 +252,7 @@ def test_int4_with_a_quantised_head(bf16_checkpoint, variants, head, monkeypatch
     ref = x.double() @ emb.T
     rel = float((lm_head(x).double() - ref).abs().max() / ref.abs().max())
     assert rel < {"int8": 0.02, "int4": 0.15}[head], rel  # measured 0.00x / 0.0x
-    q, base = _logits(llm), _logits(variants["auto"])
+    q, base = _logits(llm), _logits(variants["packed"])
     rel = float((q - base).abs().max() / base.abs().max())
     agree = float((q.argmax(-1) == base.argmax(-1)).float().mean())
     print(f"int4 + {head} head: max logit error {rel:.3f} of the largest, argmax {agree:.3f}")
@@ -218,7 +265,7 @@ def test_int4_with_a_quantised_head(bf16_checkpoint, variants, head, monkeypatch
         LLM(bf16_checkpoint, quantization="int4", head_quantization="nf4")
 
 
-@pytest.mark.parametrize("mode", ["auto", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["packed", "int8", "int4"])
 def test_packed_decode_steps_run_the_fused_layers(variants, mode, monkeypatch) -> None:
     """Decode steps of <= 16 tokens go through ``kernels.decode_layers``; a step of 18 takes the
     module path. Each prompt's greedy tokens equal its own run alone (batch invariance)."""

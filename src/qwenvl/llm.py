@@ -63,11 +63,19 @@ def _weight_plan(
     )
 
 
-def _check_prefill_dtype(prefill_dtype: str, fmt: str | None, tensor_parallel_size: int) -> None:
-    """``prefill_dtype`` applies to bf16-packed weights in one process; refused elsewhere, where
-    it would change nothing."""
-    if prefill_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"prefill_dtype must be 'float32' or 'bfloat16', not {prefill_dtype!r}")
+def _prefill_plan(prefill_dtype: str, fmt: str | None, tensor_parallel_size: int) -> str:
+    """What ``prefill_dtype`` resolves to. ``"auto"``: bfloat16 where it pays (bf16-packed
+    weights, one process, a CPU with bf16 dot products), else float32. An explicit
+    ``"bfloat16"`` is refused where it would change nothing."""
+    if prefill_dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(
+            f"prefill_dtype must be 'auto', 'float32' or 'bfloat16', not {prefill_dtype!r}"
+        )
+    if prefill_dtype == "auto":
+        from qwenvl.layers.packed_linear import native_bf16
+
+        pays = fmt == "bf16" and tensor_parallel_size == 1 and native_bf16()
+        return "bfloat16" if pays else "float32"
     if prefill_dtype == "bfloat16" and fmt != "bf16":
         raise ConfigError(
             "prefill_dtype='bfloat16' applies to bf16-packed decoder weights (the CPU default "
@@ -75,6 +83,22 @@ def _check_prefill_dtype(prefill_dtype: str, fmt: str | None, tensor_parallel_si
         )
     if prefill_dtype == "bfloat16" and tensor_parallel_size != 1:
         raise ConfigError("prefill_dtype='bfloat16' is not supported with tensor parallelism yet")
+    return prefill_dtype
+
+
+def _bf16_vision_on_first_call(visual: torch.nn.Module) -> None:
+    """The vision tower's linears packed to bf16 and its attention switched to bf16 dot products
+    at its first call rather than at load: a start that never sees a picture skips the packing
+    (1.3 s for the 2B's tower, a third of a cold start to the first token)."""
+    from qwenvl.layers.attention import set_attention_dtype
+    from qwenvl.layers.packed_linear import pack_linears
+
+    def pack(module: torch.nn.Module, args: Any) -> None:
+        handle.remove()
+        pack_linears(module, torch.bfloat16)
+        set_attention_dtype(module, torch.bfloat16)
+
+    handle = visual.register_forward_pre_hook(pack)
 
 
 def _with_tool_choice(
@@ -135,14 +159,18 @@ class LLM:
             the vision tower's linears (its weights stored in bf16) in bf16: activations and GEMM
             outputs rounded to bf16, about 3x float32's speed on CPUs with AVX512-BF16 or AMX,
             slower elsewhere; on CPUs with AVX512-BF16 the vision tower's attention runs in bf16
-            dot products too (``kernels.bf16_attention``). ``"float32"`` (default) keeps them
-            exact. Decoding, norms, the decoder's attention and the residual stream stay float32.
+            dot products too (``kernels.bf16_attention``). ``"float32"`` keeps them exact.
+            ``"auto"`` (default): bfloat16 where it pays (bf16-packed weights, one process, a CPU
+            with bf16 dot products: ``packed_linear.native_bf16()``), else float32; the choice is
+            ``self.prefill_dtype``. Decoding, norms, the decoder's attention and the residual
+            stream stay float32 either way.
 
     CPU defaults (``dtype="auto"``, a 16-bit checkpoint of at least
     ``qwenvl.models.formats.PACK_MIN_BYTES``, a C++ compiler for our kernels):
     the decoder's linear weights stay bf16 (decoding streams 2 bytes a weight through our GEMV
-    kernels) while every activation, the ViT and the prefill GEMMs run in float32, which CPUs
-    without bf16 matrix units compute faster and more exactly than bf16. Pass ``dtype`` to
+    kernels) while every activation runs in float32; the prefill GEMMs and the ViT run in bf16
+    where the CPU has bf16 dot products (``prefill_dtype``), in float32 elsewhere, which CPUs
+    without them compute faster and more exactly than bf16. Pass ``dtype`` to
     choose one dtype for everything instead. Images default to at most ``CPU_MAX_PIXELS`` and
     videos to ``CPU_MAX_VIDEO_TOKENS`` tokens, so a CPU answer stays within about a minute on a
     2B model; ``min_pixels``/``max_pixels`` and per-item options override it.
@@ -164,7 +192,7 @@ class LLM:
         pack_weights: bool | None = None,
         head_quantization: str | None = None,
         tensor_parallel_size: int = 1,
-        prefill_dtype: str = "float32",
+        prefill_dtype: str = "auto",
     ) -> None:
         if model is None:  # the bundled demo model: a fresh install answers something real
             from qwenvl import demo
@@ -187,7 +215,7 @@ class LLM:
             lora is not None,
             head_quantization,
         )
-        _check_prefill_dtype(prefill_dtype, fmt, tensor_parallel_size)
+        self.prefill_dtype = _prefill_plan(prefill_dtype, fmt, tensor_parallel_size)
         self.workers: Workers | None = None
         runner: Callable[..., ModelRunner] = ModelRunner
         if tensor_parallel_size != 1:
@@ -201,13 +229,11 @@ class LLM:
                 self.path, dtype=dtype, device=device, progress=progress, weight_format=fmt
             )
         self.weight_format = fmt  # "bf16", "int8", a checkpoint's "awq:w4g128"... or None
-        if prefill_dtype == "bfloat16":
-            from qwenvl.layers.attention import set_attention_dtype
-            from qwenvl.layers.packed_linear import pack_linears, set_gemm_dtype
+        if self.prefill_dtype == "bfloat16":
+            from qwenvl.layers.packed_linear import set_gemm_dtype
 
             set_gemm_dtype(self.model, torch.bfloat16)
-            pack_linears(self.model.visual, torch.bfloat16)
-            set_attention_dtype(self.model.visual, torch.bfloat16)
+            _bf16_vision_on_first_call(self.model.visual)
         if lora is not None:  # a peft LoRA adapter folder, served unmerged
             from qwenvl.train.lora import load_adapter
 

@@ -166,10 +166,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prefill-dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="the prefill GEMMs of bf16-packed weights: float32 (exact) or bfloat16 (about 3x "
-        "faster on CPUs with AVX512-BF16/AMX; inputs and outputs rounded to bf16)",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the prefill GEMMs of bf16-packed weights and the ViT: float32 (exact) or bfloat16 "
+        "(about 3x faster on CPUs with AVX512-BF16/AMX; inputs and outputs rounded to bf16); "
+        "auto (default): bfloat16 on such CPUs",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1...; auto = cuda if present")
     p.add_argument(

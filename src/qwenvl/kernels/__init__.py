@@ -319,11 +319,12 @@ def isa() -> str | None:
     return None if mod is None else str(mod.isa())
 
 
-def applies(*tensors: torch.Tensor) -> bool:
+def applies(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     """True where ``rms_norm``/``silu_mul``/``decode_attention`` may stand in for the torch ops:
-    float32 CPU tensors that autograd does not track (inference), with the extension built."""
+    CPU tensors of ``dtypes`` that autograd does not track (inference), with the extension
+    built."""
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32:
+        if t.device.type != "cpu" or t.dtype not in dtypes:
             return False
         if t.requires_grad and torch.is_grad_enabled():
             return False
@@ -388,7 +389,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` for ``x = [g | u]`` split in halves of the last dim; float32 CPU."""
+    """``silu(g) * u`` for ``x = [g | u]`` split in halves of the last dim; float32 or bf16 CPU
+    (bf16: computed in float32, the result rounded to bf16)."""
     return _require().silu_mul(x)
 
 

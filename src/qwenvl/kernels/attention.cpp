@@ -40,19 +40,6 @@ constexpr int kRows = 16;
 constexpr int kMicro = 4;
 constexpr int kKeys = 64;  // keys a chunk of the online softmax
 
-inline uint16_t to_bf16(float x) {  // round to nearest even (inputs are finite)
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float from_bf16(uint32_t h) {
-  const uint32_t u = h << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-
 inline uint32_t pair(float lo, float hi) { return to_bf16(lo) | uint32_t{to_bf16(hi)} << 16; }
 
 struct Task {  // one (segment, head): its rows in q/k/v [N, H, D] (row strides sq, sk, sv)

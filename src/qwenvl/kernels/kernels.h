@@ -54,6 +54,20 @@ inline float exp_f32(float x) {
   return e * scale;
 }
 
+// bf16 <-> float32: round to nearest even (finite inputs), and widening (exact).
+inline uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float from_bf16(uint32_t h) {
+  const uint32_t u = h << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
 constexpr int64_t kMaxM = 16;  // rows of x a GEMV takes (kernels.MAX_M)
 
 enum class WeightKind { kBF16, kF16, kInt8Rows, kInt8Tiled, kInt4 };

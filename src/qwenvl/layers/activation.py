@@ -9,9 +9,9 @@ from qwenvl import kernels
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` for ``gate_up = [g | u]`` (halves of the last dim); float32 CPU inference
-    takes the one-call kernel."""
-    if kernels.applies(gate_up):
+    """``silu(g) * u`` for ``gate_up = [g | u]`` (halves of the last dim); float32 or bf16 CPU
+    inference takes the one-call kernel (bf16: the packed gate's output under bf16 prefill)."""
+    if kernels.applies(gate_up, dtypes=(torch.float32, torch.bfloat16)):
         return kernels.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -122,6 +122,9 @@ class PackedLinear(nn.Module):
     """
 
     gemm_dtype = torch.float32  # the prefill GEMM's; ``set_gemm_dtype``
+    # a bf16 GEMM's output handed on as bf16, not widened to the input's dtype: for a consumer
+    # that takes bf16 as it is (the MLP's gate, whose output feeds the next bf16 GEMM)
+    bf16_output = False
 
     def __init__(
         self,
@@ -231,7 +234,8 @@ class PackedLinear(nn.Module):
                 return kernels.linear_int8(x, self.qweight, self.scale, bias)
             return kernels.linear_bf16(x, self.weight, bias)
         if self.gemm_dtype == torch.bfloat16 and self.mode == "bf16" and x.dtype != torch.bfloat16:
-            y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+            y = F.linear(x.to(torch.bfloat16), self.weight)
+            y = y if self.bf16_output else y.to(x.dtype)
             return y if bias is None else y.add_(bias)
         b = None if bias is None else bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), b)

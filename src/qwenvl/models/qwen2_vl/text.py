@@ -97,6 +97,9 @@ class MLP(nn.Module):
             parts = {"gate_proj": inner, "up_proj": inner}
             self.gate_up_proj = fmt.linear(hidden, 2 * inner, bias=False, parts=parts)
             self.down_proj = fmt.linear(inner, hidden, bias=False)
+            # under bf16 prefill the gate takes the bf16 GEMM output and hands the down GEMM bf16
+            # (PackedLinear.bf16_output; the other formats have no bf16 GEMM and ignore it)
+            self.gate_up_proj.bf16_output = True
         else:
             self.gate_proj = nn.Linear(hidden, inner, bias=False)
             self.up_proj = nn.Linear(hidden, inner, bias=False)
