@@ -49,6 +49,20 @@ def test_silu_mul(shape: tuple[int, ...]) -> None:
     assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 64), (3, 17920), (5, 2, 18)])
+def test_silu_mul_bf16_in_and_out(shape: tuple[int, ...]) -> None:
+    """bf16 in (the packed gate's output under bf16 prefill), float32 inside, bf16 out: the float64
+    result rounded to bf16, but for a float32 result that rounds the other way at a tie."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4).bfloat16()
+    y = kernels.silu_mul(x)
+    gate, up = x.double().chunk(2, dim=-1)
+    ref = (gate / (1 + torch.exp(-gate)) * up).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert (y == ref).float().mean() > 0.99
+    ulp = 2.0 ** (torch.frexp(ref.double())[1] - 8)  # one bf16 step at ref's magnitude
+    assert ((y.double() - ref.double()).abs() <= ulp).all()
+
+
 def test_bad_inputs_give_clear_errors() -> None:
     with pytest.raises(RuntimeError, match="float32 CPU tensor"):
         kernels.rms_norm(torch.randn(2, 4).bfloat16(), torch.ones(4), 1e-6)
