@@ -87,16 +87,14 @@ def _prefill_plan(prefill_dtype: str, fmt: str | None, tensor_parallel_size: int
 
 
 def _bf16_vision_on_first_call(visual: torch.nn.Module) -> None:
-    """The vision tower's linears packed to bf16 and its attention switched to bf16 dot products
-    at its first call rather than at load: a start that never sees a picture skips the packing
-    (1.3 s for the 2B's tower, a third of a cold start to the first token)."""
-    from qwenvl.layers.attention import set_attention_dtype
+    """The vision tower's linears packed to bf16 at its first call rather than at load: a start
+    that never sees a picture skips the packing (1.3 s for the 2B's tower, a third of a cold start
+    to the first token)."""
     from qwenvl.layers.packed_linear import pack_linears
 
     def pack(module: torch.nn.Module, args: Any) -> None:
         handle.remove()
         pack_linears(module, torch.bfloat16)
-        set_attention_dtype(module, torch.bfloat16)
 
     handle = visual.register_forward_pre_hook(pack)
 
@@ -158,12 +156,13 @@ class LLM:
         prefill_dtype: ``"bfloat16"`` runs the prefill GEMMs of bf16-packed decoder weights and
             the vision tower's linears (its weights stored in bf16) in bf16: activations and GEMM
             outputs rounded to bf16, about 3x float32's speed on CPUs with AVX512-BF16 or AMX,
-            slower elsewhere; on CPUs with AVX512-BF16 the vision tower's attention runs in bf16
-            dot products too (``kernels.bf16_attention``). ``"float32"`` keeps them exact.
+            slower elsewhere; on CPUs with AVX512-BF16 the attention of the vision tower and of
+            the decoder's prefills runs in bf16 dot products too (``kernels.bf16_attention``).
+            ``"float32"`` keeps them exact.
             ``"auto"`` (default): bfloat16 where it pays (bf16-packed weights, one process, a CPU
             with bf16 dot products: ``packed_linear.native_bf16()``), else float32; the choice is
-            ``self.prefill_dtype``. Decoding, norms, the decoder's attention and the residual
-            stream stay float32 either way.
+            ``self.prefill_dtype``. Decoding, norms and the residual stream stay float32 either
+            way.
 
     CPU defaults (``dtype="auto"``, a 16-bit checkpoint of at least
     ``qwenvl.models.formats.PACK_MIN_BYTES``, a C++ compiler for our kernels):
@@ -230,9 +229,11 @@ class LLM:
             )
         self.weight_format = fmt  # "bf16", "int8", a checkpoint's "awq:w4g128"... or None
         if self.prefill_dtype == "bfloat16":
+            from qwenvl.layers.attention import set_attention_dtype
             from qwenvl.layers.packed_linear import set_gemm_dtype
 
             set_gemm_dtype(self.model, torch.bfloat16)
+            set_attention_dtype(self.model, torch.bfloat16)  # the decoder's prefills, the ViT
             _bf16_vision_on_first_call(self.model.visual)
         if lora is not None:  # a peft LoRA adapter folder, served unmerged
             from qwenvl.train.lora import load_adapter

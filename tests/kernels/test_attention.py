@@ -112,3 +112,50 @@ def test_bad_inputs() -> None:
         kernels.bf16_attention(q.double(), q, q, [0, 8])
     with pytest.raises(RuntimeError, match="one shape"):
         kernels.bf16_attention(q, q[:4], q, [0, 8])
+
+
+def _exact_causal(q, k, v, cu_q, cu_k) -> torch.Tensor:
+    """float64 causal attention with grouped kv heads: each segment's queries are its last
+    tokens and see the keys up to their own position."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k.shape[1]
+    for a, b, c, e in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        n, ctx = b - a, e - c
+        mask = torch.arange(ctx)[None] <= torch.arange(ctx - n, ctx)[:, None]
+        for h in range(q.shape[1]):
+            s = q[a:b, h].double() @ k[c:e, h // group].double().T
+            w = s.masked_fill(~mask, float("-inf")).softmax(-1)
+            out[a:b, h] = w @ v[c:e, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "cu_q", "cu_k"),
+    [
+        (12, 2, 128, [0, 150], [0, 150]),  # a whole prompt: the decoder's prefill
+        (4, 4, 64, [0, 20, 37], [0, 90, 107]),  # chunks after cached prefixes, off the blocks
+        (6, 3, 80, [0, 1, 70], [0, 1, 200]),  # one-token chunk; a chunk past two key chunks
+    ],
+)
+def test_causal_grouped_against_exact_attention_of_the_rounded_inputs(
+    heads, kv_heads, d, cu_q, cu_k
+) -> None:
+    g = torch.Generator().manual_seed(d + heads)
+    q = torch.randn(cu_q[-1], heads, d, generator=g) * 1.5
+    k = torch.randn(cu_k[-1], kv_heads, d, generator=g) * 1.5
+    v = torch.randn(cu_k[-1], kv_heads, d, generator=g)
+    got = kernels.bf16_attention(q, k, v, cu_q, cu_k, causal=True)
+    assert got.shape == q.shape
+    scaled = _bf16(q * math.log2(math.e) / math.sqrt(d)) * math.log(2)
+    ref = _exact_causal(scaled, _bf16(k), _bf16(v), cu_q, cu_k)
+    err = (got.double() - ref).abs().max() / v.abs().max()
+    assert err < 2**-8, err
+    # the first query of a fresh prompt sees one key: its own value, rounded
+    if cu_q == cu_k:
+        assert torch.equal(got[0], v[0].repeat_interleave(heads // kv_heads, 0).bfloat16().float())
+
+
+def test_causal_needs_as_many_keys_as_queries() -> None:
+    q = torch.randn(8, 2, 32)
+    with pytest.raises(RuntimeError, match="keys >= queries"):
+        kernels.bf16_attention(q, q[:4], q[:4], [0, 8], [0, 4], causal=True)

@@ -37,7 +37,14 @@ class _KeepOpening:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(
-        self, layer: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
+        self,
+        layer: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        dtype: object = None,
     ) -> Tensor:
         d = cos.shape[-1]
         q, k = _rotate(q, cos, sin, d), _rotate(k, cos, sin, d)
@@ -71,7 +78,14 @@ class _AfterOpening:
         self.looks = 0
 
     def attend(
-        self, layer: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor
+        self,
+        layer: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        dtype: object = None,
     ) -> Tensor:
         d = cos.shape[-1]
         q, k = _rotate(q, cos, sin, d), _rotate(k, cos, sin, d)

@@ -32,6 +32,7 @@ class TorchPagedAttention:
         v: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """``q [T, H*D]``, ``k, v [T, Hkv*D]`` before rotary, ``cos, sin [T, D]`` -> ``[T,
         H*D]``."""
@@ -39,20 +40,28 @@ class TorchPagedAttention:
         cos, sin = cos[:, None], sin[:, None]
         q = apply_rotary(q.view(t, -1, d), cos, sin)
         k = apply_rotary(k.reshape(t, -1, d), cos, sin)
-        out = self._attend(layer, q, k, v.reshape(t, -1, d))
+        out = self._attend(layer, q, k, v.reshape(t, -1, d), dtype)
         return out.reshape(t, -1)
 
     def _attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
         """Write ``k, v [T, Hkv, D]`` to their slots, then attend ``q [T, H, D]`` -> ``[T, H,
-        D]``."""
+        D]``; under bf16 prefill a CPU with bf16 dot products runs the prefills'
+        (causal, with their cached prefix) in ``kernels.bf16_attention``."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         meta = self.meta
         kc[meta.slots] = k.to(kc.dtype)
         vc[meta.slots] = v.to(vc.dtype)
         out = torch.empty_like(q)
+        fused = dtype == torch.bfloat16 and kernels.bf16_attention_applies(q)
         for row, n, keys, mask in meta.prefills:
+            if fused and kc.dtype == torch.float32:  # mask: causal, the prefix before the chunk
+                cu_k = [0, keys.shape[0]]
+                out[row : row + n] = kernels.bf16_attention(
+                    q[row : row + n], kc[keys], vc[keys], [0, n], cu_k, causal=True
+                )
+                continue
             qs = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             ks = kc[keys].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
             vs = vc[keys].transpose(0, 1).unsqueeze(0)
@@ -81,9 +90,10 @@ class KernelPagedAttention(TorchPagedAttention):
         v: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         if not (self.all_decode and kernels.applies(q, self.cache.k[layer])):
-            return super().attend(layer, q, k, v, cos, sin)
+            return super().attend(layer, q, k, v, cos, sin, dtype)
         meta = self.meta
         return kernels.decode_attention(
             q,

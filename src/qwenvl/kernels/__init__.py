@@ -361,12 +361,23 @@ def bf16_attention_applies(q: torch.Tensor) -> bool:
 
 
 def bf16_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: list[int],
+    cu_keys: list[int] | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """Non-causal attention within each segment of ``cu_seqlens`` for float32 q, k, v ``[N, H,
-    D]``, with q/sqrt(D), k, v and the softmax weights rounded to bf16 and float32 sums
-    (attention.cpp); returns float32 ``[N, H, D]``."""
-    return _require().bf16_attention(q, k, v, list(cu_seqlens))
+    """Attention within each segment for float32 q ``[Nq, H, D]`` and k, v ``[Nk, Hkv, D]`` (H a
+    multiple of Hkv): segment i's queries ``cu_seqlens[i]:cu_seqlens[i+1]`` attend its keys
+    ``cu_keys[i]:cu_keys[i+1]`` (default: the same rows), all of them or, ``causal``, those up to
+    their own position, the queries being the segment's last tokens. q/sqrt(D), k, v and the
+    softmax weights are rounded to bf16, the sums float32 (attention.cpp); returns float32 ``[Nq,
+    H, D]``."""
+    cu_q = list(cu_seqlens)
+    return _require().bf16_attention(
+        q, k, v, cu_q, cu_q if cu_keys is None else list(cu_keys), causal
+    )
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

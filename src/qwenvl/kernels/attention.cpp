@@ -42,31 +42,35 @@ constexpr int kKeys = 64;  // keys a chunk of the online softmax
 
 inline uint32_t pair(float lo, float hi) { return to_bf16(lo) | uint32_t{to_bf16(hi)} << 16; }
 
-struct Task {  // one (segment, head): its rows in q/k/v [N, H, D] (row strides sq, sk, sv)
+struct Task {  // one (segment, query head): Lq query rows, Lk key rows (row strides sq, sk, sv)
   const float *q, *k, *v;
-  int64_t sq, sk, sv, L, D;
-  float* out;  // [N, H, D] contiguous, at the segment's first row and this head
+  int64_t sq, sk, sv, Lq, Lk, D;
+  int64_t limit;  // causal: query row i sees keys j < i + limit (limit = Lk - Lq + 1); else Lk
+  bool causal;
+  float* out;  // [Nq, H, D] contiguous, at the segment's first row and this head
   int64_t so;
+  int64_t keys_for(int64_t row) const { return causal ? std::min(Lk, row + limit) : Lk; }
 };
 
 struct Scratch {
   std::vector<uint32_t> q, k, v;
   std::vector<float> o;  // [kRows][D] running numerators
   void pack(const Task& t, float scale) {
-    const int64_t P = t.D / 2, rows = (t.L + kRows - 1) / kRows * kRows;
-    const int64_t keys = (t.L + kKeys - 1) / kKeys * kKeys;
+    const int64_t P = t.D / 2, rows = (t.Lq + kRows - 1) / kRows * kRows;
+    const int64_t keys = (t.Lk + kKeys - 1) / kKeys * kKeys;
     q.assign(rows * P, 0);
     k.assign(keys * P, 0);
     v.assign(keys / 2 * t.D, 0);
     o.resize(kRows * t.D);
-    for (int64_t i = 0; i < t.L; ++i) {
-      const float *qi = t.q + i * t.sq, *ki = t.k + i * t.sk, *vi = t.v + i * t.sv;
+    for (int64_t i = 0; i < t.Lq; ++i) {
+      const float* qi = t.q + i * t.sq;
+      for (int64_t p = 0; p < P; ++p) q[i * P + p] = pair(qi[2 * p] * scale, qi[2 * p + 1] * scale);
+    }
+    for (int64_t i = 0; i < t.Lk; ++i) {
+      const float *ki = t.k + i * t.sk, *vi = t.v + i * t.sv;
       uint32_t* kb = k.data() + (i / 16) * P * 16 + i % 16;
       uint16_t* vb = reinterpret_cast<uint16_t*>(v.data() + (i / 2) * t.D) + i % 2;
-      for (int64_t p = 0; p < P; ++p) {
-        q[i * P + p] = pair(qi[2 * p] * scale, qi[2 * p + 1] * scale);
-        kb[p * 16] = pair(ki[2 * p], ki[2 * p + 1]);
-      }
+      for (int64_t p = 0; p < P; ++p) kb[p * 16] = pair(ki[2 * p], ki[2 * p + 1]);
       for (int64_t d = 0; d < t.D; ++d) vb[2 * d] = to_bf16(vi[d]);
     }
   }
@@ -189,7 +193,7 @@ float softmax_row(const float* s, int64_t valid, float* m, float* l, uint16_t* p
     mx = _mm512_mask_max_ps(mx, live[b], mx, sv[b]);
   }
   const float top = _mm512_reduce_max_ps(mx);
-  const float alpha = std::exp2(*m - top);  // m = -inf at the start: 0
+  const float alpha = top == *m ? 1.f : std::exp2(*m - top);  // m = -inf at the start: 0
   *m = top;
   __m512 sum = _mm512_setzero_ps();
   for (int b = 0; b < V; ++b) {
@@ -205,7 +209,7 @@ float softmax_row(const float* s, int64_t valid, float* m, float* l, uint16_t* p
 float softmax_row(const float* s, int64_t valid, float* m, float* l, uint16_t* p) {
   float top = *m;
   for (int64_t j = 0; j < valid; ++j) top = std::max(top, s[j]);
-  const float alpha = std::exp2(*m - top);
+  const float alpha = top == *m ? 1.f : std::exp2(*m - top);
   *m = top;
   float sum = 0.f;
   for (int j = 0; j < kKeys; ++j) {
@@ -223,57 +227,73 @@ void run_task(const Task& t, float scale, Scratch& w) {
   alignas(64) float s[kRows][kKeys];
   alignas(64) uint32_t p[kRows][kKeys / 2];
   float m[kRows], l[kRows], alpha[kRows];
-  for (int64_t r0 = 0; r0 < t.L; r0 += kRows) {
+  for (int64_t r0 = 0; r0 < t.Lq; r0 += kRows) {
     std::fill(w.o.begin(), w.o.end(), 0.f);
     std::fill_n(m, kRows, -std::numeric_limits<float>::infinity());
     std::fill_n(l, kRows, 0.f);
-    for (int64_t c0 = 0; c0 < t.L; c0 += kKeys) {
+    const int64_t last = t.keys_for(r0 + kRows - 1);  // the block's keys; causal: fewer
+    for (int64_t c0 = 0; c0 < last; c0 += kKeys) {
       scores(w, P, r0, c0, s);
-      const int64_t valid = std::min<int64_t>(kKeys, t.L - c0);
-      for (int r = 0; r < kRows; ++r)
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t valid = std::clamp<int64_t>(t.keys_for(r0 + r) - c0, 0, kKeys);
         alpha[r] = softmax_row(s[r], valid, &m[r], &l[r], reinterpret_cast<uint16_t*>(p[r]));
+      }
       weighted_values(w, t.D, c0, p, alpha, w.o.data());
     }
-    for (int64_t r = 0; r < kRows && r0 + r < t.L; ++r) {
+    for (int64_t r = 0; r < kRows && r0 + r < t.Lq; ++r) {
       float* dst = t.out + (r0 + r) * t.so;
       for (int64_t d = 0; d < t.D; ++d) dst[d] = w.o[r * t.D + d] / l[r];
     }
   }
 }
 
-// q, k, v [N, H, D] float32 (the last dim contiguous; rows may be strided views of a fused qkv),
-// cu_seqlens [0, ..., N] non-decreasing: attention within each segment. Returns [N, H, D].
+void check_bounds(at::IntArrayRef cu, int64_t n, const char* name) {
+  TORCH_CHECK(cu.size() >= 2 && cu.front() == 0 && cu.back() == n, "qwenvl bf16_attention: ",
+              name, " must run from 0 to N = ", n);
+  for (size_t i = 1; i < cu.size(); ++i)
+    TORCH_CHECK(cu[i] >= cu[i - 1], "qwenvl bf16_attention: ", name, " must not decrease");
+}
+
+// q [Nq, H, D], k and v [Nk, Hkv, D] float32 (the last dim contiguous; rows may be strided views
+// of a fused qkv), H a multiple of Hkv (grouped-query attention); segment i's queries
+// [cu_q[i], cu_q[i+1]) attend its keys [cu_k[i], cu_k[i+1]), all of them or, causal, those up to
+// their own position when the queries are the segment's last tokens. Returns [Nq, H, D].
 at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          at::IntArrayRef cu_seqlens) {
+                          at::IntArrayRef cu_q, at::IntArrayRef cu_k, bool causal) {
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 &&
-                    t->sizes() == q.sizes() && t->stride(2) == 1 && t->stride(0) >= 0,
-                "qwenvl bf16_attention: q, k, v must be float32 CPU [N, H, D] of one shape with "
+                    t->size(2) == q.size(2) && t->stride(2) == 1 && t->stride(0) >= 0,
+                "qwenvl bf16_attention: q, k, v must be float32 CPU [N, heads, D] with one D and "
                 "contiguous last dims, got ",
                 t->sizes());
-  const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(1) % k.size(1) == 0,
+              "qwenvl bf16_attention: k and v must be one shape, their heads dividing q's");
+  const int64_t H = q.size(1), Hkv = k.size(1), D = q.size(2);
   TORCH_CHECK(D % 16 == 0 && D >= 16 && D <= 128,
               "qwenvl bf16_attention: head_dim must be a multiple of 16 up to 128, got ", D);
-  TORCH_CHECK(cu_seqlens.size() >= 2 && cu_seqlens.front() == 0 && cu_seqlens.back() == N,
-              "qwenvl bf16_attention: cu_seqlens must run from 0 to N = ", N);
-  for (size_t i = 1; i < cu_seqlens.size(); ++i)
-    TORCH_CHECK(cu_seqlens[i] >= cu_seqlens[i - 1],
-                "qwenvl bf16_attention: cu_seqlens must not decrease");
-  at::Tensor out = at::empty({N, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (first row, length) for each head in turn
-  for (size_t i = 1; i < cu_seqlens.size(); ++i)
-    if (cu_seqlens[i] > cu_seqlens[i - 1])
-      for (int64_t h = 0; h < H; ++h) tasks.emplace_back(cu_seqlens[i - 1] * H + h, cu_seqlens[i] - cu_seqlens[i - 1]);
+  check_bounds(cu_q, q.size(0), "cu_seqlens");
+  check_bounds(cu_k, k.size(0), "cu_keys");
+  TORCH_CHECK(cu_q.size() == cu_k.size(), "qwenvl bf16_attention: one key segment per query one");
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<std::pair<size_t, int64_t>> tasks;  // (segment, query head)
+  for (size_t i = 1; i < cu_q.size(); ++i) {
+    const int64_t lq = cu_q[i] - cu_q[i - 1], lk = cu_k[i] - cu_k[i - 1];
+    TORCH_CHECK(!causal || lk >= lq, "qwenvl bf16_attention: causal segments need keys >= queries");
+    if (lq > 0 && lk > 0)
+      for (int64_t h = 0; h < H; ++h) tasks.emplace_back(i - 1, h);
+  }
   const float scale = 1.4426950409f / std::sqrt(static_cast<float>(D));  // log2(e): exp2 later
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t i0, int64_t i1) {
     Scratch w;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row = tasks[i].first / H, h = tasks[i].first % H;
-      const Task t{qp + row * q.stride(0) + h * q.stride(1), kp + row * k.stride(0) + h * k.stride(1),
-                   vp + row * v.stride(0) + h * v.stride(1), q.stride(0), k.stride(0), v.stride(0),
-                   tasks[i].second, D, op + (row * H + h) * D, H * D};
+      const auto [seg, h] = tasks[i];
+      const int64_t g = h / (H / Hkv), rq = cu_q[seg], rk = cu_k[seg];
+      const int64_t lq = cu_q[seg + 1] - rq, lk = cu_k[seg + 1] - rk;
+      const Task t{qp + rq * q.stride(0) + h * q.stride(1), kp + rk * k.stride(0) + g * k.stride(1),
+                   vp + rk * v.stride(0) + g * v.stride(1), q.stride(0), k.stride(0), v.stride(0),
+                   lq, lk, D, causal ? lk - lq + 1 : lk, causal, op + (rq * H + h) * D, H * D};
       run_task(t, scale, w);
     }
   });
@@ -284,7 +304,7 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 }  // namespace qwenvl
 
 TORCH_LIBRARY_FRAGMENT(qwenvl_gemv, m) {
-  m.def("bf16_attention(Tensor q, Tensor k, Tensor v, int[] cu_seqlens) -> Tensor",
+  m.def("bf16_attention(Tensor q, Tensor k, Tensor v, int[] cu_q, int[] cu_k, bool causal) -> Tensor",
         &qwenvl::bf16_attention);
   m.def("bf16_attention_native() -> bool", [] {
 #if defined(__AVX512BF16__)

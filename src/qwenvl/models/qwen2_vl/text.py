@@ -36,9 +36,11 @@ class PagedAttention(Protocol):
         v: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """``q [T, H*D]``, ``k, v [T, Hkv*D]`` before rotary, ``cos, sin [T, D]`` -> ``[T, H*D]``:
-        rotary, cache write and attention of the step's tokens, laid end to end."""
+        rotary, cache write and attention of the step's tokens, laid end to end; ``dtype``
+        bfloat16 lets a prefill's products run in bf16 where the kernel for it applies."""
         ...
 
 
@@ -55,6 +57,7 @@ class Attention(nn.Module):
             cfg.hidden_size,
         )
         self.widths = [q, kv, kv]
+        self.attention_dtype = torch.float32  # layers.attention.set_attention_dtype
         if fmt is not None:  # one weight read for q, k and v
             parts = {"q_proj": q, "k_proj": kv, "v_proj": kv}
             self.qkv_proj = fmt.linear(hidden, q + 2 * kv, bias=True, parts=parts)
@@ -79,7 +82,9 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if kv is not None:  # paged: the step's tokens are one flat row of sequences
-            out = kv.attend(self.layer_idx, q[0], k[0], v[0], cos[0, 0], sin[0, 0])
+            out = kv.attend(
+                self.layer_idx, q[0], k[0], v[0], cos[0, 0], sin[0, 0], self.attention_dtype
+            )
             return self.o_proj(out.view(b, n, -1))
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
