@@ -6,11 +6,11 @@ weights stream from memory; ``gemv.cpp`` reads each weight once for all (<= 16) 
 bf16/int8 in registers. ``decode.cpp`` does the rest of a decoder layer's float32 work (RMSNorm,
 the SwiGLU gate, rotary + paged-cache write + attention) in one call each, where eager torch
 spends more time dispatching ops than computing; ``layers.cpp`` runs a packed decoder's layers
-for a decode step in one call, threads forked once; ``attention.cpp`` is the ViT's attention
-under bf16 prefill, in bf16 dot products, never materialising the scores. The extension is
-compiled with ``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first use; without a
-compiler (or with ``QWENVL_KERNELS=0``) ``available()`` is False and callers keep using torch,
-and ``describe()`` says which of these holds.
+for a decode step in one call, threads forked once; ``attention.cpp`` is the attention of bf16
+prefill (the ViT's, the decoder's prefills) in bf16 dot products, never storing the scores. The
+extension is compiled with ``-march=native`` (``QWENVL_KERNELS_MARCH`` overrides it) on first
+use; without a compiler (or with ``QWENVL_KERNELS=0``) ``available()`` is False and callers keep
+using torch, and ``describe()`` says which of these holds.
 
 The build cache: ``~/.cache/qwenvl/kernels/<key>/``, where the key hashes everything the library
 depends on: the sources' bytes, the torch build, the Python ABI, the compiler, the flags and (for

@@ -1,5 +1,6 @@
-// Non-causal block-diagonal attention in bf16 dot products: the vision tower's attention under
-// bf16 prefill.
+// Attention in bf16 dot products under bf16 prefill: the vision tower's (non-causal, within each
+// image or window segment) and the decoder's prefills (causal after their cached prefix, grouped
+// kv heads).
 //
 // A 1280x720 picture is 4,784 patches in one segment: the score matrix of one head is 23 M floats,
 // and 32 blocks x 16 heads of it cost float32 SDPA ~1 s a block on two cores, half the bf16 ViT.
@@ -14,7 +15,7 @@
 // register-blocked micro-kernels; other builds run the same arithmetic in plain loops, slower
 // than SDPA, so Python only routes here where the instructions exist (bf16_attention_native).
 //
-// Layouts, per (segment, head) task, packed into the thread's scratch: pairs of bf16 as uint32,
+// Layouts, per (segment, query head) task, in the thread's scratch: pairs of bf16 as uint32,
 //   q  [rows rounded up to kRows][D/2]            (query row, pair of dims)
 //   k  [keys rounded up to kKeys / 16][D/2][16]   (16 keys side by side for each pair of dims)
 //   v  [keys rounded up to kKeys / 2][D]          (each dim for a pair of keys)
