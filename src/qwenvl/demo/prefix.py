@@ -30,6 +30,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> to
     return apply_rotary(x.reshape(t, -1, d), cos[:, None], sin[:, None]).transpose(0, 1)
 
 
+def _heads(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+    """What ``attend`` receives (``[T, heads*D]``) as ``[heads, T, D]``, q and k rotated."""
+    d = cos.shape[-1]
+    v = v.reshape(v.shape[0], -1, d).transpose(0, 1)
+    return _rotate(q, cos, sin, d), _rotate(k, cos, sin, d), v
+
+
 class _KeepOpening:
     """Causal attention over the opening alone, keeping each layer's rotated keys and values."""
 
@@ -37,18 +44,9 @@ class _KeepOpening:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attend(
-        self,
-        layer: int,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        dtype: object = None,
-    ) -> Tensor:
-        d = cos.shape[-1]
-        q, k = _rotate(q, cos, sin, d), _rotate(k, cos, sin, d)
-        v = v.reshape(v.shape[0], -1, d).transpose(0, 1)
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, dtype=None
+    ) -> Tensor:  # dtype: the engine's prefill hint, no use in float32 training
+        q, k, v = _heads(q, k, v, cos, sin)
         self.kv[layer] = (k, v)
         out = causal_attention(q[None], k[None], v[None], None)[0]
         return out.transpose(0, 1).reshape(q.shape[1], -1)
@@ -78,18 +76,9 @@ class _AfterOpening:
         self.looks = 0
 
     def attend(
-        self,
-        layer: int,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        dtype: object = None,
-    ) -> Tensor:
-        d = cos.shape[-1]
-        q, k = _rotate(q, cos, sin, d), _rotate(k, cos, sin, d)
-        v = v.reshape(v.shape[0], -1, d).transpose(0, 1)
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, dtype=None
+    ) -> Tensor:  # dtype: the engine's prefill hint, no use in float32 training
+        q, k, v = _heads(q, k, v, cos, sin)
         k0, v0 = self.kept[layer]
         outs, start = [], 0
         self.heads = q.shape[0]

@@ -54,9 +54,14 @@ class TorchPagedAttention:
         kc[meta.slots] = k.to(kc.dtype)
         vc[meta.slots] = v.to(vc.dtype)
         out = torch.empty_like(q)
-        fused = dtype == torch.bfloat16 and kernels.bf16_attention_applies(q)
+        fused = (
+            meta.prefills
+            and dtype == torch.bfloat16
+            and kc.dtype == torch.float32
+            and kernels.bf16_attention_applies(q)
+        )
         for row, n, keys, mask in meta.prefills:
-            if fused and kc.dtype == torch.float32:  # mask: causal, the prefix before the chunk
+            if fused:  # mask: causal, the prefix before the chunk
                 cu_k = [0, keys.shape[0]]
                 out[row : row + n] = kernels.bf16_attention(
                     q[row : row + n], kc[keys], vc[keys], [0, n], cu_k, causal=True

@@ -26,6 +26,7 @@ ninja.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -355,8 +356,13 @@ def bf16_attention_applies(q: torch.Tensor) -> bool:
     """True where ``bf16_attention`` pays: a float32 CPU inference tensor with a head_dim it takes,
     on a build with AVX512-BF16 dot products (elsewhere its plain loops are slower than SDPA)."""
     d = q.shape[-1]
-    if not (applies(q) and d % 16 == 0 and 16 <= d <= 128):
-        return False
+    return applies(q) and d % 16 == 0 and 16 <= d <= 128 and _bf16_dot_build()
+
+
+@functools.cache
+def _bf16_dot_build() -> bool:
+    """Whether the loaded build has the AVX512-BF16 micro-kernels (asked once: the paged
+    attention asks every layer of every step)."""
     return bool(_require().bf16_attention_native())
 
 

@@ -12,7 +12,7 @@ That GEMM runs in float32 by default (exact for bf16 weights). ``gemm_dtype = to
 rounded to bf16, in oneDNN's bf16 GEMM: on CPUs with bf16 dot-product instructions (AVX512-BF16,
 AMX) about 3x float32's speed with no expanded weight, at the cost of rounding the GEMM's inputs
 and its output to bf16 (torch's CPU GEMM has no float32-output variant for bf16 inputs); the
-residual stream, norms, attention and decoding stay float32.
+residual stream, norms and decoding stay float32.
 """
 
 from __future__ import annotations
