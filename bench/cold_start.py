@@ -5,7 +5,7 @@
 
 Each run is a fresh process (files already in the page cache: a first untimed run reads them):
 import qwenvl, ``LLM(model)`` (on the CPU a 16-bit checkpoint this size is packed in bf16 for the
-kernels), then one greedy token of a short prompt, then ``--decode`` more tokens for the decode
+kernels), then one greedy token of a short chat turn, then ``--decode`` more tokens for the decode
 rate. ``repack``: ``QWENVL_WEIGHT_CACHE=0``, every start packs the checkpoint again (what every
 start did before the cache); ``cached``: a warm cache, the start maps the built weights. The load
 average is printed around each run, as the box may be shared.
@@ -24,6 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+SHORT_PROMPT = "Hello, who are you?"  # llama_cpp.py's cold row asks llama-mtmd-cli the same
+
+# One chat turn through the chat template, as llama-mtmd-cli's is (the import, the template and
+# the tokenizer all count).
 CODE = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -31,20 +35,22 @@ from qwenvl import LLM, SamplingParams
 t1 = time.perf_counter()
 llm = LLM(sys.argv[1])
 t2 = time.perf_counter()
-llm.generate(["Describe a sunny day."], SamplingParams(temperature=0, max_tokens=1))
+chat = [{"role": "user", "content": sys.argv[3]}]
+first = llm.chat(chat, SamplingParams(temperature=0, max_tokens=1))[0]
 t3 = time.perf_counter()
 n = int(sys.argv[2])
-out = llm.generate(["Describe a sunny day."], SamplingParams(temperature=0, max_tokens=n + 1,
-                   ignore_eos=True))
+out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
 t4 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_token": t3 - t2,
-                  "decode_s": t4 - t3, "decode_tok_s": n / (t4 - t3 - (t3 - t2))}))
+                  "decode_s": t4 - t3, "decode_tok_s": n / (t4 - t3 - (t3 - t2)),
+                  "prompt_tokens": first.num_prompt_tokens}))
 """
 
 
 def run(model: Path, env: dict[str, str], decode: int) -> dict:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CODE, str(model), str(decode)], env=env,
+    argv = [sys.executable, "-c", CODE, str(model), str(decode), SHORT_PROMPT]
+    out = subprocess.run(argv, env=env,
                          capture_output=True, text=True, check=True)  # fmt: skip
     wall = time.perf_counter() - t0
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -77,8 +83,8 @@ def main() -> None:
             rows[mode].append(row)
             print(f"round {r + 1} {mode:7s} import {row['import']:.1f} s  load {row['load']:.1f}"
                   f" s  first token {row['first_token']:.2f} s  process start to first token "
-                  f"{row['to_first_token']:.1f} s  decode {row['decode_tok_s']:.2f} tok/s  load avg "
-                  f"{before:.1f}->{row['load_avg'][1]:.1f}", flush=True)  # fmt: skip
+                  f"{row['to_first_token']:.2f} s  decode {row['decode_tok_s']:.2f} tok/s  load "
+                  f"avg {before:.1f}->{row['load_avg'][1]:.1f}", flush=True)  # fmt: skip
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     print(f"cache folder {cache}: {size / 2**30:.2f} GiB")
     print(json.dumps(rows))

@@ -28,10 +28,12 @@ Rows (both systems use the 2 cores; ratio > 1: qwenvl faster):
   done before the clock; llama.cpp: ``llama-mtmd-cli --image`` with ``--no-warmup``, its logged
   image encode time, and for the first token llama_perf's prompt eval time, which spans the
   encode);
-* ``cold``: process start to the first token of a short prompt, files in the page cache (an
-  untimed start first): a fresh ``python -c`` doing ``LLM(path)`` + one token (qwenvl's built
-  weights cached under the work folder), against ``llama-mtmd-cli`` with the mmproj, run to exit
-  (the prompt on its stdin: without ``--image`` it is a chat that reads stdin).
+* ``cold``: process start to the first token of a short chat turn, files in the page cache (an
+  untimed start first): a fresh ``python -c`` doing ``LLM(path)`` + ``llm.chat`` of one token
+  (qwenvl's built weights cached under the work folder, the cache this process's model maps too),
+  against ``llama-mtmd-cli`` with the mmproj, run to exit (the same text on its stdin: without
+  ``--image`` it is a chat that reads stdin; ``-sys`` gives it the system turn the released
+  template adds, so both evaluate the same ~34 tokens).
 
 Each round runs every row, both systems one after the other (qwenvl first in odd rounds,
 llama.cpp first in even ones); DRAM read bandwidth (``cpu_speed.read_bandwidth``) is read before,
@@ -68,6 +70,7 @@ from cpu_speed import (
 )
 from released_shapes import FAMILIES, RELEASED, build_checkpoint
 
+from qwenvl.processing.chat_template import DEFAULT_SYSTEM_PROMPT
 from qwenvl.processing.prompt import MediaItem
 
 VERSION = "0.3.36"  # llama-cpp-python sdist; its vendor/llama.cpp is what is built
@@ -95,7 +98,6 @@ CONVERTER_PACKAGES = [
 ROWS = ("ttft", "decode", "image", "cold")
 THREADS = 2
 DECODE_TOKENS = 64
-SHORT_PROMPT = "Hello, who are you?"
 IMAGE_QUESTION = "Describe this image."
 
 # Runs llama.cpp's convert_hf_to_gguf.py with the pre-tokenizer lookup wrapped: argv[1] is the
@@ -300,7 +302,10 @@ def llama_image(paths: Paths) -> dict[str, Any]:
 
 
 def llama_cold(paths: Paths) -> dict[str, Any]:
-    wall, text = mtmd(paths, [], stdin=SHORT_PROMPT + "\n")
+    # The released template's default system turn, which qwenvl's chat adds: both evaluate the
+    # same conversation (llama-mtmd-cli's own chatml adds none; 22 tokens without it, not 34).
+    sys_turn = ["-sys", DEFAULT_SYSTEM_PROMPT]
+    wall, text = mtmd(paths, sys_turn, stdin=cold_start.SHORT_PROMPT + "\n")
     _, tokens = prompt_eval(text)  # proves the prompt was read and evaluated
     return {"value": wall, "prompt_tokens": tokens}
 
@@ -345,7 +350,8 @@ def qwenvl_cold(paths: Paths) -> dict[str, Any]:
     the work folder, warm after the first round)."""
     env = {**os.environ, "QWENVL_CACHE_DIR": str(paths.weight_cache)}
     row = cold_start.run(paths.ckpt, env, decode=1)
-    return {"value": row["to_first_token"], "load_s": row["load"]}
+    return {"value": row["to_first_token"], "load_s": row["load"],
+            "prompt_tokens": row["prompt_tokens"]}  # fmt: skip
 
 
 # --- rounds -------------------------------------------------------------------------------------
@@ -455,6 +461,10 @@ def run(args: argparse.Namespace, paths: Paths) -> list[dict[str, Any]]:
         f"{paths.shape} shape ({paths.family}): rows {rows}, {args.rounds} rounds; "
         f"load average {os.getloadavg()}"
     )
+    # One built-weights cache for this process's model and the cold starts, as a user's machine
+    # has one: the cold starts then map pages this model keeps in the page cache, where a second
+    # copy of the cache (6-9 GB) beside it fell out of the page cache.
+    os.environ["QWENVL_CACHE_DIR"] = str(paths.weight_cache)
     qw = Qwenvl(paths, args.dtype, args.prefill_dtype) if set(rows) - {"cold"} else None
     if "cold" in rows:  # files into the page cache, qwenvl's built-weights cache written
         log("cold start: one untimed start of each")

@@ -125,6 +125,17 @@ def test_encode_decode_match_transformers(tok: Tokenizer, hf_tok: Any, text: str
         )
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_untrusted_text_matches_split_special_tokens(
+    tok: Tokenizer, hf_tok: Any, text: str
+) -> None:
+    """No control spans: special-token strings are plain characters, as transformers'
+    ``split_special_tokens=True`` reads them; non-special added tokens (``<tool_call>``) still
+    match. Texts with and without such strings take different backends inside."""
+    ids, _ = tok.encode_marked(text, [])
+    assert ids == hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def test_special_tokens_in_text_are_single_ids(tok: Tokenizer) -> None:
     ids = tok.encode("a<|im_end|>b<tool_call>")
     assert tok.require_id("<|im_end|>") in ids and tok.require_id("<tool_call>") in ids

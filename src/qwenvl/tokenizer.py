@@ -215,12 +215,21 @@ class Tokenizer:
     def _encodings(self, texts: Sequence[str], special: bool) -> list[tokenizers.Encoding]:
         # encode_batch releases the GIL (encode does not): a long prompt tokenized in a worker
         # thread must not stall the server's event loop.
-        backend = self.backend if special else self._plain_backend
         for text in texts:
             at = lone_surrogate(text)
             if at is not None:
                 raise PromptError(surrogate_message(text, at))
+        backend = self.backend if special or not self._holds_special(texts) else self._plain_backend
         return backend.encode_batch(list(texts), add_special_tokens=False)
+
+    def _holds_special(self, texts: Sequence[str]) -> bool:
+        """Whether the two backends could differ on `texts`: only where a special-token string
+        occurs (found as the backend finds it: special tokens that match normalised text, which
+        no Qwen tokenizer has, count as always present). Texts without one take the main backend,
+        so the plain copy (0.1 s to build) is made only when a message holds such a string."""
+        if self._special_normalized:
+            return True
+        return any(self._special_pattern.search(text) for text in texts)
 
     def _refuse_over(
         self, text: str, pieces: list[tuple[int, int]], extra: int, limit: int
@@ -232,7 +241,9 @@ class Tokenizer:
         past the limit, so the work is bounded by the limit, not by the text's length.
         """
         chars = sum(b - a for a, b in pieces)
-        floor = -(-chars // self.max_token_chars) + extra
+        # The floor is at most chars + extra tokens: only a text longer than that can fail it, so
+        # a short prompt never reads the vocabulary for max_token_chars (0.1 s).
+        floor = -(-chars // self.max_token_chars) + extra if chars + extra > limit else 0
         if floor > limit:
             raise ContextLengthError(
                 f"the prompt's text is {chars} characters, at least {floor} tokens, but at most "
@@ -285,6 +296,11 @@ class Tokenizer:
         """Special (control) token strings and their ids."""
         added = self.backend.get_added_tokens_decoder()
         return {t.content: i for i, t in added.items() if t.special}
+
+    @functools.cached_property
+    def _special_normalized(self) -> bool:
+        added = self.backend.get_added_tokens_decoder().values()
+        return any(t.special and t.normalized for t in added)
 
     @functools.cached_property
     def _special_pattern(self) -> re.Pattern[str]:
