@@ -4,6 +4,7 @@ turn it off for that load."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -68,9 +69,34 @@ def test_a_changed_checkpoint_gets_a_new_entry(checkpoints, cache_dir, monkeypat
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
     save_file(tensors, weights, metadata={"format": "pt"})
     os.utime(weights, ns=(1, 1))  # even with an older time stamp
+    (old,) = cache_dir.iterdir()
     model = load_model(folder, dtype="float32", weight_format="bf16")[0]
-    assert len(list(cache_dir.iterdir())) == 2
+    (new,) = cache_dir.iterdir()  # the old entry, which no load can match again, is deleted
+    assert new != old and (new / "model.pt").is_file()
     assert torch.equal(logits(model), fresh(folder, "bf16", monkeypatch))
+
+
+def test_other_formats_and_checkpoints_keep_their_entries(checkpoints, cache_dir, tmp_path):
+    """Only a folder of the same origin is stale: another format of the checkpoint, a checkpoint
+    of the same folder name elsewhere, and a folder without origin.json are all left."""
+    folder = checkpoints("qwen2_vl")
+    twin = tmp_path / "elsewhere" / folder.name
+    shutil.copytree(folder, twin)
+    foreign = cache_dir / f"{folder.name}-bf16-0000"  # an older qwenvl's folder: no origin.json
+    foreign.mkdir(parents=True)
+    (foreign / "model.pt").write_bytes(b"x")
+    for path, fmt in ((folder, "bf16"), (folder, "int8"), (twin, "bf16")):
+        load_model(path, dtype="float32", weight_format=fmt)
+    entries = set(cache_dir.iterdir())
+    assert len(entries) == 4 and foreign in entries
+    origins = [json.loads((e / "origin.json").read_text()) for e in entries - {foreign}]
+    assert sorted((o["checkpoint"], o["format"]) for o in origins) == sorted(
+        [
+            (str(folder.resolve()), "bf16"),
+            (str(folder.resolve()), "int8"),
+            (str(twin.resolve()), "bf16"),
+        ]
+    )
 
 
 def test_dense_loads_and_the_switch_write_nothing(checkpoints, cache_dir, monkeypatch):

@@ -10,9 +10,12 @@ built model is written to ``<root>/<key>/model.pt`` and later loads map it
 ``QWENVL_WEIGHT_CACHE=0`` turns the cache off). The key hashes everything the built model depends
 on: the checkpoint's files (resolved path, size, modification time), the weight format, the
 activation dtype, the kernels' ISA, torch's version and qwenvl's own model, layer and kernel
-sources; a change to any of them gives a new folder, and the old one is left for the user to
-delete (its size is logged when written). A folder is written under a temporary name and renamed
-into place, so a crash never leaves half a cache. The file is a pickle of qwenvl's own modules:
+sources; a change to any of them gives a new folder. Each folder names its origin (checkpoint
+folder, format, dtype, ISA) in ``origin.json``: writing a new folder deletes the older ones of the
+same origin, which nothing can read again (a rebuilt checkpoint, an upgraded qwenvl or torch),
+while other formats or checkpoints keep theirs; the size is logged when written, and the folders
+are the user's to delete. A folder is written under a temporary name and renamed into place, so a
+crash never leaves half a cache. The file is a pickle of qwenvl's own modules:
 it is trusted as the compiled kernels in the same cache are, and read from nowhere else.
 """
 
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 _PACKAGE = Path(__file__).parent
 _SOURCES = ("checkpoint.py", "weights.py", "models", "layers", "kernels")  # what builds a model
 _FILE = "model.pt"
+_ORIGIN = "origin.json"
 
 
 def cache_root() -> Path:
@@ -72,6 +76,7 @@ class WeightCache:
     """One built model's place in the cache."""
 
     folder: Path
+    origin: dict[str, str]  # what it was built from, the key without the versions (origin.json)
 
     @property
     def path(self) -> Path:
@@ -98,18 +103,36 @@ class WeightCache:
         try:
             tmp.mkdir(parents=True)
             torch.save(model, tmp / _FILE)
+            (tmp / _ORIGIN).write_text(json.dumps(self.origin))
             tmp.rename(self.folder)
         except Exception as e:  # a full disk, or a module that does not pickle
             shutil.rmtree(tmp, ignore_errors=True)
             if not self.path.is_file():  # another process may have won the rename
                 logger.warning("could not write the weight cache %s: %s", self.folder, e)
             return
+        self._prune()
         logger.info(
             "built weights cached in %s (%.2f GiB; later starts map them; delete the folder to "
             "reclaim the space, QWENVL_WEIGHT_CACHE=0 to turn this off)",
             self.folder,
             _gib(self.path),
         )
+
+    def _prune(self) -> None:
+        """Delete the other folders built from the same origin: stale keys no load will match
+        again. A process still mapping one keeps its pages until it exits (Linux frees a deleted
+        file's pages then)."""
+        for other in self.folder.parent.iterdir():
+            if other == self.folder or other.name.startswith("."):
+                continue
+            try:
+                origin = json.loads((other / _ORIGIN).read_text())
+            except (OSError, ValueError):  # no origin (not ours, or older): left alone
+                continue
+            if origin == self.origin:
+                size = _gib(other / _FILE) if (other / _FILE).is_file() else 0.0
+                shutil.rmtree(other, ignore_errors=True)
+                logger.info("deleted the stale weight cache %s (%.2f GiB)", other, size)
 
 
 def _gib(path: Path) -> float:
@@ -123,13 +146,18 @@ def weight_cache(
     they are stored, nothing to save), devices other than the CPU, or caching turned off."""
     if weight_format is None or torch.device(device).type != "cpu" or not enabled():
         return None
-    key = {
-        "files": _files_state(folder, files),
+    origin = {
+        "checkpoint": str(folder.resolve()),
         "format": weight_format,
         "dtype": str(dtype),
         "isa": kernels.isa(),
+    }
+    key = {
+        **origin,
+        "files": _files_state(folder, files),
         "torch": torch.__version__,
         "sources": _source_digest(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return WeightCache(cache_root() / f"{folder.name}-{weight_format.replace(':', '_')}-{digest}")
+    name = f"{folder.name}-{weight_format.replace(':', '_')}-{digest}"
+    return WeightCache(cache_root() / name, origin)
