@@ -350,8 +350,8 @@ def qwenvl_cold(paths: Paths) -> dict[str, Any]:
     the work folder, warm after the first round)."""
     env = {**os.environ, "QWENVL_CACHE_DIR": str(paths.weight_cache)}
     row = cold_start.run(paths.ckpt, env, decode=1)
-    return {"value": row["to_first_token"], "load_s": row["load"],
-            "prompt_tokens": row["prompt_tokens"]}  # fmt: skip
+    return {"value": row["to_first_token"], "import_s": row["import"], "load_s": row["load"],
+            "first_token_s": row["first_token"], "prompt_tokens": row["prompt_tokens"]}  # fmt: skip
 
 
 # --- rounds -------------------------------------------------------------------------------------
