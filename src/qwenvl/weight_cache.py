@@ -126,13 +126,13 @@ class WeightCache:
             if other == self.folder or other.name.startswith("."):
                 continue
             try:
-                origin = json.loads((other / _ORIGIN).read_text())
-            except (OSError, ValueError):  # no origin (not ours, or older): left alone
+                if json.loads((other / _ORIGIN).read_text()) != self.origin:
+                    continue
+                size = _gib(other / _FILE)
+            except (OSError, ValueError):  # no origin (not ours, or older), or gone meanwhile
                 continue
-            if origin == self.origin:
-                size = _gib(other / _FILE) if (other / _FILE).is_file() else 0.0
-                shutil.rmtree(other, ignore_errors=True)
-                logger.info("deleted the stale weight cache %s (%.2f GiB)", other, size)
+            shutil.rmtree(other, ignore_errors=True)
+            logger.info("deleted the stale weight cache %s (%.2f GiB)", other, size)
 
 
 def _gib(path: Path) -> float:
