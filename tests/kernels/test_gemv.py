@@ -14,9 +14,10 @@ def _need_kernels() -> None:
         pytest.skip("qwenvl CPU kernels unavailable (no compiler, or QWENVL_KERNELS=0)")
 
 
-SHAPES = [(1, 3), (257, 1537), (64, 8), (9, 40), (64, 48), (24, 2064), (16, 4640)]  # (N, K): tails,
-# exact widths, and multiples of the 8 x 16 int8 tile (one and more than one K block: 1024 wide
-# for bf16 and tiled int8, 4096 for int8 rows)
+SHAPES = [(1, 3), (257, 1537), (64, 8), (9, 40), (64, 48), (24, 2064), (16, 4640), (12, 6200)]
+# (N, K): tails, exact widths, and multiples of the 8 x 16 int8 tile (one and more than one K
+# block: 1024 wide for bf16 and tiled int8, 4096 for int8 rows); one x row reads rows up to 12 KB
+# in row order and longer ones (6200 bf16) in 8-row tiles
 
 
 def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
